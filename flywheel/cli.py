@@ -26,8 +26,12 @@ stack_app = typer.Typer(
     help="Run the embedded local stack (Kafka KRaft broker, MLflow server).", no_args_is_help=True
 )
 models_app = typer.Typer(help="Prepare models offline (no hub access needed).", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks that print JSON (definitions: ARCHITECTURE.md).", no_args_is_help=True
+)
 app.add_typer(stack_app, name="stack")
 app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
 
 Only = Annotated[list[str] | None, typer.Option("--only", help="limit to these services (repeatable)")]
 
@@ -163,6 +167,19 @@ def prompts(
             console.print(p.text, markup=False)
     except ValueError as e:
         _fail(str(e))
+
+
+def _register_stage_commands() -> None:
+    """Each stage package adds its own commands; their modules keep heavy imports inside the commands."""
+    from consumers import cli as consumers_cli
+    from producers import cli as producers_cli
+    from trainer import cli as trainer_cli
+
+    for module in (producers_cli, consumers_cli, trainer_cli):
+        module.register(app, bench_app)
+
+
+_register_stage_commands()
 
 
 def main() -> None:

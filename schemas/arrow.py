@@ -30,9 +30,18 @@ _LOGICAL = {
 
 # Columns the lake adds to every trace: where the row came from and the partition it lives in.
 LAKE_COLUMNS = [
-    pa.field("kafka_partition", pa.int32(), nullable=False, metadata={"doc": "source partition of spec.traces.v1"}),
-    pa.field("kafka_offset", pa.int64(), nullable=False, metadata={"doc": "source offset: (partition, offset) is unique"}),
-    pa.field("date", pa.string(), nullable=False, metadata={"doc": "partition: finish_time's UTC date, YYYY-MM-DD"}),
+    pa.field(
+        "kafka_partition", pa.int32(), nullable=False, metadata={"doc": "source partition of spec.traces.v1"}
+    ),
+    pa.field(
+        "kafka_offset",
+        pa.int64(),
+        nullable=False,
+        metadata={"doc": "source offset: (partition, offset) is unique"},
+    ),
+    pa.field(
+        "date", pa.string(), nullable=False, metadata={"doc": "partition: finish_time's UTC date, YYYY-MM-DD"}
+    ),
     pa.field("hour", pa.int32(), nullable=False, metadata={"doc": "partition: finish_time's UTC hour, 0-23"}),
 ]
 PARTITION_COLUMNS = ["date", "hour"]

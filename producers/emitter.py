@@ -1,0 +1,267 @@
+"""Non-blocking Kafka emitter with a disk spill: capture is best-effort in time, lossless in content.
+
+``submit()`` is the only call on the serving hot path: it puts the record on a bounded in-memory queue and
+returns (a full queue drops the record and counts it; it never waits). One background thread encodes,
+produces (idempotent, zstd, linger) and watches the broker:
+
+- broker up, nothing spilled: produce straight to Kafka;
+- broker down (librdkafka reports all brokers down), or its queue full: append to the spill file;
+- broker back (a metadata probe answers): replay spill files in order, then produce directly again.
+
+Messages already handed to librdkafka never time out (``message.timeout.ms=0``): the idempotent producer
+delivers them exactly once when the broker returns. On close, whatever librdkafka still holds is purged
+into the spill, to be replayed by the next process.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import KafkaError, Producer
+
+from flywheel.settings import KafkaSettings
+from producers.spill import SpillDir, read_records
+
+log = logging.getLogger("flywheel.emitter")
+
+Encoder = Callable[[Any], tuple[bytes, bytes]]  # record -> (key, value)
+_DOWN_CODES = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT}
+OUTCOMES = ("sent", "spilled", "replayed", "dropped", "failed")
+
+
+class TraceEmitter:
+    """One per serving process. Thread-safe ``submit``; everything else runs on the emitter thread."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topic: str,
+        encoder: Encoder,
+        spill_dir: Path,
+        max_queue: int = 10_000,
+        probe_interval_s: float = 1.0,
+        on_count: Callable[[str, int], None] | None = None,
+    ):
+        self.kafka = kafka
+        self.topic = topic
+        self.encoder = encoder
+        self.spill = SpillDir(spill_dir)
+        self.max_queue = max_queue
+        self.probe_interval_s = probe_interval_s
+        self.counts: Counter[str] = Counter()
+        self._on_count = on_count
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._stop = threading.Event()
+        self._down = False
+        self._next_probe = 0.0
+        self._producer: Producer | None = None
+        self._replay: _Replay | None = None
+        self._thread = threading.Thread(target=self._run, name="flywheel-trace-emitter", daemon=True)
+        self._started = False
+        self._lock = threading.Lock()
+
+    # --- hot path -------------------------------------------------------------------------------------
+
+    def submit(self, record: Any) -> None:
+        """Hand a record to the emitter. Never blocks, never raises."""
+        if not self._started:
+            self._start()
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self._count("dropped")
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        with self._lock:
+            if not self._started:
+                self._started = True
+                self._thread.start()
+
+    def close(self, timeout_s: float = 10.0) -> dict[str, int]:
+        """Drain the queue, flush what Kafka accepts within ``timeout_s``, spill the rest. Returns counts."""
+        if self._started:
+            self._stop.set()
+            self._thread.join(timeout_s + 5)
+        self._log_counts("closed")
+        return {k: self.counts[k] for k in OUTCOMES}
+
+    def stats(self) -> dict[str, int]:
+        return {
+            **{k: self.counts[k] for k in OUTCOMES},
+            "queued": self._queue.qsize(),
+            "down": int(self._down),
+        }
+
+    # --- emitter thread -------------------------------------------------------------------------------
+
+    def _producer_config(self) -> dict[str, Any]:
+        return self.kafka.client_config() | {
+            "enable.idempotence": True,
+            "compression.type": "zstd",
+            "linger.ms": 50,
+            "batch.size": 1_000_000,
+            "message.timeout.ms": 0,  # never give up on a message librdkafka holds: no timeout duplicates
+            "queue.buffering.max.messages": self.max_queue,
+            "queue.buffering.max.kbytes": 65_536,
+            "error_cb": self._on_error,
+            "logger": log,
+        }
+
+    def _run(self) -> None:
+        self._producer = Producer(self._producer_config())
+        last_log = time.monotonic()
+        while not (self._stop.is_set() and self._queue.empty()):
+            self._drain_queue()
+            self._producer.poll(0)
+            if self._down and time.monotonic() >= self._next_probe:
+                self._probe()
+            if not self._down:
+                self._advance_replay()
+            if time.monotonic() - last_log > 60:
+                self._log_counts("running")
+                last_log = time.monotonic()
+        self._shutdown()
+
+    def _drain_queue(self, budget: int = 2000) -> None:
+        """Handle what is queued (waiting briefly for the first record when idle)."""
+        try:
+            self._handle(self._queue.get(timeout=0.05))
+            for _ in range(budget - 1):
+                self._handle(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _handle(self, record: Any) -> None:
+        try:
+            key, value = self.encoder(record)
+        except Exception:  # a record we cannot encode is a bug upstream: count it, keep serving
+            log.exception("cannot encode trace record; dropped")
+            self._count("failed")
+            return
+        if self._down or self.spill.pending():
+            self._spill(key, value)
+            return
+        try:
+            self._producer.produce(self.topic, value=value, key=key, on_delivery=self._on_delivery)
+        except BufferError:
+            self._spill(key, value)
+
+    def _spill(self, key: bytes, value: bytes) -> None:
+        self.spill.append(key, value)
+        self._count("spilled")
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() in _DOWN_CODES and not self._down:
+            log.warning(
+                "Kafka unreachable (%s): spilling trace events to %s", err.str(), self.spill.directory
+            )
+            self._down = True
+            self._next_probe = time.monotonic() + self.probe_interval_s
+
+    def _on_delivery(self, err: KafkaError | None, msg) -> None:
+        if err is None:
+            self._down = False  # a delivery proves the broker is back, whatever stale errors said
+            self._count("sent")
+        elif err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT):
+            self._spill(msg.key() or b"", msg.value())
+        else:
+            log.error("trace event rejected by Kafka (%s); dropped", err.str())
+            self._count("failed")
+
+    def _probe(self) -> None:
+        """While down: does the broker answer a metadata request again?"""
+        self._next_probe = time.monotonic() + self.probe_interval_s
+        try:
+            self._producer.list_topics(self.topic, timeout=0.5)
+        except Exception:
+            return
+        log.warning("Kafka reachable again; replaying %d spill file(s)", len(self.spill.files()))
+        self._down = False
+
+    def _advance_replay(self) -> None:
+        """Replay spill files oldest first, one at a time, a bounded amount per loop turn."""
+        if self._replay is None:
+            if not self.spill.pending():
+                return
+            self.spill.seal()  # newer events go to a new file behind the ones being replayed
+            self._replay = _Replay(self.spill.files()[0], self.topic, self._count)
+        self._replay.hand_off(self._producer)
+        if self._replay.settle():
+            self._replay = None
+
+    def _shutdown(self) -> None:
+        remaining = self._producer.flush(5.0 if not self._down else 0.5)
+        if remaining:
+            self._producer.purge(in_queue=True, in_flight=True)  # delivery callbacks spill them
+            self._producer.poll(0.5)
+        self.spill.seal()
+
+    def _count(self, outcome: str, n: int = 1) -> None:
+        self.counts[outcome] += n
+        if self._on_count is not None:
+            self._on_count(outcome, n)
+
+    def _log_counts(self, when: str) -> None:
+        log.info("trace emitter %s: %s", when, ", ".join(f"{k}={self.counts[k]}" for k in OUTCOMES))
+
+
+class _Replay:
+    """Replay of one spill file, advanced a little on every loop turn (never blocks the emitter thread).
+
+    Records are handed to librdkafka once each (it never times them out, so none is sent twice while
+    this process lives); the acknowledged prefix is persisted next to the file, so a crash re-sends only
+    records Kafka had not acknowledged. The file is deleted when every record is acknowledged.
+    """
+
+    def __init__(self, path: Path, topic: str, count: Callable[[str, int], None]):
+        self.path = path
+        self.topic = topic
+        self.acked_file = path.with_suffix(".acked")
+        self.start = int(self.acked_file.read_text()) if self.acked_file.exists() else 0
+        self.records = list(read_records(path))[self.start :]
+        self.acked = [False] * len(self.records)
+        self.handed = 0
+        self.prefix = 0
+        self._count = count
+
+    def _callback(self, i: int) -> Callable:
+        def on_delivery(err, _msg) -> None:
+            if err is None:
+                self.acked[i] = True
+                self._count("replayed", 1)
+
+        return on_delivery
+
+    def hand_off(self, producer: Producer, budget: int = 5000) -> None:
+        end = min(len(self.records), self.handed + budget)
+        while self.handed < end:
+            key, value = self.records[self.handed]
+            try:
+                producer.produce(
+                    self.topic, value=value, key=key or None, on_delivery=self._callback(self.handed)
+                )
+            except BufferError:
+                return
+            self.handed += 1
+
+    def settle(self) -> bool:
+        """Advance and persist the acknowledged prefix; True once the whole file is acknowledged."""
+        before = self.prefix
+        while self.prefix < len(self.records) and self.acked[self.prefix]:
+            self.prefix += 1
+        if self.prefix != before:
+            self.acked_file.write_text(str(self.start + self.prefix))
+        if self.prefix < len(self.records):
+            return False
+        self.path.unlink(missing_ok=True)
+        self.acked_file.unlink(missing_ok=True)
+        return True

@@ -1,0 +1,135 @@
+"""The trace emitter against the real broker: never blocks, spills while Kafka is down, replays in order."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from confluent_kafka import Consumer
+
+from flywheel import stack
+from flywheel.stack import process
+from producers.emitter import TraceEmitter
+from producers.spill import SpillDir, read_records
+
+pytestmark = pytest.mark.integration
+
+
+def _encode(record: dict) -> tuple[bytes, bytes]:
+    return record["key"].encode(), record["value"].encode()
+
+
+def _drain(kafka_settings, topic: str, expected: int, timeout_s: float = 60.0) -> list[str]:
+    consumer = Consumer(
+        kafka_settings.client_config()
+        | {
+            "group.id": f"g-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([topic])
+    got: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and len(got) < expected:
+            msg = consumer.poll(0.5)
+            if msg is not None and not msg.error():
+                got.append(msg.value().decode())
+        # a little longer, to catch duplicates arriving after the expected count
+        end = time.monotonic() + 2
+        while time.monotonic() < end:
+            msg = consumer.poll(0.2)
+            if msg is not None and not msg.error():
+                got.append(msg.value().decode())
+    finally:
+        consumer.close()
+    return got
+
+
+def _wait(pred, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def test_events_reach_kafka(kafka_settings, topic_factory, tmp_path):
+    topic = topic_factory(partitions=3)
+    emitter = TraceEmitter(kafka_settings, topic, _encode, tmp_path / "spill")
+    values = [f"v{i}" for i in range(500)]
+    for v in values:
+        emitter.submit({"key": v, "value": v})
+    _wait(lambda: emitter.counts["sent"] == len(values))
+    counts = emitter.close()
+    assert counts["spilled"] == counts["dropped"] == 0
+    assert sorted(_drain(kafka_settings, topic, len(values))) == sorted(values)
+
+
+def test_broker_outage_spills_then_replays_exactly_once_in_order(
+    local_stack, kafka_settings, topic_factory, tmp_path
+):
+    topic = topic_factory(partitions=1)  # one partition: the topic's order is the emitter's order
+    emitter = TraceEmitter(kafka_settings, topic, _encode, tmp_path / "spill", probe_interval_s=0.5)
+    broker = stack.service("kafka", local_stack)
+    before = [f"before-{i}" for i in range(100)]
+    during = [f"during-{i}" for i in range(300)]
+    after = [f"after-{i}" for i in range(100)]
+    for v in before:
+        emitter.submit({"key": "k", "value": v})
+    _wait(lambda: emitter.counts["sent"] == len(before))
+
+    process.stop(broker)
+    try:
+        started = time.monotonic()
+        for v in during:
+            emitter.submit({"key": "k", "value": v})
+        assert time.monotonic() - started < 1.0, "submit must not wait for Kafka"
+        _wait(lambda: emitter.counts["spilled"] > 0 and emitter.stats()["queued"] == 0)
+        assert SpillDir(tmp_path / "spill").pending()
+    finally:
+        process.start(broker, local_stack.start_timeout_s)
+
+    _wait(lambda: not SpillDir(tmp_path / "spill").pending(), timeout_s=60)
+    for v in after:
+        emitter.submit({"key": "k", "value": v})
+    counts = emitter.close()
+    got = _drain(kafka_settings, topic, len(before) + len(during) + len(after))
+    assert got == before + during + after
+    assert counts["dropped"] == counts["failed"] == 0
+    assert counts["sent"] + counts["replayed"] == len(got)
+
+
+def test_spill_left_by_a_crashed_process_is_replayed(kafka_settings, topic_factory, tmp_path):
+    topic = topic_factory(partitions=1)
+    spill = SpillDir(tmp_path / "spill")
+    for i in range(50):
+        spill.append(b"k", f"old-{i}".encode())
+    spill.seal()
+    # a torn tail from the crash must not poison the file
+    with spill.files()[0].open("ab") as f:
+        f.write(b"\x00\x00\x01")
+    assert len(list(read_records(spill.files()[0]))) == 50
+
+    emitter = TraceEmitter(kafka_settings, topic, _encode, tmp_path / "spill", probe_interval_s=0.2)
+    emitter.submit({"key": "k", "value": "new-0"})
+    _wait(lambda: not spill.pending() and emitter.counts["sent"] + emitter.counts["replayed"] == 51)
+    emitter.close()
+    assert _drain(kafka_settings, topic, 51) == [f"old-{i}" for i in range(50)] + ["new-0"]
+
+
+def test_full_queue_drops_and_counts_instead_of_blocking(kafka_settings, topic_factory, tmp_path):
+    topic = topic_factory()
+
+    def slow_encode(record):
+        time.sleep(0.05)
+        return _encode(record)
+
+    emitter = TraceEmitter(kafka_settings, topic, slow_encode, tmp_path / "spill", max_queue=5)
+    started = time.monotonic()
+    for i in range(200):
+        emitter.submit({"key": "k", "value": str(i)})
+    assert time.monotonic() - started < 0.5
+    assert emitter.counts["dropped"] >= 150
+    emitter.close()
