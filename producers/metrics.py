@@ -1,0 +1,29 @@
+"""Prometheus counters of the capture plugin. They live in prometheus_client's default registry, which
+`vllm serve` exposes at /metrics, next to vLLM's own ``vllm:*`` series."""
+
+from __future__ import annotations
+
+from functools import cache
+
+
+@cache
+def _counters():
+    from prometheus_client import Counter
+
+    events = Counter(
+        "flywheel_trace_events",
+        "Trace events by outcome: sent, spilled, replayed, dropped, failed, skipped (opt-out/sampling/tenant)",
+        ["outcome"],
+    )
+    swaps = Counter(
+        "flywheel_drafter_swaps", "Drafter hot-swaps by outcome: ok, failed, ignored", ["outcome"]
+    )
+    return events, swaps
+
+
+def count_event(outcome: str, n: int = 1) -> None:
+    _counters()[0].labels(outcome=outcome).inc(n)
+
+
+def count_swap(outcome: str) -> None:
+    _counters()[1].labels(outcome=outcome).inc()
