@@ -30,12 +30,12 @@ def service(name: str, stack: StackSettings | None = None) -> ServiceSpec:
 
 def up(stack: StackSettings | None = None, only: list[str] | None = None) -> list[ServiceStatus]:
     stack = stack or StackSettings()
-    return [process.start(s, stack.start_timeout_s) for s in services(stack) if not only or s.name in only]
+    return [process.start(s, stack.start_timeout_s) for s in services(stack) if only is None or s.name in only]
 
 
 def down(stack: StackSettings | None = None, only: list[str] | None = None) -> list[str]:
     """Stop services in reverse start order; returns the names that were running."""
-    return [s.name for s in reversed(services(stack)) if (not only or s.name in only) and process.stop(s)]
+    return [s.name for s in reversed(services(stack)) if (only is None or s.name in only) and process.stop(s)]
 
 
 def status(stack: StackSettings | None = None) -> list[ServiceStatus]:

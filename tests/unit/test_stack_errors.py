@@ -37,3 +37,14 @@ def test_kafka_checks_both_listener_ports(tmp_path):
 def test_status_of_a_never_started_service_is_stopped(tmp_path):
     st = process.status(MlflowServer(StackSettings(state_dir=tmp_path, mlflow_port=1)))
     assert (st.running, st.healthy, st.state) == (False, False, "stopped")
+
+
+def test_down_with_an_empty_selection_stops_nothing(tmp_path):
+    from flywheel import stack
+
+    settings = StackSettings(state_dir=tmp_path)
+    spec = stack.service("mlflow", settings)
+    spec.pid_file.parent.mkdir(parents=True)
+    spec.pid_file.write_text(str(__import__("os").getpid()))  # "running": this very process
+    assert stack.down(settings, only=[]) == []
+    assert spec.pid_file.exists()
