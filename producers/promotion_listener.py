@@ -51,10 +51,14 @@ def resolve_drafter_uri(uri: str, cache_dir: Path) -> str:
         return uri
     import mlflow.artifacts
 
+    from flywheel.settings import MlflowSettings
+
     dst = cache_dir / uuid.uuid5(uuid.NAMESPACE_URL, uri).hex
     if not dst.exists():
-        tmp = dst.with_suffix(".partial")
-        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp))
+        tmp = dst.with_name(f"{dst.name}.partial-{os.getpid()}")
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(tmp), tracking_uri=MlflowSettings().tracking_uri
+        )
         tmp.rename(dst)
     return str(dst)
 

@@ -1,0 +1,87 @@
+"""Drafter registry on the real MLflow server; promotions published to the real broker."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import mlflow
+import pytest
+from confluent_kafka import Consumer
+
+from flywheel.settings import KafkaSettings
+from schemas import codec
+from schemas.registry import DRAFTER_PROMOTION
+from trainer.registry import DrafterRegistry, RegistryError
+
+pytestmark = pytest.mark.integration
+
+
+def _log_drafter(tmp_path, mlflow_settings, payload: bytes) -> tuple[str, str, object]:
+    d = tmp_path / uuid.uuid4().hex
+    d.mkdir()
+    (d / "config.json").write_text('{"architectures": ["LlamaForCausalLMEagle3"]}')
+    (d / "model.safetensors").write_bytes(payload)
+    mlflow.set_tracking_uri(mlflow_settings.tracking_uri)
+    mlflow.set_experiment("registry-test")
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(d), "drafter")
+        uri = mlflow.get_artifact_uri("drafter")
+    return run.info.run_id, uri, d
+
+
+def _promotions(kafka: KafkaSettings, n: int) -> list[dict]:
+    consumer = Consumer(
+        kafka.client_config() | {"group.id": uuid.uuid4().hex, "auto.offset.reset": "earliest"}
+    )
+    consumer.subscribe([kafka.promotions_topic])
+    events, deadline = [], time.monotonic() + 30
+    while len(events) < n and time.monotonic() < deadline:
+        msg = consumer.poll(0.5)
+        if msg is not None and not msg.error():
+            events.append((msg.key().decode(), codec.decode(msg.value(), expect=DRAFTER_PROMOTION)[1]))
+    consumer.close()
+    return events
+
+
+def test_register_promote_rollback(tmp_path, mlflow_settings, kafka_settings, topic_factory):
+    kafka = KafkaSettings(
+        bootstrap_servers=kafka_settings.bootstrap_servers,
+        promotions_topic=topic_factory(prefix="promotions", cleanup_policy="compact"),
+    )
+    target = f"target-{uuid.uuid4().hex[:6]}"
+    registry = DrafterRegistry(target, mlflow_settings, kafka)
+    versions = []
+    for i in range(2):
+        run_id, uri, d = _log_drafter(tmp_path, mlflow_settings, bytes([i]) * 64)
+        versions.append(registry.register(run_id, uri, d, {"window": f"w{i}", "spec_method": "eagle3"}))
+    v1, v2 = versions
+    assert registry.by_alias("challenger").version == v2.version and registry.by_alias("champion") is None
+    with pytest.raises(RegistryError, match="no previous champion"):
+        registry.rollback()
+
+    registry.promote(v1.version, reason="first")
+    registry.promote(v2.version, reason="gate passed")
+    assert (registry.by_alias("champion").version, registry.by_alias("previous").version) == (
+        v2.version,
+        v1.version,
+    )
+
+    registry.rollback(reason="bad drafter")
+    assert registry.by_alias("champion").version == v1.version and registry.by_alias("previous") is None
+    assert "rolled_back_at" in registry.get(v2.version).tags
+
+    events = _promotions(kafka, 3)
+    assert [(e["action"], e["drafter_version"], e["previous_version"]) for _, e in events] == [
+        ("promote", v1.version, None),
+        ("promote", v2.version, v1.version),
+        ("rollback", v1.version, v2.version),
+    ]
+    assert all(key == target for key, _ in events)
+    assert events[-1][1]["drafter_uri"] == f"models:/{registry.name}/{v1.version}"
+    assert events[-1][1]["weights_sha256"] == v1.tags["weights_sha256"]
+
+    for v, payload in ((v1, b"\x00" * 64), (v2, b"\x01" * 64)):  # every version stays loadable by version
+        assert (
+            registry.download(v.version, tmp_path / "cache") / "model.safetensors"
+        ).read_bytes() == payload

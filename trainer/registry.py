@@ -1,0 +1,173 @@
+"""MLflow model registry for drafters: one registered model per target, aliases champion/challenger/previous.
+
+A drafter version is the vLLM-format directory logged as run artifacts (``drafter/``), registered with its
+lineage as version tags (window, table versions, train run, git SHA, weights checksum, metrics). Every
+version ever served stays loadable: ``models:/<name>/<version>``.
+
+The promotion order is kept in the registered model's ``champion_history`` tag, so ``promote`` and
+``rollback`` are single commands that move aliases and publish a DrafterPromotion for the serving nodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from flywheel.settings import KafkaSettings, MlflowSettings
+from producers.promotion_events import build_promotion, publish_promotion
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+HISTORY_TAG = "champion_history"
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class DrafterVersion:
+    name: str
+    version: str
+    source: str
+    tags: dict[str, str]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def weights_sha256(drafter_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(Path(drafter_dir).glob("*.safetensors")):
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+class DrafterRegistry:
+    def __init__(
+        self, target_model_id: str, mlflow: MlflowSettings | None = None, kafka: KafkaSettings | None = None
+    ):
+        self.mlflow = mlflow or MlflowSettings()
+        self.kafka = kafka or KafkaSettings()
+        self.target_model_id = target_model_id
+        self.name = f"{self.mlflow.registered_model_prefix}-{target_model_id}"
+        self.client = MlflowClient(
+            tracking_uri=self.mlflow.tracking_uri, registry_uri=self.mlflow.tracking_uri
+        )
+
+    # --- versions -------------------------------------------------------------------------------------
+
+    def _ensure_model(self) -> None:
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            self.client.create_registered_model(
+                self.name,
+                description=f"EAGLE-3 drafters for {self.target_model_id}, trained from live traces by spec-flywheel",
+                tags={HISTORY_TAG: "[]"},
+            )
+
+    def register(
+        self, run_id: str, artifact_uri: str, drafter_dir: Path, tags: dict[str, Any]
+    ) -> DrafterVersion:
+        """New version from a training run's logged drafter dir; it becomes the ``challenger``."""
+        self._ensure_model()
+        all_tags = {k: str(v) for k, v in tags.items()} | {"weights_sha256": weights_sha256(drafter_dir)}
+        mv = self.client.create_model_version(self.name, source=artifact_uri, run_id=run_id, tags=all_tags)
+        self.client.set_registered_model_alias(self.name, CHALLENGER, mv.version)
+        return self.get(mv.version)
+
+    def get(self, version: str) -> DrafterVersion:
+        mv = self.client.get_model_version(self.name, str(version))
+        return DrafterVersion(self.name, mv.version, mv.source, dict(mv.tags))
+
+    def by_alias(self, alias: str) -> DrafterVersion | None:
+        try:
+            mv = self.client.get_model_version_by_alias(self.name, alias)
+        except MlflowException:
+            return None
+        return DrafterVersion(self.name, mv.version, mv.source, dict(mv.tags))
+
+    def tag(self, version: str, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.name, str(version), key, str(value))
+
+    def download(self, version: str, cache_dir: Path) -> Path:
+        """Local copy of a version's drafter dir (cached by version)."""
+        import mlflow.artifacts
+
+        dst = cache_dir / self.name / str(version)
+        if not (dst / "config.json").exists():
+            tmp = dst.with_name(dst.name + f".partial-{time.time_ns()}")
+            tmp.mkdir(parents=True)
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=self.get(version).uri, dst_path=str(tmp), tracking_uri=self.mlflow.tracking_uri
+            )
+            tmp.rename(dst)
+        return dst
+
+    # --- promotion ------------------------------------------------------------------------------------
+
+    def history(self) -> list[str]:
+        try:
+            return json.loads(self.client.get_registered_model(self.name).tags.get(HISTORY_TAG, "[]"))
+        except MlflowException:
+            return []
+
+    def _set_history(self, history: list[str]) -> None:
+        self.client.set_registered_model_tag(self.name, HISTORY_TAG, json.dumps(history))
+        self.client.set_registered_model_alias(self.name, CHAMPION, history[-1])
+        if len(history) >= 2:
+            self.client.set_registered_model_alias(self.name, PREVIOUS, history[-2])
+        else:
+            try:
+                self.client.delete_registered_model_alias(self.name, PREVIOUS)
+            except MlflowException:
+                pass
+
+    def promote(self, version: str, reason: str | None = None) -> dict[str, Any]:
+        """Make ``version`` the champion and tell the serving nodes. Re-running it only re-publishes."""
+        version = str(version)
+        drafter = self.get(version)
+        history = self.history()
+        if not history or history[-1] != version:
+            history.append(version)
+            self._set_history(history)
+        previous = history[-2] if len(history) >= 2 else None
+        return self._publish("promote", drafter, previous, reason)
+
+    def rollback(self, reason: str | None = None) -> dict[str, Any]:
+        """Restore the previous champion (one step back in the promotion history) and publish it."""
+        history = self.history()
+        if len(history) < 2:
+            raise RegistryError(f"{self.name}: no previous champion to roll back to (history {history})")
+        bad = history.pop()
+        self.tag(bad, {"rolled_back_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        self._set_history(history)
+        return self._publish("rollback", self.get(history[-1]), bad, reason or f"rollback of v{bad}")
+
+    def _publish(
+        self, action: str, drafter: DrafterVersion, previous: str | None, reason: str | None
+    ) -> dict[str, Any]:
+        event = build_promotion(
+            action=action,
+            target_model_id=self.target_model_id,
+            target_revision=drafter.tags.get("target_revision"),
+            drafter_id=self.name,
+            drafter_version=drafter.version,
+            drafter_uri=drafter.uri,
+            weights_sha256=drafter.tags.get("weights_sha256"),
+            spec_method=drafter.tags.get("spec_method", "eagle3"),
+            num_spec_tokens=int(drafter.tags.get("num_spec_tokens", 3)),
+            previous_version=previous,
+            reason=reason,
+        )
+        publish_promotion(self.kafka, event)
+        return event
