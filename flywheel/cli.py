@@ -23,7 +23,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 stack_app = typer.Typer(
-    help="Run the embedded local stack (Kafka KRaft broker, MLflow server).", no_args_is_help=True
+    help="Run the embedded local stack (Kafka KRaft broker, MLflow server, Airflow standalone).",
+    no_args_is_help=True,
 )
 models_app = typer.Typer(help="Prepare models offline (no hub access needed).", no_args_is_help=True)
 bench_app = typer.Typer(
@@ -104,7 +105,7 @@ def stack_status() -> None:
 
 @stack_app.command("logs")
 def stack_logs(
-    service: Annotated[str, typer.Argument(help="kafka | mlflow")],
+    service: Annotated[str, typer.Argument(help="kafka | mlflow | airflow")],
     lines: Annotated[int, typer.Option("-n", "--lines", help="how many trailing lines")] = 50,
     follow: Annotated[bool, typer.Option("-f", "--follow", help="keep printing new lines")] = False,
 ) -> None:

@@ -36,7 +36,7 @@ class StackSettings(BaseSettings):
     kafka_heap: str = Field("768m", description="broker JVM -Xmx")
     mlflow_port: int = Field(5000, description="MLflow tracking server")
     airflow_port: int = Field(8080, description="Airflow standalone API server / UI")
-    start_timeout_s: float = Field(120.0, description="how long `stack up` waits for a service to be healthy")
+    start_timeout_s: float = Field(300.0, description="how long `stack up` waits for a service to be healthy")
 
     @property
     def root(self) -> Path:

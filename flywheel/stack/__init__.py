@@ -1,13 +1,13 @@
-"""The embedded local stack: Kafka (KRaft) and MLflow, started and stopped as one unit.
+"""The embedded local stack: Kafka (KRaft), MLflow and Airflow standalone, started and stopped as one unit.
 
-Airflow standalone joins ``services()`` once the DAGs exist; each service is a ServiceSpec, so adding
-one is one class and one line here.
+Each service is a ServiceSpec, so adding one is one class and one line in ``services()``.
 """
 
 from __future__ import annotations
 
 from flywheel.settings import StackSettings
 from flywheel.stack import process
+from flywheel.stack.airflow_server import AirflowStandalone
 from flywheel.stack.kafka_broker import KafkaBroker
 from flywheel.stack.mlflow_server import MlflowServer
 from flywheel.stack.process import ServiceSpec, ServiceStatus, StackError
@@ -18,7 +18,7 @@ __all__ = ["StackError", "ServiceStatus", "services", "up", "down", "status", "s
 def services(stack: StackSettings | None = None) -> list[ServiceSpec]:
     """Every service of the local stack, in start order."""
     stack = stack or StackSettings()
-    return [KafkaBroker(stack), MlflowServer(stack)]
+    return [KafkaBroker(stack), MlflowServer(stack), AirflowStandalone(stack)]
 
 
 def service(name: str, stack: StackSettings | None = None) -> ServiceSpec:
@@ -30,7 +30,9 @@ def service(name: str, stack: StackSettings | None = None) -> ServiceSpec:
 
 def up(stack: StackSettings | None = None, only: list[str] | None = None) -> list[ServiceStatus]:
     stack = stack or StackSettings()
-    return [process.start(s, stack.start_timeout_s) for s in services(stack) if only is None or s.name in only]
+    return [
+        process.start(s, stack.start_timeout_s) for s in services(stack) if only is None or s.name in only
+    ]
 
 
 def down(stack: StackSettings | None = None, only: list[str] | None = None) -> list[str]:

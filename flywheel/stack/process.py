@@ -77,6 +77,9 @@ class ServiceSpec(ABC):
     @abstractmethod
     def healthy(self) -> bool: ...
 
+    def after_healthy(self) -> None:
+        """One-time set-up that needs the running service (idempotent)."""
+
     stop_timeout_s: float = 30.0
 
 
@@ -143,7 +146,9 @@ def start(spec: ServiceSpec, timeout_s: float) -> ServiceStatus:
                 start_new_session=True,  # own process group: `down` stops children too
             )
         spec.pid_file.write_text(str(proc.pid))
-    return wait_healthy(spec, timeout_s)
+    st = wait_healthy(spec, timeout_s)
+    spec.after_healthy()
+    return st
 
 
 def wait_healthy(spec: ServiceSpec, timeout_s: float) -> ServiceStatus:
