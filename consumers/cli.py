@@ -1,9 +1,244 @@
-"""`flywheel` commands of the consumers stage (registered by flywheel/cli.py). Keep top-level imports light."""
+"""`flywheel ingest`, `flywheel retention`, `flywheel topics create` and `flywheel bench ingest`
+(registered by flywheel/cli.py). Keep top-level imports light: implementations load inside the commands.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import resource
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def _setup_logging(level: str) -> None:
+    """Rich logs on a terminal; plain one-line records otherwise (files, supervisors, tests)."""
+    if console.is_terminal:
+        from rich.logging import RichHandler
+
+        logging.basicConfig(
+            level=level.upper(), format="%(message)s", handlers=[RichHandler(console=console)]
+        )
+    else:
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _peak_rss_mib() -> float:
+    """Peak RSS of this process. Linux: VmHWM, because ru_maxrss also counts the parent's image when the
+    process was forked + exec'd from a big parent (a benchmark harness)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def ingest(
+    group: Annotated[
+        str, typer.Option(help="consumer group (partitions are shared among its members)")
+    ] = "flywheel-ingest",
+    topic: Annotated[
+        str | None, typer.Option(help="source topic (default: FLYWHEEL_KAFKA_TRACES_TOPIC)")
+    ] = None,
+    max_events: Annotated[
+        int | None, typer.Option(help="stop after this many messages are committed (bounded runs)")
+    ] = None,
+    until_idle_s: Annotated[
+        float | None, typer.Option(help="stop after this many seconds without a message")
+    ] = None,
+    flush_events: Annotated[
+        int, typer.Option(help="flush policy: commit after this many messages")
+    ] = 250_000,
+    flush_mib: Annotated[int, typer.Option(help="flush policy: commit after this many MiB of messages")] = 32,
+    flush_latency_s: Annotated[
+        float, typer.Option(help="flush policy: commit when the oldest message waited this long")
+    ] = 30.0,
+    consume_batch: Annotated[
+        int, typer.Option(help="messages per consume() call, decoded as one batch")
+    ] = 10_000,
+    instance_id: Annotated[
+        str | None, typer.Option(help="static group membership id (a restart keeps the partitions)")
+    ] = None,
+    session_timeout_ms: Annotated[int, typer.Option(help="group session timeout")] = 45_000,
+    stats_json: Annotated[
+        Path | None, typer.Option(help="write final stats (and peak RSS) as JSON here")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    log_level: Annotated[str, typer.Option(help="DEBUG | INFO | WARNING")] = "WARNING",
+) -> None:
+    """Consume TraceEvents into the Delta table `traces`, exactly once (offsets live in the Delta log).
+
+    Undecodable or invalid messages go to the dead-letter topic with the reason in headers. SIGTERM/SIGINT flush what is buffered and exit.
+
+    Lake location: FLYWHEEL_LAKE_ROOT (local path or object-store URI); topics: FLYWHEEL_KAFKA_TRACES_TOPIC / FLYWHEEL_KAFKA_DLQ_TOPIC (create them with `flywheel topics create`).
+    """
+    from consumers.delta_sink import IngestError, IngestOptions, TraceIngest
+    from consumers.flush_policy import FlushPolicy
+    from consumers.table import SchemaMismatchError
+    from flywheel.settings import get_settings
+
+    _setup_logging(log_level)
+    settings = get_settings()
+    opts = IngestOptions(
+        group=group,
+        policy=FlushPolicy(flush_events, flush_mib * 1024 * 1024, flush_latency_s),
+        consume_batch=consume_batch,
+        max_events=max_events,
+        until_idle_s=until_idle_s,
+        instance_id=instance_id,
+        session_timeout_ms=session_timeout_ms,
+    )
+    try:
+        sink = TraceIngest(settings.kafka, settings.lake, opts, topic=topic)
+        stats = _run_with_progress(sink, max_events) if progress else sink.run()
+    except (IngestError, SchemaMismatchError) as e:
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    result = stats.as_dict() | {"peak_rss_mib": round(_peak_rss_mib(), 1), "table": settings.lake.traces_uri}
+    if stats_json:
+        stats_json.write_text(json.dumps(result, indent=2))
+    console.print(
+        f"ingested {stats.rows} rows, {stats.dead_letters} dead letters in {stats.commits} commits "
+        f"({stats.conflicts} conflicts, {stats.resets} resets) into {settings.lake.traces_uri}"
+    )
+
+
+def _run_with_progress(sink, total: int | None):
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [
+        TextColumn("ingest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    ]
+    last = [0.0]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("ingest", total=total, info="")
+
+        def update(stats) -> None:
+            if time.monotonic() - last[0] >= 0.5:
+                last[0] = time.monotonic()
+                info = (
+                    f"{stats.dead_letters} dead letters, {stats.commits} commits, {stats.conflicts} conflicts"
+                )
+                bar.update(task, completed=stats.processed, info=info)
+
+        stats = sink.run(on_progress=update)
+        last[0] = 0.0
+        update(stats)
+    return stats
+
+
+def retention(
+    dry_run: Annotated[
+        bool, typer.Option(help="only show what would be deleted, compacted and vacuumed")
+    ] = False,
+    now: Annotated[
+        str | None, typer.Option(help="evaluate as of this UTC time (ISO 8601); default: now")
+    ] = None,
+    retention_days: Annotated[
+        int | None, typer.Option(help="keep this many days (default: FLYWHEEL_LAKE_RETENTION_DAYS)")
+    ] = None,
+    vacuum_retention_hours: Annotated[
+        int | None,
+        typer.Option(help="override delta.deletedFileRetentionDuration (only with no ingest running)"),
+    ] = None,
+) -> None:
+    """Bound the `traces` table: delete expired days, compact closed hours, vacuum, checkpoint + trim the log.
+
+    Safe next to a running `flywheel ingest` (it only appends), except with --vacuum-retention-hours below the age of files the ingest is still writing.
+    """
+    from deltalake import DeltaTable
+
+    from consumers.retention import apply_retention, partitions_of, plan_retention
+    from flywheel.settings import get_settings
+
+    lake = get_settings().lake
+    when = datetime.fromisoformat(now) if now else datetime.now(UTC)
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    dt = DeltaTable(lake.traces_uri, storage_options=lake.storage_options or None)
+    plan = plan_retention(partitions_of(dt), when, retention_days or lake.retention_days)
+    with console.status("applying retention..." if not dry_run else "planning retention..."):
+        report = apply_retention(dt, plan, dry_run=dry_run, vacuum_retention_hours=vacuum_retention_hours)
+    verb = "would" if dry_run else "did"
+    table = Table(
+        "action",
+        "partitions / files",
+        title=f"retention as of {when:%Y-%m-%d %H:%M} UTC (cutoff {plan.cutoff_date})",
+    )
+    table.add_row(f"{verb} delete", ", ".join(f"{p.date}/{p.hour:02d}" for p in plan.expired) or "-")
+    table.add_row(
+        f"{verb} compact", ", ".join(f"{p.date}/{p.hour:02d} ({p.files} files)" for p in plan.compact) or "-"
+    )
+    table.add_row(f"{verb} vacuum", f"{len(report.vacuumed)} files")
+    Console().print(table)
+
+
+def topics_create() -> None:
+    """Create the project's Kafka topics (idempotent) and show each with its configs."""
+    from flywheel.settings import get_settings
+    from flywheel.topics import admin_client, ensure_topics, project_topics
+
+    kafka = get_settings().kafka
+    specs = project_topics(kafka)
+    created = set(ensure_topics(admin_client(kafka), specs))
+    table = Table("partitions", "purpose", "state")
+    table.add_column("configs", no_wrap=True)
+    table.columns.insert(0, table.columns.pop())
+    table.add_column("topic", no_wrap=True)
+    table.columns.insert(0, table.columns.pop())
+    for s in specs:
+        configs = "\n".join(f"{k}={v}" for k, v in s.config.items())
+        table.add_row(
+            s.name, configs, str(s.partitions), s.purpose, "created" if s.name in created else "existed"
+        )
+    Console(width=160).print(table)
+
+
+def bench_ingest(
+    json_path: Annotated[Path, typer.Option("--json", help="write the result JSON here")] = Path(
+        "bench/results/ingest.json"
+    ),
+    events: Annotated[int, typer.Option(help="events to produce and ingest")] = 300_000,
+    partitions: Annotated[int, typer.Option(help="partitions of the fresh bench topic")] = 6,
+    seed: Annotated[int, typer.Option(help="random seed of the synthetic traces")] = 0,
+    pool: Annotated[
+        int, typer.Option(help="distinct events built (then replayed with fresh event ids)")
+    ] = 60_000,
+) -> None:
+    """Ingest benchmark: `flywheel ingest` vs a bare confluent-kafka consumer on the same fresh topic, same run.
+
+    Prints JSON (and writes it to --json): ingest_ratio, at_rest_bytes_per_token, events, rows, duplicates, consumer_peak_rss_mib, CPU per event, decode-only and write-only rates. Events are real text tokenized with the target tokenizer (bench/realistic_traces.py).
+    """
+    from bench.ingest import run
+
+    result = run(events=events, partitions=partitions, seed=seed, pool=pool, console=console)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2))
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add this stage's commands to the main app and its benchmarks to `flywheel bench`."""
+    app.command("ingest")(ingest)
+    app.command("retention")(retention)
+    topics = typer.Typer(
+        help="The project's Kafka topics and their documented configs.", no_args_is_help=True
+    )
+    topics.command("create")(topics_create)
+    app.add_typer(topics, name="topics")
+    bench.command("ingest")(bench_ingest)

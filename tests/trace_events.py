@@ -1,0 +1,141 @@
+"""TraceEvents and poison messages for the consumer tests (importable from any test: tests/ is on sys.path)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from confluent_kafka import Producer
+from fastavro.utils import generate_many
+
+from flywheel.settings import KafkaSettings
+from producers.trace_record import ServingIdentity, build_trace_record, encode_trace
+from schemas import codec
+from schemas.registry import DRAFTER_PROMOTION, TRACE_EVENT, current
+
+IDENTITY = ServingIdentity("node-a", "SmolLM2-135M-Instruct", "7ef915c9bf9d94d8", "eagle3", 3, "eagle3")
+BASE_S = 1_796_000_000.0  # 2026-11-30 00:53 UTC
+
+
+def trace(i: int, finish_time_s: float | None = None, **overrides: Any) -> dict[str, Any]:
+    """A valid TraceEvent record; ``i`` varies lengths and contents."""
+    finish = BASE_S + i if finish_time_s is None else finish_time_s
+    steps = 1 + i % 5
+    accepted = [(i + s) % 4 for s in range(steps)]
+    output = [(i * 7 + t) % 49152 for t in range(1 + sum(a + 1 for a in accepted))]
+    record = build_trace_record(
+        IDENTITY,
+        request_id=f"cmpl-{i}",
+        arrival_time_s=finish - 1.5,
+        first_token_time_s=None if i % 7 == 0 else finish - 1.0,
+        finish_time_s=finish,
+        temperature=0.0,
+        top_p=1.0,
+        top_k=0,
+        seed=None if i % 3 else i,
+        extra_args={"domain": ["code", "prose", "docs"][i % 3]} if i % 4 else None,
+        prompt_token_ids=[1, 9690, 198] + [(i + t) % 49152 for t in range(i % 50)],
+        output_token_ids=output,
+        per_step_accepted=accepted,
+        per_step_drafted=[3] * steps,
+        finish_reason="stop" if i % 2 else "length",
+        drafter_version=None,
+    )
+    record.update(overrides)
+    return record
+
+
+def poison_messages(good_payload: bytes) -> list[tuple[str, str, bytes]]:
+    """(kind, expected DLQ reason, value): every kind of undecodable or invalid message."""
+    promo = current(DRAFTER_PROMOTION)
+    header, body = good_payload[:10], good_payload[10:]
+    bad = lambda i, **o: codec.encode(TRACE_EVENT, trace(i, **o))  # noqa: E731
+    return [
+        ("random bytes", "not-avro-single-object", b"random bytes \x00\xff that are not avro"),
+        ("empty value", "not-avro-single-object", b""),
+        ("truncated avro", "malformed-avro", good_payload[: len(good_payload) // 2]),
+        ("trailing bytes", "malformed-avro", good_payload + b"\x00\x02"),
+        ("missing fields", "malformed-avro", header + body[:20]),
+        ("unknown schema version", "unknown-schema", b"\xc3\x01" + b"\x13\x37" * 4 + body),
+        (
+            "wrong record",
+            "wrong-event-type",
+            codec.encode_with(promo, next(iter(generate_many(promo.parsed, 1)))),
+        ),
+        ("steps differ", "step-count-mismatch", bad(1, per_step_accepted=[1, 2], per_step_drafted=[3])),
+        (
+            "accepted > drafted",
+            "accepted-exceeds-drafted",
+            bad(2, per_step_accepted=[3, 3], per_step_drafted=[3, 2]),
+        ),
+        ("negative count", "negative-step-count", bad(5, per_step_accepted=[-1], per_step_drafted=[3])),
+        ("negative token id", "negative-token-id", bad(3, prompt_token_ids=[1, -5, 3])),
+        ("empty event id", "empty-event-id", bad(4, event_id="")),
+        ("finish time year 9999", "finish-time-out-of-range", bad(6, finish_time=253_402_000_000_000_000)),
+    ]
+
+
+def produce(kafka: KafkaSettings, topic: str, values: list[bytes], keys: list[bytes] | None = None) -> None:
+    """Produce values (key = request id style, spread over partitions by key) and wait for acks."""
+    producer = Producer(
+        kafka.client_config() | {"enable.idempotence": True, "linger.ms": 20, "compression.type": "zstd"}
+    )
+    for i, value in enumerate(values):
+        key = keys[i] if keys else str(uuid.uuid4()).encode()
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key)
+                break
+            except BufferError:
+                producer.poll(0.1)
+    assert producer.flush(30) == 0
+
+
+def encoded(records: list[dict[str, Any]]) -> list[bytes]:
+    return [encode_trace(r)[1] for r in records]
+
+
+def read_all(kafka: KafkaSettings, topic: str, partitions: int = 1, timeout_s: float = 30.0) -> list[Any]:
+    """Every message of a topic (up to its high watermarks when called), partition by partition."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(kafka.client_config() | {"group.id": f"reader-{uuid.uuid4().hex[:6]}"})
+    marks = [
+        consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s) for p in range(partitions)
+    ]
+    consumer.assign([TopicPartition(topic, p, low) for p, (low, _) in enumerate(marks)])
+    expected, out = sum(high - low for low, high in marks), []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < expected and time.monotonic() < deadline:
+        out.extend(m for m in consumer.consume(1000, timeout=0.5) if m.error() is None)
+    consumer.close()
+    assert len(out) == expected, f"{topic}: read {len(out)} of {expected} messages"
+    return out
+
+
+def read_dlq(kafka: KafkaSettings, topic: str) -> list[Any]:
+    """Every message of a (single-partition) DLQ topic, oldest first."""
+    return read_all(kafka, topic)
+
+
+def ingest_env(
+    kafka: KafkaSettings, traces_topic: str, dlq_topic: str, lake_root: str, pycache: str | None = None
+) -> dict[str, str]:
+    """Environment for a `flywheel ingest` subprocess pointed at the test's broker, topics and lake.
+
+    ``pycache``: a private bytecode cache. Where PYTHONDONTWRITEBYTECODE is set, every restart would
+    otherwise recompile numba, pyarrow & co. from source (seconds per start, times 11 starts).
+    """
+    import os
+
+    env = os.environ | {
+        "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "FLYWHEEL_KAFKA_TRACES_TOPIC": traces_topic,
+        "FLYWHEEL_KAFKA_DLQ_TOPIC": dlq_topic,
+        "FLYWHEEL_LAKE_ROOT": lake_root,
+    }
+    if pycache:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = pycache
+    return env

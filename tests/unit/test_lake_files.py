@@ -1,0 +1,77 @@
+"""Parquet files of the traces table: partition split, Delta stats, encodings; dead-letter headers."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from trace_events import BASE_S, encoded, trace
+
+from consumers.dead_letters import DeadLetter, dead_letter_headers, parse_headers
+from consumers.lake_files import TOKEN_COLUMNS, delta_stats, split_by_partition, write_data_files
+from consumers.trace_batch import MessageBatch, TraceBatchDecoder
+from schemas.arrow import PARTITION_COLUMNS, traces_table_schema
+
+
+def rows_at(finish_times: list[float]) -> pa.Table:
+    payloads = encoded([trace(i, finish_time_s=t) for i, t in enumerate(finish_times)])
+    return pa.Table.from_batches([TraceBatchDecoder().decode(MessageBatch.from_values(payloads)).rows])
+
+
+def test_split_by_partition_follows_finish_time_hours():
+    hour = 3600.0
+    start = (BASE_S // hour + 1) * hour  # an hour boundary, UTC
+    table = rows_at([start - 1, start, start + 1, start + 2 * hour, start - 1])
+    parts = split_by_partition(table)
+    assert [(v["date"], v["hour"], t.num_rows) for v, t in parts] == [
+        ("2026-11-30", "0", 2),
+        ("2026-11-30", "1", 2),
+        ("2026-11-30", "3", 1),
+    ]
+    assert all(set(PARTITION_COLUMNS).isdisjoint(t.column_names) for _, t in parts)
+
+
+def test_delta_stats_cover_the_filter_columns():
+    table = rows_at([BASE_S, BASE_S + 2.5])
+    stats = json.loads(delta_stats(table))
+    assert stats["numRecords"] == 2
+    assert stats["minValues"]["kafka_offset"] == 0 and stats["maxValues"]["kafka_offset"] == 1
+    assert stats["minValues"]["finish_time"] == "2026-11-30T00:53:20.000Z"
+    assert stats["maxValues"]["finish_time"] == "2026-11-30T00:53:22.500Z"
+    assert stats["nullCount"]["arrival_time"] == 0
+
+
+def test_data_files_round_trip_with_zstd_and_token_encodings(tmp_path):
+    table = rows_at([BASE_S + i for i in range(50)])
+    actions = write_data_files(table, pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()), now_ms=1)
+    assert len(actions) == 1 and actions[0].partition_values == {"date": "2026-11-30", "hour": "0"}
+    path = tmp_path / actions[0].path
+    assert path.stat().st_size == actions[0].size
+    back = pq.read_table(path)
+    expected = table.drop_columns(PARTITION_COLUMNS)
+    assert back.equals(expected.cast(back.schema))
+    assert back.schema.equals(
+        pa.schema([f for f in traces_table_schema() if f.name not in PARTITION_COLUMNS])
+    )
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    columns = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    assert all(c.compression == "ZSTD" for c in columns.values())
+    for name in TOKEN_COLUMNS:
+        assert "BYTE_STREAM_SPLIT" in columns[f"{name}.list.element"].encodings
+
+
+def test_dead_letter_headers_round_trip():
+    letter = DeadLetter(
+        b"\x00", b"k", "malformed-avro", "truncated in field 'x'", "spec.traces.v1", 3, 42, 1700
+    )
+    headers = parse_headers(dead_letter_headers(letter) + [("other", b"kept out")])
+    assert headers == {
+        "dlq.reason": "malformed-avro",
+        "dlq.detail": "truncated in field 'x'",
+        "source.topic": "spec.traces.v1",
+        "source.partition": "3",
+        "source.offset": "42",
+        "source.timestamp": "1700",
+    }
