@@ -162,18 +162,20 @@ def retention(
 
     Safe next to a running `flywheel ingest` (it only appends), except with --vacuum-retention-hours below the age of files the ingest is still writing.
     """
-    from deltalake import DeltaTable
-
-    from consumers.retention import apply_retention, partitions_of, plan_retention
+    from consumers.retention import run_retention
     from flywheel.settings import get_settings
 
-    lake = get_settings().lake
     when = datetime.fromisoformat(now) if now else datetime.now(UTC)
     when = when if when.tzinfo else when.replace(tzinfo=UTC)
-    dt = DeltaTable(lake.traces_uri, storage_options=lake.storage_options or None)
-    plan = plan_retention(partitions_of(dt), when, retention_days or lake.retention_days)
     with console.status("applying retention..." if not dry_run else "planning retention..."):
-        report = apply_retention(dt, plan, dry_run=dry_run, vacuum_retention_hours=vacuum_retention_hours)
+        report = run_retention(
+            get_settings().lake,
+            when,
+            retention_days=retention_days,
+            dry_run=dry_run,
+            vacuum_retention_hours=vacuum_retention_hours,
+        )
+    plan = report.plan
     verb = "would" if dry_run else "did"
     table = Table(
         "action",

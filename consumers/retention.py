@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from consumers.lake_files import delta_writer_properties
+from flywheel.settings import LakeSettings
 
 
 @dataclass(frozen=True, order=True)
@@ -125,3 +126,17 @@ def apply_retention(
         dt.create_checkpoint()
         dt.cleanup_metadata()
     return report
+
+
+def run_retention(
+    lake: LakeSettings,
+    now: datetime,
+    *,
+    retention_days: int | None = None,
+    dry_run: bool = False,
+    vacuum_retention_hours: int | None = None,
+) -> RetentionReport:
+    """Plan and apply retention on the lake's ``traces`` table as of ``now`` (CLI and Airflow call this)."""
+    dt = DeltaTable(lake.traces_uri, storage_options=lake.storage_options or None)
+    plan = plan_retention(partitions_of(dt), now, retention_days or lake.retention_days)
+    return apply_retention(dt, plan, dry_run=dry_run, vacuum_retention_hours=vacuum_retention_hours)

@@ -163,6 +163,63 @@ class TrainingSettings(BaseSettings):
     num_threads: int | None = Field(None, description="torch intra-op threads (None = torch default)")
 
 
+class SparkSettings(BaseSettings):
+    """Spark sessions for analysis notebooks and jobs (flywheel.spark.delta_spark_session)."""
+
+    model_config = _config("SPARK")
+
+    master: str = Field("local[2]", description="Spark master URL (local[N] on one machine)")
+    driver_memory: str = Field("2g", description="driver JVM heap (applies when the session starts its JVM)")
+    shuffle_partitions: int = Field(4, description="spark.sql.shuffle.partitions (small tables: keep it low)")
+    ivy_dir: Path = Field(
+        default_factory=_under_state_dir("cache/ivy"),
+        description="Ivy home for spark.jars.packages: jars resolved from Maven Central once, then reused",
+    )
+    warehouse_dir: Path = Field(
+        default_factory=_under_state_dir("spark-warehouse"),
+        description="spark.sql.warehouse.dir (else Spark creates ./spark-warehouse wherever it runs)",
+    )
+    local_ip: str = Field("127.0.0.1", description="SPARK_LOCAL_IP: the driver binds loopback only")
+    log_level: str = Field("WARN", description="Spark/log4j level after start")
+    jvm_log: Path = Field(
+        default_factory=_under_state_dir("logs/spark.log"),
+        description="the driver JVM's stdout/stderr (Ivy resolution report, log4j lines), kept out of notebooks",
+    )
+    conf: dict[str, str] = Field(default_factory=dict, description="any other Spark property (JSON)")
+
+
+class CycleSettings(BaseSettings):
+    """The flywheel cycle run by Airflow: windows, training, served evaluation, gate, drift."""
+
+    model_config = _config("CYCLE")
+
+    window_minutes: float = Field(
+        60.0, description="training window: this span of traces up to the newest one"
+    )
+    min_window_rows: int = Field(200, description="fewer new traces than this: no window, no run")
+    eval_share: float = Field(0.1, description="domains with at least this share of the window are evaluated")
+    scratch_recipe: str = Field("trainer/recipes/scratch.yaml", description="recipe without a champion")
+    refresh_recipe: str = Field(
+        "trainer/recipes/champion_refresh.yaml", description="recipe warm-started from it"
+    )
+    train_max_steps: int | None = Field(None, description="override the recipe's optimizer steps")
+    eval_requests_per_domain: int = Field(
+        4, description="served benchmark requests per domain, arm and round"
+    )
+    eval_rounds: int = Field(2, description="served benchmark rounds per concurrency level")
+    eval_concurrencies: list[int] = Field([1, 4], description="concurrency levels; the first decides")
+    eval_max_tokens: int = Field(96, description="max tokens per evaluation request")
+    gate_min_speedup: float = Field(1.0, description="absolute floor on measured speedup")
+    gate_margin: float = Field(
+        0.02, description="challenger must beat the champion's speedup by this fraction"
+    )
+    gate_domain_tau_tolerance: float = Field(0.05, description="allowed per-domain tau regression")
+    gate_min_samples: int = Field(24, description="minimum requests measured per arm")
+    drift_window_minutes: float = Field(10.0, description="live window the drift check looks at")
+    drift_margin: float = Field(0.1, description="live tau this far below the evaluated tau is drift")
+    drift_min_steps: int = Field(200, description="verify steps a domain needs before drift is judged")
+
+
 class Settings:
     """All concerns together; each is built lazily from the environment."""
 
@@ -189,6 +246,14 @@ class Settings:
     @cached_property
     def training(self) -> TrainingSettings:
         return TrainingSettings()
+
+    @cached_property
+    def cycle(self) -> CycleSettings:
+        return CycleSettings()
+
+    @cached_property
+    def spark(self) -> SparkSettings:
+        return SparkSettings()
 
 
 def get_settings() -> Settings:

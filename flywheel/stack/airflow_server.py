@@ -20,10 +20,13 @@ DAGS_DIR = Path(__file__).resolve().parents[2] / "dags"
 TRAINING_POOL = "training"
 
 
-def airflow_env(home: Path, port: int, host: str = "127.0.0.1") -> dict[str, str]:
+def airflow_env(
+    home: Path, port: int, host: str = "127.0.0.1", state_dir: Path | None = None
+) -> dict[str, str]:
     """Environment for any airflow process of this project (server, CLI, tests)."""
     venv_bin = str(Path(sys.executable).parent)
-    return {
+    env = {"FLYWHEEL_STACK_STATE_DIR": str(state_dir)} if state_dir else {}  # tasks resolve the same paths
+    return env | {
         "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",  # standalone spawns `airflow ...`
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_DIR),
@@ -36,6 +39,8 @@ def airflow_env(home: Path, port: int, host: str = "127.0.0.1") -> dict[str, str
         "AIRFLOW__API__WORKERS": "1",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "15",
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "True",
+        # Locally the watcher looks for new windows and drift every minute (cheap: reads the Delta table).
+        "FLYWHEEL_WATCH_CRON": os.environ.get("FLYWHEEL_WATCH_CRON", "* * * * *"),
     }
 
 
@@ -56,7 +61,7 @@ class AirflowStandalone(ServiceSpec):
         return [str(Path(sys.executable).parent / "airflow"), "standalone"]
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, **airflow_env(self.home, self.port, self.host)}
+        return {**os.environ, **airflow_env(self.home, self.port, self.host, self.state_dir)}
 
     def healthy(self) -> bool:
         """Healthy = the API answers and scheduler, DAG processor and triggerer report healthy."""

@@ -1,0 +1,32 @@
+"""trace_maintenance: daily retention of the `traces` table (delete expired days, compact closed hours,
+vacuum, checkpoint and trim the log). Wiring only; keyed on the run's logical date, never on now()."""
+
+import pendulum
+from airflow.sdk import DAG, task
+
+with DAG(
+    dag_id="trace_maintenance",
+    description="Bound the traces table: retention, compaction, vacuum",
+    schedule="@daily",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 2},
+    tags=["flywheel", "lake"],
+    doc_md=__doc__,
+) as dag:
+
+    @task
+    def retention(*, logical_date=None, data_interval_end=None) -> dict:
+        from consumers.retention import run_retention
+        from flywheel.settings import LakeSettings
+
+        report = run_retention(LakeSettings(), data_interval_end or logical_date)
+        return {
+            "cutoff_date": str(report.plan.cutoff_date),
+            "deleted_files": report.deleted_files,
+            "compacted": report.compacted,
+            "vacuumed_files": len(report.vacuumed),
+        }
+
+    retention()

@@ -1,0 +1,190 @@
+"""Served benchmark: measured speedup of champion and challenger over no speculation, in one run.
+
+Two vLLM servers with identical flags run side by side: one without speculation (the baseline), one with
+an EAGLE-3 drafter that is hot-swapped between champion and challenger through vLLM's draft-weight update
+routes. For each concurrency level and round, the arms are replayed in rotated order on the same held-out
+prompts; speedup = arm output tokens/s / baseline tokens/s of the same round (median over rounds). tau and
+per-domain tau come from the per-request spec-decode metrics of the responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from flywheel.settings import ServingSettings, StackSettings
+from flywheel.stack import process
+from producers.traffic import Phase, replay
+from producers.vllm_server import VllmServer, cpu_environment, serve_args
+from trainer.promotion_gate import ArmMeasurement
+
+BASELINE, CHAMPION, CHALLENGER = "baseline", "champion", "challenger"
+
+
+@dataclass(frozen=True)
+class ServedEvalConfig:
+    domains: tuple[str, ...] = ("code", "prose", "docs")
+    requests_per_domain: int = 4  # per arm, round and concurrency level
+    concurrencies: tuple[int, ...] = (1, 4)
+    decision_concurrency: int = 1
+    rounds: int = 2
+    max_tokens: int = 96
+    num_spec_tokens: int = 3
+    base_port: int = 8031
+    spec_port: int = 8032
+    seed: int = 0
+
+
+@dataclass
+class ServedEvalReport:
+    config: ServedEvalConfig
+    speedup: dict[str, dict[int, float]]  # arm -> concurrency -> median speedup
+    tokens_per_s: dict[str, dict[int, float]]
+    tau: dict[str, float]
+    tau_by_domain: dict[str, dict[str, float]]
+    samples: dict[str, int]
+    rounds: list[dict] = field(default_factory=list)
+
+    def measurement(self, arm: str) -> ArmMeasurement:
+        c = self.config.decision_concurrency
+        return ArmMeasurement(self.speedup[arm][c], self.tau[arm], self.tau_by_domain[arm], self.samples[arm])
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics for MLflow."""
+        out: dict[str, float] = {}
+        for arm, by_c in self.speedup.items():
+            for c, v in by_c.items():
+                out[f"speedup_c{c}_{arm}"] = v
+                out[f"tokens_per_s_c{c}_{arm}"] = self.tokens_per_s[arm][c]
+        for arm, tau in self.tau.items():
+            out[f"tau_{arm}"] = tau
+            out |= {f"tau_{arm}_{d}": t for d, t in self.tau_by_domain[arm].items()}
+        return out
+
+
+class EvalServers:
+    """The baseline and the speculative evaluation servers (started once, reused across evaluations)."""
+
+    def __init__(self, config: ServedEvalConfig, first_drafter: Path, stack: StackSettings | None = None):
+        stack = stack or StackSettings()
+        state = stack.root / "eval-servers"
+        self.model = ServingSettings().target_model
+        self.base = self._spec(state, config.base_port, "none", None, config.num_spec_tokens)
+        self.spec = self._spec(state, config.spec_port, "eagle3", first_drafter, config.num_spec_tokens)
+        self.loaded: str | None = None
+
+    @staticmethod
+    def _spec(state: Path, port: int, method: str, drafter: Path | None, k: int) -> VllmServer:
+        serving = ServingSettings(port=port, spill_dir=state / f"spill-{port}")
+        env = cpu_environment(serving) | {
+            "VLLM_SERVER_DEV_MODE": "1",  # the weight-update routes used to swap drafters
+            "FLYWHEEL_SERVING_CAPTURE_ENABLED": "false",  # evaluation traffic is not production traffic
+            "FLYWHEEL_SERVING_FOLLOW_PROMOTIONS": "false",
+        }
+        server = VllmServer(
+            StackSettings(state_dir=state / str(port)), serving, serve_args(serving, method, drafter, k), env
+        )
+        server.name = f"vllm-eval-{port}"
+        return server
+
+    def start(self) -> None:
+        for server in (self.base, self.spec):
+            process.start(server, timeout_s=1500)
+
+    def stop(self) -> None:
+        for server in (self.base, self.spec):
+            process.stop(server)
+        self.loaded = None
+
+    def load(self, drafter: Path, label: str) -> None:
+        """Swap the speculative server's drafter (vLLM draft-weight update API over HTTP)."""
+        if self.loaded == label:
+            return
+        url = f"http://{self.spec.address}"
+        with httpx.Client(base_url=url, timeout=600) as client:
+            client.post("/pause", params={"mode": "keep"}).raise_for_status()
+            try:
+                client.post("/start_draft_weight_update").raise_for_status()
+                client.post(
+                    "/update_weights", json={"update_info": {"path": str(drafter)}}
+                ).raise_for_status()
+                client.post("/finish_weight_update", json={"weight_version": label}).raise_for_status()
+            finally:
+                client.post("/resume").raise_for_status()
+        self.loaded = label
+
+
+def served_benchmark(
+    servers: EvalServers,
+    challenger: Path,
+    champion: Path | None,
+    config: ServedEvalConfig,
+    on_step: Callable[[str], None] | None = None,
+) -> ServedEvalReport:
+    arms = [BASELINE, CHALLENGER] + ([CHAMPION] if champion is not None else [])
+    drafters = {CHALLENGER: challenger, CHAMPION: champion}
+    phases = [Phase(d, config.requests_per_domain) for d in config.domains]
+    tps: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    steps: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    samples: dict[str, int] = defaultdict(int)
+    rounds = []
+    servers.start()
+    for c in config.concurrencies:
+        for r in range(config.rounds):
+            order = arms[r % len(arms) :] + arms[: r % len(arms)]
+            for arm in order:
+                if arm != BASELINE:
+                    servers.load(drafters[arm], arm)
+                server = servers.base if arm == BASELINE else servers.spec
+                report = asyncio.run(
+                    replay(
+                        f"http://{server.address}",
+                        servers.model,
+                        phases,
+                        concurrency=c,
+                        max_tokens=config.max_tokens,
+                        subset="heldout",
+                        seed=config.seed + r,
+                    )
+                )
+                if any(not x.ok for x in report.results):
+                    raise RuntimeError(f"{arm}: {sum(not x.ok for x in report.results)} requests failed")
+                tps[arm][c].append(report.output_tokens_per_s)
+                samples[arm] += len(report.results)
+                for x in report.results:
+                    steps[arm][x.domain].extend(x.per_step_accepted)
+                rounds.append(
+                    {"concurrency": c, "round": r, "arm": arm, "tokens_per_s": report.output_tokens_per_s}
+                )
+                if on_step is not None:
+                    on_step(
+                        f"c={c} round {r + 1}/{config.rounds} {arm}: {report.output_tokens_per_s:.1f} tok/s"
+                    )
+    speedup = {
+        arm: {
+            c: statistics.median(a / b for a, b in zip(tps[arm][c], tps[BASELINE][c], strict=True))
+            for c in config.concurrencies
+        }
+        for arm in arms
+    }
+    tau = {arm: _tau([s for d in steps[arm].values() for s in d]) for arm in arms if arm != BASELINE}
+    tau_by_domain = {arm: {d: _tau(s) for d, s in steps[arm].items()} for arm in arms if arm != BASELINE}
+    return ServedEvalReport(
+        config,
+        speedup,
+        {arm: {c: statistics.median(v) for c, v in by_c.items()} for arm, by_c in tps.items()},
+        tau,
+        tau_by_domain,
+        dict(samples),
+        rounds,
+    )
+
+
+def _tau(accepted: list[int]) -> float:
+    return 1.0 + sum(accepted) / len(accepted) if accepted else 1.0
