@@ -1,0 +1,210 @@
+"""Spark for analysts: the one Delta-enabled SparkSession, Kafka source options and Avro decoding.
+
+Notebooks, tests and jobs all call ``delta_spark_session``. Jars (delta-spark, and for Kafka work
+spark-sql-kafka + spark-avro) come from Maven Central through Ivy into ``SparkSettings.ivy_dir``
+(``<state dir>/cache/ivy``): the first session on a machine downloads them, later ones resolve from that
+cache in a second or two. pyspark is imported inside the functions so ``import flywheel`` stays light.
+
+Kafka messages use Avro single-object encoding (``schemas.codec``): ``C3 01`` + the writer schema's
+8-byte CRC-64-AVRO fingerprint + the Avro body. ``decode_events`` checks both header parts and decodes the
+body with ``from_avro`` using the writer version named by the fingerprint, resolved to the current
+version (BACKWARD compatibility), so a topic holding several versions reads as one schema.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flywheel.settings import KafkaSettings, SparkSettings
+from schemas.codec import HEADER_LEN, MAGIC
+from schemas.registry import TRACE_EVENT, by_fingerprint, current, versions
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+SCALA = "2.13"  # pyspark 4.x is built for Scala 2.13 only
+
+# decode_status values (the same reason codes the ingest writes to the DLQ headers)
+DECODED = "ok"
+NOT_SINGLE_OBJECT = "not-avro-single-object"
+UNKNOWN_SCHEMA = "unknown-schema"
+WRONG_EVENT = "wrong-event-type"
+MALFORMED = "malformed-avro"
+
+
+def spark_packages(*, kafka: bool, avro: bool) -> list[str]:
+    """Maven coordinates besides delta-spark (which ``configure_spark_with_delta_pip`` adds)."""
+    import importlib.metadata
+
+    spark = importlib.metadata.version("pyspark")
+    packages = []
+    if kafka:
+        packages.append(f"org.apache.spark:spark-sql-kafka-0-10_{SCALA}:{spark}")
+    if avro:
+        packages.append(f"org.apache.spark:spark-avro_{SCALA}:{spark}")
+    return packages
+
+
+def session_conf(settings: SparkSettings, app_name: str) -> dict[str, str]:
+    """Every Spark property the session is built with (except spark.jars.packages)."""
+    return {
+        "spark.app.name": app_name,
+        "spark.master": settings.master,
+        "spark.driver.memory": settings.driver_memory,
+        "spark.jars.ivy": str(settings.ivy_dir),
+        "spark.sql.warehouse.dir": str(settings.warehouse_dir),
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.shuffle.partitions": str(settings.shuffle_partitions),
+        # date/hour partitions and every time bucket are UTC, whatever the machine's zone
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        # the log replay of a small table does not need 50 tasks
+        "spark.databricks.delta.snapshotPartitions": str(settings.shuffle_partitions),
+    } | settings.conf
+
+
+def delta_spark_session(
+    app_name: str = "spec-flywheel",
+    *,
+    kafka: bool = False,
+    avro: bool | None = None,
+    settings: SparkSettings | None = None,
+    conf: dict[str, str] | None = None,
+) -> SparkSession:
+    """A SparkSession with Delta Lake (and, with ``kafka``, the Kafka source and ``from_avro``).
+
+    ``avro`` defaults to ``kafka`` (decoding the topics needs it). Packages are fixed when the JVM starts:
+    an already running session of this process is returned as is, so ask for ``kafka=True`` first.
+    The JVM's own output goes to ``settings.jvm_log``; a JVM that fails to start raises with its tail.
+    """
+    from delta import configure_spark_with_delta_pip
+    from pyspark import SparkContext
+    from pyspark.sql import SparkSession
+
+    settings = settings or SparkSettings()
+    os.environ.setdefault("SPARK_LOCAL_IP", settings.local_ip)
+    settings.ivy_dir.mkdir(parents=True, exist_ok=True)
+    builder = SparkSession.builder
+    for key, value in (session_conf(settings, app_name) | (conf or {})).items():
+        builder = builder.config(key, value)
+    packages = spark_packages(kafka=kafka, avro=kafka if avro is None else avro)
+    builder = configure_spark_with_delta_pip(builder, extra_packages=packages)
+    if SparkContext._gateway is not None:  # this process already runs a JVM: nothing is spawned
+        spark = builder.getOrCreate()
+    else:
+        try:
+            with _jvm_output_to(settings.jvm_log):
+                spark = builder.getOrCreate()
+        except Exception as e:
+            tail = "".join(settings.jvm_log.read_text(errors="replace").splitlines(keepends=True)[-30:])
+            raise RuntimeError(f"Spark did not start: {e}\nlast lines of {settings.jvm_log}:\n{tail}") from e
+    spark.sparkContext.setLogLevel(settings.log_level)
+    return spark
+
+
+@contextlib.contextmanager
+def _jvm_output_to(log: Path) -> Iterator[None]:
+    """Point fds 1 and 2 at ``log`` while the JVM is spawned: it inherits them, so Ivy's resolution report
+    and log4j's console lines land in the log instead of a notebook cell or the test output."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with log.open("ab") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
+def kafka_source_options(kafka: KafkaSettings) -> dict[str, str]:
+    """``kafka.*`` options of Spark's Kafka source from the same settings librdkafka clients use.
+
+    Java client equivalents of the librdkafka security settings: SASL PLAIN/SCRAM credentials become a
+    JAAS line, a PEM CA file becomes a PEM truststore. Anything else goes through ``conf`` on the reader.
+    """
+    opts = {
+        "kafka.bootstrap.servers": kafka.bootstrap_servers,
+        "kafka.security.protocol": kafka.security_protocol,
+    }
+    if kafka.sasl_mechanism:
+        opts["kafka.sasl.mechanism"] = kafka.sasl_mechanism
+        if kafka.sasl_username and kafka.sasl_password:
+            module = (
+                "org.apache.kafka.common.security.plain.PlainLoginModule"
+                if kafka.sasl_mechanism == "PLAIN"
+                else "org.apache.kafka.common.security.scram.ScramLoginModule"
+            )
+            secret = kafka.sasl_password.get_secret_value()
+            opts["kafka.sasl.jaas.config"] = (
+                f'{module} required username="{kafka.sasl_username}" password="{secret}";'
+            )
+    if kafka.ssl_ca_location:
+        opts["kafka.ssl.truststore.type"] = "PEM"
+        opts["kafka.ssl.truststore.location"] = kafka.ssl_ca_location
+    return opts
+
+
+def _binary(data: bytes) -> Column:
+    from pyspark.sql import functions as F
+
+    return F.lit(bytearray(data))
+
+
+def decode_events(kafka_df: DataFrame, event: str = TRACE_EVENT, column: str = "event") -> DataFrame:
+    """Kafka source rows -> the same rows plus ``column`` (the decoded record as a struct of the current
+    schema version, null if undecodable), ``decode_status`` (``ok`` or a DLQ reason code) and
+    ``schema_fingerprint`` (hex, little-endian as in schemas/avro/fingerprints.json).
+
+    Malformed Avro bodies decode to null (from_avro PERMISSIVE) instead of failing the query. The ingest is
+    stricter: it also rejects trailing bytes after a complete body and decodable but invalid events
+    (consumers/trace_rules.py), which this function does not check.
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql.avro.functions import from_avro
+
+    reader = current(event).raw
+    header_ok = F.substring("value", 1, len(MAGIC)) == _binary(MAGIC)
+    fingerprint = F.substring("value", len(MAGIC) + 1, HEADER_LEN - len(MAGIC))
+    body = F.expr(f"substring(value, {HEADER_LEN + 1})")
+    options = {"mode": "PERMISSIVE", "avroSchema": json.dumps(reader)}
+    decoded: Any = None
+    for version in versions(event):
+        this = header_ok & (fingerprint == _binary(version.fingerprint))
+        value = from_avro(body, json.dumps(version.raw), options)
+        decoded = F.when(this, value) if decoded is None else decoded.when(this, value)
+    # PERMISSIVE turns a body it cannot read into a struct of nulls: a null in a required field marks it
+    required = [f["name"] for f in reader["fields"] if not isinstance(f["type"], list)]
+    malformed = F.lit(False)
+    for name in required:
+        malformed = malformed | F.col(f"_decoded.{name}").isNull()
+    ours = [_binary(fp) for fp, v in by_fingerprint().items() if v.event == event]
+    others = [_binary(fp) for fp, v in by_fingerprint().items() if v.event != event]
+    status = (
+        F.when(F.col("value").isNull() | ~header_ok, F.lit(NOT_SINGLE_OBJECT))
+        .when(fingerprint.isin(*others), F.lit(WRONG_EVENT))
+        .when(~fingerprint.isin(*ours), F.lit(UNKNOWN_SCHEMA))
+        .when(F.col("_decoded").isNull() | malformed, F.lit(MALFORMED))
+        .otherwise(F.lit(DECODED))
+    )
+    return (
+        kafka_df.withColumn("_decoded", decoded)
+        .withColumn("decode_status", status)
+        .withColumn(column, F.when(F.col("decode_status") == DECODED, F.col("_decoded")))
+        .withColumn("schema_fingerprint", F.lower(F.hex(fingerprint)))
+        .drop("_decoded")
+    )
