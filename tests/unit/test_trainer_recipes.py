@@ -1,0 +1,50 @@
+"""Recipes: the shipped YAML files validate, overrides apply, bad loss names are rejected; LR schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from trainer.recipes import TrainRecipeConfig, apply_overrides, load_recipe
+from trainer.train_loop import learning_rate
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "trainer" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_validate(path):
+    cfg = load_recipe(path)
+    assert cfg.name and cfg.losses and cfg.ttt_steps >= 1
+
+
+def test_overrides_are_dotted_yaml_values():
+    data = apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr=1e-4", "max_steps=7", "init.from_dir=null"])
+    assert data == {"optim": {"lr": 1e-4}, "max_steps": 7, "init": {"from_dir": None}}
+    cfg = load_recipe(RECIPES[0], ["optim.lr=2e-5", "losses.discard.weight=0.3"])
+    assert cfg.optim.lr == 2e-5 and cfg.losses["discard"].weight == 0.3
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides({}, ["max_steps"])
+
+
+def test_unknown_loss_and_unknown_field_are_rejected():
+    with pytest.raises(ValidationError, match="valid: discard, expected_acceptance, forward_kl"):
+        TrainRecipeConfig(name="x", losses={"reverse_kl": {}})
+    with pytest.raises(ValidationError, match="extra"):
+        TrainRecipeConfig(name="x", optim={"learning_rate": 1.0})
+
+
+def test_learning_rate_warmup_then_cosine():
+    cfg = TrainRecipeConfig(
+        name="x",
+        max_steps=110,
+        optim={"lr": 1.0, "warmup_steps": 10, "schedule": "cosine", "min_lr_ratio": 0.1},
+    )
+    assert learning_rate(cfg, 0) == pytest.approx(0.1)  # step 1 of 10 warmup
+    assert learning_rate(cfg, 9) == pytest.approx(1.0)
+    assert learning_rate(cfg, 10) == pytest.approx(1.0)  # cosine starts at the peak
+    assert learning_rate(cfg, 60) == pytest.approx(0.55)  # halfway: 0.1 + 0.9 * 0.5
+    assert learning_rate(cfg, 110) == pytest.approx(0.1)
+    flat = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"schedule": "constant"})})
+    assert learning_rate(flat, 80) == 1.0

@@ -1,0 +1,171 @@
+"""Training recipes: YAML files validated by pydantic; every field says what it does.
+
+``flywheel train --recipe trainer/recipes/scratch.yaml optim.lr=1e-4 max_steps=50`` loads the YAML, applies
+dotted ``key=value`` overrides (values parsed as YAML) and validates the result.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from flywheel.settings import LakeSettings, MlflowSettings, ServingSettings, TrainingSettings
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WindowConfig(_Strict):
+    table: str = Field(
+        default_factory=lambda: LakeSettings().traces_uri, description="Delta table URI of traces"
+    )
+    start: datetime | None = Field(None, description="first finish_time in the window (inclusive, UTC)")
+    end: datetime | None = Field(None, description="end of the window (exclusive, UTC)")
+    version: int | None = Field(None, description="table snapshot version to read (None = latest)")
+    after_version: int | None = Field(None, description="only rows appended after this table version")
+    holdout_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="newest fraction of rows held out for eval"
+    )
+
+
+class InitConfig(_Strict):
+    from_dir: Path | None = Field(
+        None, description="warm start from this drafter dir (champion); None = scratch"
+    )
+    draft_vocab_size: int | None = Field(
+        8192,
+        description="prune the draft vocabulary to the window's most frequent tokens (None = full vocabulary; "
+        "a warm start keeps the champion's vocabulary)",
+    )
+    seed: int = Field(0, description="init and data-order seed")
+
+
+class LossTerm(_Strict):
+    weight: float = Field(1.0, description="weight of this term in the mixed loss")
+    step_decay: float = Field(1.0, description="weight decay**i of unroll step i (EAGLE-3/Aurora use 0.8)")
+
+
+class DataConfig(_Strict):
+    pack_tokens: int = Field(1024, description="tokens per packed batch (sequences are not split)")
+    max_seq_len: int = Field(2048, description="longer traces are cut to this many tokens")
+    shuffle_buffer: int = Field(128, description="sequences held by the streaming shuffle")
+    train_on_prompt: bool = Field(False, description="also distil on prompt positions")
+    target_chunk_tokens: int = Field(512, description="target forward chunk (bounds activation memory)")
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(3e-4, description="AdamW peak learning rate")
+    weight_decay: float = Field(0.0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    grad_clip: float = Field(1.0, description="clip the global grad norm to this (0 = off)")
+    warmup_steps: int = Field(10, description="linear warmup steps")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after warmup: constant or cosine"
+    )
+    min_lr_ratio: float = Field(0.1, description="cosine floor as a fraction of lr")
+
+
+class MlflowConfig(_Strict):
+    enabled: bool = Field(False, description="log params, metrics and the drafter to MLflow")
+    tracking_uri: str = Field(
+        default_factory=lambda: MlflowSettings().tracking_uri, description="tracking server"
+    )
+    experiment: str = Field(
+        default_factory=lambda: MlflowSettings().experiment, description="experiment name"
+    )
+    run_name: str | None = Field(None, description="run name (default: recipe name)")
+
+
+class EvalConfig(_Strict):
+    replay_at_end: bool = Field(True, description="offline replay tau on the held-out part after training")
+    max_sequences: int | None = Field(64, description="cap on held-out traces replayed")
+    num_spec_tokens: int = Field(3, description="K drafted per verify step in replay")
+
+
+class TrainRecipeConfig(_Strict):
+    name: str = Field(description="run name; output goes to output_dir")
+    target: Path = Field(
+        default_factory=lambda: ServingSettings().target_dir, description="HF target model dir"
+    )
+    window: WindowConfig = Field(default_factory=WindowConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
+    ttt_steps: int = Field(3, ge=1, description="training-time-test unroll length (draft steps trained)")
+    losses: dict[str, LossTerm] = Field(
+        default_factory=lambda: {"forward_kl": LossTerm(weight=1.0, step_decay=0.8)},
+        description="loss terms by registry name (trainer.losses.LOSSES) and their weights",
+    )
+    staleness_half_life: float | None = Field(
+        None, description="down-weight traces by drafter-version age: 0.5**(age/half_life); None = off"
+    )
+    serving_drafters: str | None = Field(
+        None,
+        description="where served drafter versions come from for the discard term: 'registry' (the MLflow "
+        "drafter registry of the target) or a dir of version dirs (<drafter_id>/<version>/)",
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    log_every: int = Field(1, description="metric logging interval (steps)")
+    checkpoint_every: int = Field(0, description="checkpoint interval (0 = only at the end)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="drafter compute: fp32 or bf16 autocast")
+    num_threads: int | None = Field(
+        default_factory=lambda: TrainingSettings().num_threads, description="torch threads (None = default)"
+    )
+    output_dir: Path | None = Field(
+        None, description="checkpoints + exported drafter (default: settings dir/name)"
+    )
+    resume: Path | None = Field(None, description="resume from this checkpoint file")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("losses")
+    @classmethod
+    def _known_losses(cls, v: dict[str, LossTerm]) -> dict[str, LossTerm]:
+        from trainer.losses import get_loss
+
+        for name in v:
+            get_loss(name)  # raises with the valid names
+        if not v:
+            raise ValueError("at least one loss term is required")
+        return v
+
+    def resolved_output_dir(self) -> Path:
+        return (self.output_dir or TrainingSettings().output_dir / self.name).resolve()
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``a.b=value`` pairs (value parsed as YAML) applied to nested dicts."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = _value(raw)
+    return data
+
+
+def _value(raw: str):
+    """YAML scalar, except that exponent floats YAML 1.1 reads as strings ("1e-4") become floats."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def load_recipe(
+    path: Path | str | None = None, overrides: list[str] | None = None, **fields
+) -> TrainRecipeConfig:
+    data = yaml.safe_load(Path(path).read_text()) if path else {}
+    data = apply_overrides(data or {}, overrides or [])
+    return TrainRecipeConfig.model_validate(data | fields)

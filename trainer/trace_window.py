@@ -1,0 +1,309 @@
+"""Training data from a window of the Delta table ``traces``: sequences, per-token labels, packs.
+
+A window is a snapshot version of the table (default: latest) narrowed by a finish-time range and/or to
+the rows appended after an earlier version. Rows stream in Arrow record batches through a bounded
+shuffle buffer into token-budget packs, so memory stays flat however long the window is. The newest
+``holdout_fraction`` of the window (by finish_time) is held out for offline evaluation.
+
+Labels of output positions (ARCHITECTURE.md): output[0] is a plain target token (prefill); each recorded
+verify step s then emits ``per_step_accepted[s]`` accepted draft tokens and one target token, a
+*correction* if the step's draft was rejected (accepted < drafted) or a *bonus* if it was all accepted.
+So len(output) = 1 + sum(a_s + 1) - cut, where the last step lost ``cut`` (0..a_last) tokens to
+max_tokens/stop. Methods that skip drafting on some steps (ngram, suffix) leave those steps unrecorded;
+their outputs align only when the lengths match exactly, otherwise positions are UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from enum import IntEnum
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+SEQUENCE_COLUMNS = [
+    "event_id",
+    "finish_time",
+    "prompt_token_ids",
+    "output_token_ids",
+    "per_step_accepted",
+    "per_step_drafted",
+    "spec_method",
+    "num_spec_tokens",
+    "drafter_id",
+    "drafter_version",
+    "domain",
+]
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+SKIPPING_METHODS = frozenset({"ngram", "ngram_gpu", "suffix"})  # steps without drafts go unrecorded
+
+
+class Label(IntEnum):
+    PLAIN = 0  # target token not preceded by drafts (prefill token, spec off, unrecorded step)
+    ACCEPTED = 1  # draft token the target accepted
+    CORRECTION = 2  # target token replacing a rejected draft
+    BONUS = 3  # target token after a fully accepted draft
+    UNKNOWN = 4  # the per-step arrays do not align with the output
+
+
+def output_labels(
+    n_output: int, accepted: list[int], drafted: list[int], method: str = "eagle3"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, depth) per output position; depth = index of the token within its verify step
+    (draft depth 0..K-1 for accepted drafts, a_s for the step's target token), -1 for PLAIN/UNKNOWN."""
+    labels = np.full(n_output, Label.UNKNOWN, dtype=np.int8)
+    depth = np.full(n_output, -1, dtype=np.int8)
+    if n_output == 0:
+        return labels, depth
+    if not accepted:
+        labels[:] = Label.PLAIN
+        return labels, depth
+    labels[0] = Label.PLAIN
+    cut = 1 + sum(a + 1 for a in accepted) - n_output
+    exact = cut == 0 if method in SKIPPING_METHODS else 0 <= cut <= accepted[-1]
+    if not exact:
+        return labels, depth
+    j = 1
+    for a, d in zip(accepted, drafted, strict=True):
+        kinds = [Label.ACCEPTED] * a + [Label.CORRECTION if a < d else Label.BONUS]
+        for i, kind in enumerate(kinds):
+            if j < n_output:
+                labels[j], depth[j] = kind, i
+            j += 1
+    return labels, depth
+
+
+@dataclass
+class TraceSequence:
+    """One trace as training data: prompt + output token ids and the output's labels."""
+
+    tokens: np.ndarray  # (T,) int64, prompt + output
+    prompt_len: int
+    labels: np.ndarray  # (T - prompt_len,) Label
+    depth: np.ndarray  # (T - prompt_len,)
+    domain: str | None = None
+    spec_method: str = "none"
+    num_spec_tokens: int = 0
+    drafter_id: str | None = None
+    drafter_version: str | None = None
+    finish_time: datetime | None = None
+    per_step_accepted: list[int] = field(default_factory=list)
+    event_id: str = ""
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def truncated(self, max_len: int) -> TraceSequence:
+        if len(self) <= max_len:
+            return self
+        n_out = max(0, max_len - self.prompt_len)
+        return replace(
+            self,
+            tokens=self.tokens[:max_len],
+            prompt_len=min(self.prompt_len, max_len),
+            labels=self.labels[:n_out],
+            depth=self.depth[:n_out],
+        )
+
+
+def sequence_from_row(row: dict) -> TraceSequence:
+    prompt, output = row["prompt_token_ids"], row["output_token_ids"]
+    method = row.get("spec_method") or "none"
+    labels, depth = output_labels(
+        len(output), row["per_step_accepted"] or [], row["per_step_drafted"] or [], method
+    )
+    return TraceSequence(
+        tokens=np.asarray(prompt + output, dtype=np.int64),
+        prompt_len=len(prompt),
+        labels=labels,
+        depth=depth,
+        domain=row.get("domain"),
+        spec_method=method,
+        num_spec_tokens=row.get("num_spec_tokens") or 0,
+        drafter_id=row.get("drafter_id"),
+        drafter_version=row.get("drafter_version"),
+        finish_time=row.get("finish_time"),
+        per_step_accepted=list(row["per_step_accepted"] or []),
+        event_id=row.get("event_id", ""),
+    )
+
+
+@dataclass(frozen=True)
+class Window:
+    """Which rows of the traces table: snapshot ``version`` (None = latest), finish_time in [start, end),
+    and, if ``after_version`` is set, only rows appended by commits after that version."""
+
+    uri: str
+    start: datetime | None = None
+    end: datetime | None = None
+    version: int | None = None
+    after_version: int | None = None
+    storage_options: dict[str, str] | None = None
+
+
+class WindowReader:
+    """Reads one window; ``provenance()`` records exactly which table version and files were read."""
+
+    def __init__(self, window: Window):
+        from deltalake import DeltaTable
+
+        self.window = window
+        self.table = DeltaTable(window.uri, version=window.version, storage_options=window.storage_options)
+        self.version = self.table.version()
+        self._files = self._select_files()
+
+    def _add_actions(self, version: int | None) -> pa.Table:
+        from deltalake import DeltaTable
+
+        table = (
+            self.table
+            if version is None
+            else DeltaTable(self.window.uri, version=version, storage_options=self.window.storage_options)
+        )
+        return pa.table(table.get_add_actions(flatten=True))
+
+    def _select_files(self) -> list[dict]:
+        adds = self._add_actions(None).to_pylist()
+        if self.window.after_version is not None:
+            before = {a["path"] for a in self._add_actions(self.window.after_version).to_pylist()}
+            # appended files only: compaction rewrites (data_change=False) hold rows seen before
+            adds = [a for a in adds if a["path"] not in before and a.get("data_change", True)]
+        start, end = (_utc(t) if t is not None else None for t in (self.window.start, self.window.end))
+        keep = []
+        for a in adds:  # prune files by their finish_time statistics when the writer recorded them
+            lo, hi = a.get("min.finish_time"), a.get("max.finish_time")
+            # Delta statistics keep milliseconds: the true max can be up to 1 ms above ``hi``
+            if start is not None and hi is not None and hi + timedelta(milliseconds=1) <= start:
+                continue
+            if end is not None and lo is not None and lo >= end:
+                continue
+            keep.append(a)
+        return keep
+
+    @property
+    def trace_bytes(self) -> int:
+        """Bytes on disk of the Parquet files this window reads."""
+        return int(sum(a["size_bytes"] for a in self._files))
+
+    def dataset(self) -> ds.Dataset:
+        full = self.table.to_pyarrow_dataset()
+        paths = {a["path"] for a in self._files}
+        frags = [f for f in full.get_fragments() if _relative(f.path, self.table.table_uri) in paths]
+        return ds.FileSystemDataset(frags, full.schema, full.format, full.filesystem)
+
+    def time_filter(self, start: datetime | None = None, end: datetime | None = None) -> pc.Expression | None:
+        lo = max((t for t in (self.window.start, start) if t is not None), default=None)
+        hi = min((t for t in (self.window.end, end) if t is not None), default=None)
+        expr = None
+        for op, t in ((pc.greater_equal, lo), (pc.less, hi)):
+            if t is not None:
+                e = op(pc.field("finish_time"), pa.scalar(_utc(t), pa.timestamp("us", tz="UTC")))
+                expr = e if expr is None else expr & e
+        return expr
+
+    def batches(
+        self, columns: list[str], start=None, end=None, batch_size: int = 256
+    ) -> Iterator[pa.RecordBatch]:
+        yield from self.dataset().to_batches(
+            columns=columns, filter=self.time_filter(start, end), batch_size=batch_size
+        )
+
+    def rows(self, start=None, end=None) -> Iterator[dict]:
+        for batch in self.batches(SEQUENCE_COLUMNS, start, end):
+            yield from batch.to_pylist()
+
+    def sequences(self, start=None, end=None) -> Iterator[TraceSequence]:
+        for row in self.rows(start, end):
+            yield sequence_from_row(row)
+
+    def holdout_cutoff(self, fraction: float) -> datetime | None:
+        """finish_time at which the newest ``fraction`` of rows begins (None when nothing is held out)."""
+        if fraction <= 0:
+            return None
+        times = [b.column(0) for b in self.batches(["finish_time"], batch_size=65536)]
+        if not times:
+            return None
+        arr = np.sort(pa.concat_arrays(times).cast(pa.int64()).to_numpy())  # 8 bytes/row
+        k = min(len(arr) - 1, int(np.floor(len(arr) * (1 - fraction))))
+        return EPOCH + timedelta(microseconds=int(arr[k]))
+
+    def token_counts(self, vocab_size: int, end=None, include_prompt: bool = True) -> np.ndarray:
+        """Frequency of each token id in the window's traffic (drives draft-vocabulary pruning)."""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        cols = ["output_token_ids"] + (["prompt_token_ids"] if include_prompt else [])
+        for batch in self.batches(cols, end=end, batch_size=1024):
+            for col in cols:
+                flat = pc.list_flatten(batch.column(col)).to_numpy(zero_copy_only=False)
+                counts += np.bincount(flat, minlength=vocab_size)[:vocab_size]
+        return counts
+
+    def num_rows(self, start=None, end=None) -> int:
+        return self.dataset().count_rows(filter=self.time_filter(start, end))
+
+    def provenance(self) -> dict:
+        w = self.window
+        return {
+            "uri": w.uri,
+            "table_version": self.version,
+            "after_version": w.after_version,
+            "start": w.start.isoformat() if w.start else None,
+            "end": w.end.isoformat() if w.end else None,
+            "files": len(self._files),
+            "trace_bytes": self.trace_bytes,
+        }
+
+
+def _utc(t: datetime) -> datetime:
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _relative(path: str, table_uri: str) -> str:
+    root = table_uri.removeprefix("file://").rstrip("/") + "/"
+    return path.removeprefix("file://").removeprefix(root)
+
+
+def version_order(reader: WindowReader) -> list[str]:
+    """Drafter versions seen in the window, oldest first (by the first time each served a trace)."""
+    first: dict[str, int] = {}
+    for b in reader.batches(["drafter_version", "finish_time"], batch_size=65536):
+        vs, ts = b.column(0).to_pylist(), b.column(1).cast(pa.int64()).to_pylist()
+        for v, t in zip(vs, ts, strict=True):
+            if v is not None and (v not in first or t < first[v]):
+                first[v] = t
+    return sorted(first, key=first.__getitem__)
+
+
+def shuffled(items: Iterable, buffer: int, rng: random.Random) -> Iterator:
+    """Bounded-memory shuffle: keep ``buffer`` items, emit a random one for each new arrival."""
+    pool: list = []
+    for item in items:
+        if len(pool) < buffer:
+            pool.append(item)
+            continue
+        i = rng.randrange(buffer)
+        yield pool[i]
+        pool[i] = item
+    rng.shuffle(pool)
+    yield from pool
+
+
+def packs(
+    sequences: Iterable[TraceSequence], pack_tokens: int, max_seq_len: int
+) -> Iterator[list[TraceSequence]]:
+    """Greedy packing in arrival order into packs of at most ``pack_tokens`` tokens (a longer sequence,
+    cut to ``max_seq_len``, is a pack of its own)."""
+    pack, used = [], 0
+    for seq in sequences:
+        seq = seq.truncated(max_seq_len)
+        if pack and used + len(seq) > pack_tokens:
+            yield pack
+            pack, used = [], 0
+        pack.append(seq)
+        used += len(seq)
+    if pack:
+        yield pack

@@ -1,0 +1,363 @@
+"""Drafter training recipe: setup() / train() / cleanup(), torchrun-ready (DDP over gloo on CPU).
+
+    recipe = DrafterTrainingRecipe(load_recipe("trainer/recipes/scratch.yaml"))
+    recipe.setup(); recipe.train(); recipe.cleanup()
+
+Each step: next pack of the streamed train window -> frozen target forward (features recomputed, never
+stored) -> TTT unroll of the drafter -> mixed loss -> AdamW with clipping. Rank r of W takes every W-th
+pack. Rank 0 shows progress, logs to MLflow, writes checkpoints (model config, step, optimizer, window,
+git SHA, argv, recipe) and exports the drafter in vLLM's eagle3 format.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from trainer.drafter_store import open_store
+from trainer.eagle3_drafter import Eagle3Config, Eagle3Drafter
+from trainer.losses import UnrollBatch, mix_losses
+from trainer.recipes import TrainRecipeConfig
+from trainer.target_features import TargetModel
+from trainer.trace_window import Window, WindowReader, packs, shuffled, version_order
+from trainer.unroll_batch import (
+    PackFeatures,
+    accuracy_by_step,
+    drafter_inputs,
+    pack_features,
+    position_weights,
+    regenerate_rejected,
+    shifted,
+    target_index,
+    unroll_mask,
+)
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def top_token_ids(counts, k: int) -> torch.Tensor:
+    """The k most frequent token ids (ties -> lower id), sorted ascending."""
+    counts = torch.as_tensor(counts)
+    order = torch.argsort(-counts, stable=True)[:k]
+    return torch.sort(order).values
+
+
+class DrafterTrainingRecipe:
+    def __init__(self, cfg: TrainRecipeConfig, argv: list[str] | None = None):
+        self.cfg = cfg
+        self.argv = argv if argv is not None else list(sys.argv)
+        self.history: list[dict] = []
+        self.step = 0
+
+    # -- setup ------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        torch.manual_seed(cfg.init.seed)
+        self.out_dir = cfg.resolved_output_dir()
+        w = cfg.window
+        self.reader = WindowReader(Window(w.table, w.start, w.end, w.version, w.after_version))
+        self.cutoff = self.reader.holdout_cutoff(w.holdout_fraction)
+        self.versions = version_order(self.reader)
+        self.target = TargetModel(cfg.target, chunk_tokens=cfg.data.target_chunk_tokens)
+        self.drafter = self._init_drafter()
+        self.draft_ids = self.drafter.draft_to_target.clone()
+        self.draft_index = target_index(self.draft_ids, self.drafter.config.vocab_size)
+        self.store = open_store(cfg.serving_drafters, target_model_id=Path(cfg.target).name)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self.drafter.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
+        )
+        if cfg.resume:
+            self._load_checkpoint(cfg.resume)
+        self.model = self.drafter
+        if self.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(self.drafter, broadcast_buffers=False)
+        self.mlflow_run = self._start_mlflow() if cfg.mlflow.enabled and self.rank == 0 else None
+
+    def _init_drafter(self) -> Eagle3Drafter:
+        cfg = self.cfg
+        if cfg.init.from_dir:
+            return Eagle3Drafter.from_pretrained(cfg.init.from_dir).train()
+        vocab = self.target.config["vocab_size"]
+        size = min(cfg.init.draft_vocab_size or vocab, vocab)
+        drafter = Eagle3Drafter(Eagle3Config.from_target(self.target.config, size))
+        if size < vocab:
+            # every rank computes the same counts from the same train window, so vocabularies agree
+            drafter.set_vocab(top_token_ids(self.reader.token_counts(vocab, end=self.cutoff), size))
+        return drafter.train()
+
+    def _start_mlflow(self):
+        import mlflow
+
+        m = self.cfg.mlflow
+        mlflow.set_tracking_uri(m.tracking_uri)
+        mlflow.set_experiment(m.experiment)
+        run = mlflow.start_run(run_name=m.run_name or self.cfg.name)
+        flat = _flatten(self.cfg.model_dump(mode="json"))
+        flat |= {f"window.{k}": v for k, v in self.provenance()["window"].items()}
+        mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+        mlflow.set_tags({"git_sha": git_sha() or "unknown", "world_size": str(self.world)})
+        return run
+
+    # -- data ---------------------------------------------------------------------------------------
+    def train_packs(self) -> Iterator[list]:
+        """Endless stream of this rank's packs over the train part of the window, reshuffled per epoch."""
+        d = self.cfg.data
+        for epoch in itertools.count():
+            rng = random.Random(self.cfg.init.seed * 1_000_003 + epoch)
+            seqs = shuffled(self.reader.sequences(end=self.cutoff), d.shuffle_buffer, rng)
+            mine = itertools.islice(packs(seqs, d.pack_tokens, d.max_seq_len), self.rank, None, self.world)
+            got = False
+            for pack in mine:
+                got = True
+                yield pack
+            if not got:
+                raise RuntimeError(
+                    f"rank {self.rank}: the train window has no pack for this rank (epoch {epoch})"
+                )
+
+    def make_batch(self, pf: PackFeatures, logits: list[torch.Tensor]) -> tuple[UnrollBatch, torch.Tensor]:
+        S = len(logits)
+        mask = unroll_mask(pf, S, self.cfg.data.train_on_prompt)
+        rejected, rejected_mask = regenerate_rejected(pf, S, self.store, self.draft_index)
+        batch = UnrollBatch(
+            draft_logits=torch.stack([lg[0] for lg in logits]),
+            target_logp=shifted(pf.feats.logp, S),
+            mask=mask,
+            rejected=rejected,
+            rejected_mask=rejected_mask & mask,
+            weight=position_weights(pf, self.versions, self.cfg.staleness_half_life),
+        )
+        return batch, shifted(pf.feats.argmax, S)
+
+    # -- train --------------------------------------------------------------------------------------
+    def train_step(self, pf: PackFeatures) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            logits = self.model(*drafter_inputs(pf), steps=cfg.ttt_steps)
+        batch, argmax_next = self.make_batch(pf, logits)
+        loss, parts = mix_losses(
+            batch,
+            {k: v.weight for k, v in cfg.losses.items()},
+            {k: v.step_decay for k, v in cfg.losses.items()},
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), cfg.optim.grad_clip or float("inf"))
+        for g in self.optimizer.param_groups:
+            g["lr"] = learning_rate(cfg, self.step)
+        self.optimizer.step()
+        acc = accuracy_by_step(batch.draft_logits.detach(), self.draft_ids, argmax_next, batch.mask)
+        metrics = {
+            "loss": float(loss.detach()),
+            **{f"loss.{k}": v for k, v in parts.items()},
+            **{f"acc.step{i}": float(a) for i, a in enumerate(acc)},
+            "sim_accept_len": float(torch.cumprod(acc, 0).sum()),
+            "grad_norm": float(gnorm),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "tokens": pf.num_slots,
+            "drafter_s": time.perf_counter() - t0,
+            "rejected_proposals": int(batch.rejected_mask.sum()),
+            # target mass the pruned draft vocabulary can reach (1.0 without pruning)
+            "draft_vocab_mass": float(batch.target_logp[0][batch.mask[0]].exp().sum(-1).mean()),
+        }
+        return metrics
+
+    def train(self) -> list[dict]:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        cfg = self.cfg
+        stream = self.train_packs()
+        for _ in range(self.step):  # a resumed run continues the data order where it stopped
+            next(stream)
+        console = Console(stderr=True)
+        columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+        with Progress(
+            *columns, TextColumn("{task.fields[info]}"), console=console, disable=self.rank != 0
+        ) as bar:
+            task = bar.add_task("train", total=cfg.max_steps, completed=self.step, info="")
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                pf = pack_features(self.target, next(stream), self.draft_ids)
+                target_s = time.perf_counter() - t0
+                m = self.train_step(pf) | {"target_s": target_s}
+                m["tokens_per_s"] = m["tokens"] / (time.perf_counter() - t0)
+                self.step += 1
+                self.history.append({"step": self.step, **m})
+                info = f"loss {m['loss']:.3f} acc0 {m['acc.step0']:.2f} {m['tokens_per_s']:.0f} tok/s"
+                bar.update(task, advance=1, info=info)
+                if self.rank == 0 and not console.is_terminal and self.step % max(10, cfg.log_every) == 0:
+                    console.print(f"step {self.step}/{cfg.max_steps} {info}")  # plain lines for job logs
+                self._log_step(m)
+        self.replica_digests = self.gather_replica_digests()
+        self.save_checkpoint()
+        drafter_dir = self.export()
+        if self.rank == 0 and cfg.eval.replay_at_end and self.cutoff is not None:
+            self.final_replay = self.replay_heldout()
+        if self.mlflow_run and drafter_dir is not None:
+            import mlflow
+
+            mlflow.log_artifacts(str(drafter_dir), artifact_path="drafter")
+        return self.history
+
+    def _log_step(self, m: dict) -> None:
+        cfg = self.cfg
+        if self.mlflow_run and self.step % cfg.log_every == 0:  # rank 0 only
+            import mlflow
+
+            mlflow.log_metrics(m, step=self.step)
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
+            self.save_checkpoint()
+
+    def replay_heldout(self):
+        from trainer.replay_eval import replay_sequences
+
+        seqs = itertools.islice(self.reader.sequences(start=self.cutoff), self.cfg.eval.max_sequences)
+        report = replay_sequences(self.drafter.eval(), self.target, seqs, self.cfg.eval.num_spec_tokens)
+        self.drafter.train()
+        if self.mlflow_run:
+            import mlflow
+
+            mlflow.log_metrics(report.metrics(), step=self.step)
+        return report
+
+    def gather_replica_digests(self) -> list[str]:
+        """sha256 of every rank's weights (DDP replicas must be bit-identical); recorded in the checkpoint."""
+        digest = weights_digest(self.drafter)
+        if self.world == 1:
+            return [digest]
+        out: list = [None] * self.world
+        torch.distributed.all_gather_object(out, digest)
+        if len(set(out)) != 1:
+            raise RuntimeError(f"DDP replicas diverged: {out}")
+        return out
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def provenance(self) -> dict:
+        return {
+            "window": self.reader.provenance()
+            | {"holdout_cutoff": self.cutoff.isoformat() if self.cutoff else None},
+            "git_sha": git_sha(),
+            "argv": self.argv,
+            "recipe": self.cfg.model_dump(mode="json"),
+            "world_size": self.world,
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        path = self.out_dir / "checkpoints" / f"step_{self.step:06d}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model_config": asdict(self.drafter.config),
+            "model": self.drafter.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "replica_digests": getattr(self, "replica_digests", None),
+            **self.provenance(),
+        }
+        torch.save(state, path)
+        return path
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.drafter.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+
+    def export(self) -> Path | None:
+        """The drafter in vLLM's eagle3 format under ``output_dir/drafter`` (rank 0)."""
+        if self.rank != 0:
+            return None
+        meta = {"name": self.cfg.name, "step": self.step, "parent": str(self.cfg.init.from_dir or "scratch")}
+        return self.drafter.save_pretrained(self.out_dir / "drafter", extra=meta | self.provenance())
+
+    def cleanup(self) -> None:
+        """End the MLflow run (``mlflow_run`` stays readable: callers register its artifacts) and DDP."""
+        if self.mlflow_run is not None and not getattr(self, "_mlflow_ended", False):
+            import mlflow
+
+            mlflow.end_run()
+            self._mlflow_ended = True
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def learning_rate(cfg: TrainRecipeConfig, step: int) -> float:
+    """Linear warmup to ``lr``, then constant or cosine down to ``min_lr_ratio * lr`` at ``max_steps``."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    frac = (step - o.warmup_steps) / max(1, cfg.max_steps - o.warmup_steps)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out |= _flatten(v, key + ".")
+        else:
+            out[key] = v
+    return out
+
+
+def run_recipe(cfg: TrainRecipeConfig, argv: list[str] | None = None) -> DrafterTrainingRecipe:
+    recipe = DrafterTrainingRecipe(cfg, argv)
+    recipe.setup()
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    return recipe
+
+
+def main(argv: list[str] | None = None) -> None:
+    """torchrun entry: ``torchrun --nproc-per-node 2 -m trainer.train_loop RECIPE.yaml [key=value ...]``."""
+    from trainer.recipes import load_recipe
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    run_recipe(load_recipe(args[0], args[1:]), argv=sys.argv)
+
+
+if __name__ == "__main__":
+    main()
