@@ -209,6 +209,9 @@ class CycleSettings(BaseSettings):
     eval_rounds: int = Field(2, description="served benchmark rounds per concurrency level")
     eval_concurrencies: list[int] = Field([1, 4], description="concurrency levels; the first decides")
     eval_max_tokens: int = Field(96, description="max tokens per evaluation request")
+    eval_ports: tuple[int, int] = Field(
+        (8031, 8032), description="loopback ports of the evaluation servers (no speculation, drafter)"
+    )
     gate_min_speedup: float = Field(1.0, description="absolute floor on measured speedup")
     gate_margin: float = Field(
         0.02, description="challenger must beat the champion's speedup by this fraction"

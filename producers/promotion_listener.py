@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -55,11 +56,20 @@ def resolve_drafter_uri(uri: str, cache_dir: Path) -> str:
 
     dst = cache_dir / uuid.uuid5(uuid.NAMESPACE_URL, uri).hex
     if not dst.exists():
+        tracking = MlflowSettings().tracking_uri
+        source = uri
+        if uri.startswith("models:/"):  # resolved by our server's registry, not the process default one
+            from mlflow import MlflowClient
+
+            name, _, version = uri[len("models:/") :].partition("/")
+            client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+            source = client.get_model_version_download_uri(name, version)
         tmp = dst.with_name(f"{dst.name}.partial-{os.getpid()}")
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(tmp), tracking_uri=MlflowSettings().tracking_uri
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking
         )
-        tmp.rename(dst)
+        Path(local).rename(dst)  # a directory source lands as tmp/<its name>
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(dst)
 
 

