@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -168,6 +169,63 @@ def prompts(
             console.print(p.text, markup=False)
     except ValueError as e:
         _fail(str(e))
+
+
+@app.command("demo")
+def demo(
+    quick: Annotated[
+        bool, typer.Option(help="every stage, smaller: fewer requests and train steps, 1 cycle per phase")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="report directory")] = Path("demo-report"),
+    train_steps: Annotated[
+        int | None, typer.Option(help="override the plan's optimizer steps per flywheel cycle")
+    ] = None,
+    requests: Annotated[
+        int | None, typer.Option(help="override the first traffic segment of each phase (later: half)")
+    ] = None,
+) -> None:
+    """The whole flywheel end to end on the local stack, with a measured report in --out.
+
+    Stack up, flywheel server (random EAGLE-3 head, capture on, follows promotions), code traffic,
+    continuous ingest, `drafter_flywheel` cycles through Airflow (train, served evaluation, gate, promote,
+    hot-swap), a static drafter trained once on code as the baseline, an abrupt shift to prose through both,
+    and report.md / report.json / PNG plots. ~45 min on 2 cores (--quick: under 15).
+    """
+    import json
+
+    from flywheel.demo import main as run_demo
+
+    try:
+        report = run_demo(quick, out.resolve(), console, train_steps=train_steps, requests=requests)
+    except Exception as e:  # the stage board already shows which stage failed
+        _fail(f"demo stopped: {e}")
+    keys = ("tau_before_shift", "tau_after_shift_static", "tau_after_shift_flywheel", "recovery_requests")
+    keys += ("speedup_champion", "promotions", "rejections")
+    console.print_json(json.dumps({k: report[k] for k in keys} | {"verdict": report["verdict"]}))
+    console.print(f"report: [bold]{out.resolve() / 'report.md'}[/] (+ report.json, PNG plots)")
+
+
+@bench_app.command("all")
+def bench_all(
+    json_path: Annotated[Path, typer.Option("--json", help="write the gathered JSON here")],
+    quick: Annotated[bool, typer.Option(help="smaller sizes for every benchmark")] = False,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="capture | ingest | train (repeatable)")
+    ] = None,
+) -> None:
+    """Every benchmark (capture, ingest, train), each in its own process, gathered into one JSON with the
+    ARCHITECTURE.md definitions. Exit 1 if any benchmark failed (its error is in the JSON)."""
+    import bench
+    from bench.all import run
+
+    err = Console(stderr=True)
+    try:
+        result = run(only=only, quick=quick, on_start=lambda name: err.print(f"running bench {name}..."))
+    except ValueError as e:
+        _fail(str(e))
+    bench.emit("all", result, json_path)
+    if result["failed"]:
+        raise typer.Exit(1)
 
 
 def _register_stage_commands() -> None:

@@ -1,0 +1,266 @@
+"""The demo's figures: tau series, recovery after the shift, report.json / report.md / plots.
+
+Pure functions over per-request ``per_step_accepted`` lists (what vLLM returns with each response), so the
+numbers in the report can be recomputed from ``requests.jsonl`` and are unit-tested. Definitions follow
+ARCHITECTURE.md: tau = 1 + mean accepted draft tokens per verify step, pooled over the verify steps of the
+requests considered (a long request weighs more than a short one, as in the served benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPORT_KEYS = (
+    "tau_before_shift",
+    "tau_after_shift_static",
+    "tau_after_shift_flywheel",
+    "recovery_requests",
+    "speedup_champion",
+    "trace_bytes_per_token",
+    "hidden_state_bytes_per_token",
+    "promotions",
+    "rejections",
+    "stage_seconds",
+)
+TARGETS = {
+    "flywheel_vs_static": 1.15,  # tau_after_shift_flywheel >= 1.15 x tau_after_shift_static
+    "recovery_requests": 2000,  # <= this many requests after the shift
+    "speedup_champion": 1.3,  # measured, batch 1
+}
+
+
+def pooled_tau(requests: Sequence[Sequence[int]]) -> float | None:
+    """tau over every verify step of ``requests`` (None when they hold no verify step)."""
+    steps = [a for r in requests for a in r]
+    return 1.0 + sum(steps) / len(steps) if steps else None
+
+
+def rolling_tau(requests: Sequence[Sequence[int]], window: int) -> list[float | None]:
+    """tau over the trailing ``window`` requests, at every request (fewer at the start)."""
+    if window < 1:
+        raise ValueError("window must be >= 1")
+    accepted = steps = 0
+    out: list[float | None] = []
+    for i, r in enumerate(requests):
+        accepted, steps = accepted + sum(r), steps + len(r)
+        if i >= window:
+            old = requests[i - window]
+            accepted, steps = accepted - sum(old), steps - len(old)
+        out.append(1.0 + accepted / steps if steps else None)
+    return out
+
+
+def recovery_requests(
+    after_shift: Sequence[Sequence[int]], tau_before: float | None, window: int, fraction: float = 0.9
+) -> int | None:
+    """Requests after the shift until the trailing-``window`` tau reaches ``fraction`` x ``tau_before``.
+
+    Counted up to and including the request that completes the first full window at or above the bar;
+    None when that never happens (or there is no pre-shift tau).
+    """
+    if tau_before is None:
+        return None
+    bar = fraction * tau_before
+    for i, tau in enumerate(rolling_tau(after_shift, window)):
+        if i + 1 >= window and tau is not None and tau >= bar:
+            return i + 1
+    return None
+
+
+@dataclass
+class RequestRecord:
+    """One served demo request: which server, phase and drafter version; what vLLM reported."""
+
+    server: str  # "flywheel" | "static"
+    phase: str  # "A" (before the shift) | "B" (after)
+    domain: str
+    index: int  # position in the server's own request sequence
+    per_step_accepted: list[int]
+    output_tokens: int
+    latency_s: float
+    drafter_version: str | None = None
+    ok: bool = True
+
+
+@dataclass
+class DemoSeries:
+    records: list[RequestRecord] = field(default_factory=list)
+
+    def of(self, server: str, phase: str | None = None) -> list[RequestRecord]:
+        """Successful requests of ``server`` (in one phase, or all)."""
+        return [r for r in self.records if r.ok and r.server == server and phase in (None, r.phase)]
+
+    def steps(self, server: str, phase: str | None = None) -> list[list[int]]:
+        return [r.per_step_accepted for r in self.of(server, phase)]
+
+
+def tail(requests: Sequence[Sequence[int]], n: int) -> Sequence[Sequence[int]]:
+    return requests[-n:] if n > 0 else requests
+
+
+def compute_figures(series: DemoSeries, last_n: int, window: int) -> dict[str, Any]:
+    """The tau keys of report.json from the request series (last ``last_n`` requests of each phase)."""
+    before = pooled_tau(tail(series.steps("flywheel", "A"), last_n))
+    after_f = series.steps("flywheel", "B")
+    return {
+        "tau_before_shift": before,
+        "tau_after_shift_static": pooled_tau(tail(series.steps("static", "B"), last_n)),
+        "tau_after_shift_flywheel": pooled_tau(tail(after_f, last_n)),
+        "recovery_requests": recovery_requests(after_f, before, window),
+    }
+
+
+def verdict(report: dict[str, Any]) -> dict[str, Any]:
+    """Which report targets were met (None where a figure is missing)."""
+    f, s = report.get("tau_after_shift_flywheel"), report.get("tau_after_shift_static")
+    bar = TARGETS["flywheel_vs_static"]
+    rec, sp = report.get("recovery_requests"), report.get("speedup_champion")
+    return {
+        "flywheel_beats_static": None if f is None or s is None else f > s,
+        "flywheel_vs_static_ratio": None if f is None or not s else f / s,
+        "flywheel_vs_static_target_met": None if f is None or not s else f >= bar * s,
+        "recovery_target_met": None if rec is None else rec <= TARGETS["recovery_requests"],
+        "speedup_target_met": None if sp is None else sp >= TARGETS["speedup_champion"],
+    }
+
+
+# --- outputs -------------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    path.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return str(v)
+
+
+def plot_tau(series: DemoSeries, window: int, promotions: list[dict[str, Any]], path: Path) -> None:
+    """Rolling tau of the flywheel and the static server over their requests; shift and swaps marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    shift_at = len(series.of("flywheel", "A"))
+    for server, color in (("flywheel", "tab:blue"), ("static", "tab:orange")):
+        recs = series.of(server)
+        if not recs:
+            continue
+        offset = 0 if server == "flywheel" else shift_at  # static serves from the shift on
+        xs = [offset + i + 1 for i in range(len(recs))]
+        ys = rolling_tau([r.per_step_accepted for r in recs], window)
+        ax.plot(xs, [float("nan") if y is None else y for y in ys], color=color, label=f"{server} server")
+    ax.axvline(shift_at + 0.5, color="black", linestyle="--", label="domain shift (code -> prose)")
+    for i, p in enumerate(promotions):
+        if p.get("at_request") is not None:
+            ax.axvline(
+                p["at_request"] + 0.5,
+                color="tab:green",
+                linestyle=":",
+                label="promotion hot-swapped" if i == 0 else None,
+            )
+    ax.set_xlabel("request (flywheel server's sequence)")
+    ax.set_ylabel(f"tau, rolling over {window} requests")
+    ax.set_title("Acceptance length tau per request: flywheel vs static drafter")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_speedups(evaluations: list[dict[str, Any]], path: Path) -> None:
+    """Measured batch-1 speedup of every evaluated challenger (and the champion it was measured against)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [f"v{e['version']}\n({e['decision']})" for e in evaluations]
+    values = [e.get("speedup") or 0.0 for e in evaluations]
+    colors = ["tab:green" if e["decision"] == "promote" else "tab:red" for e in evaluations]
+    ax.bar(labels, values, color=colors)
+    ax.axhline(1.0, color="black", linewidth=0.8, label="no speculation")
+    ax.axhline(TARGETS["speedup_champion"], color="gray", linestyle="--", label="target 1.3x")
+    ax.set_ylabel("measured speedup vs no speculation (batch 1)")
+    ax.set_title("Served evaluation of each challenger")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def render_markdown(report: dict[str, Any], context: dict[str, Any]) -> str:
+    """report.md: the figures, the verdict against the targets, the timeline and the honest why."""
+    v = report["verdict"]
+    lines = [
+        "# spec-flywheel demo report",
+        "",
+        f"Mode: **{context['mode']}**. Target {context['target']}, EAGLE-3 drafter, K={context['k']}, "
+        f"greedy. Finished {context['finished_at']}. Definitions: ARCHITECTURE.md.",
+        "",
+        "## Figures",
+        "",
+        "| key | value | target |",
+        "|---|---|---|",
+        f"| tau_before_shift (flywheel, last {context['last_n']} code requests) | "
+        f"{_fmt(report['tau_before_shift'])} | |",
+        f"| tau_after_shift_static (last {context['last_n']} prose requests) | "
+        f"{_fmt(report['tau_after_shift_static'])} | |",
+        f"| tau_after_shift_flywheel (last {context['last_n']} prose requests) | "
+        f"{_fmt(report['tau_after_shift_flywheel'])} | >= 1.15 x static |",
+        f"| recovery_requests (rolling {context['window']}, 90 % of pre-shift tau) | "
+        f"{_fmt(report['recovery_requests'])} | <= 2000 |",
+        f"| speedup_champion (measured, batch 1) | {_fmt(report['speedup_champion'])} | >= 1.3 |",
+        f"| trace_bytes_per_token | {_fmt(report['trace_bytes_per_token'], 2)} | |",
+        f"| hidden_state_bytes_per_token | {_fmt(report['hidden_state_bytes_per_token'], 0)} | |",
+        f"| promotions | {report['promotions']} | |",
+        f"| rejections | {report['rejections']} | |",
+        "",
+        "## Verdict",
+        "",
+        f"- Flywheel beats static after the shift: **{_fmt(v['flywheel_beats_static'])}** "
+        f"(ratio {_fmt(v['flywheel_vs_static_ratio'])}; target >= 1.15 met: "
+        f"{_fmt(v['flywheel_vs_static_target_met'])})",
+        f"- Recovery target met: {_fmt(v['recovery_target_met'])}",
+        f"- Speedup target met: {_fmt(v['speedup_target_met'])}",
+        "",
+        "![rolling tau](tau_over_requests.png)",
+        "",
+        "![speedups](speedups.png)",
+        "",
+        "## Flywheel cycles (Airflow `drafter_flywheel` runs)",
+        "",
+        "| run | phase | state | window rows | challenger | speedup | tau | decision | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in context["cycles"]:
+        lines.append(
+            f"| {c['run_id']} | {c['phase']} | {c['state']} | {_fmt(c.get('window_rows'))} | "
+            f"{_fmt(c.get('version'))} | {_fmt(c.get('speedup'))} | {_fmt(c.get('tau'))} | "
+            f"{_fmt(c.get('decision'))} | {_fmt(c.get('seconds'), 0)} |"
+        )
+    lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {secs:.1f} |" for name, secs in report["stage_seconds"].items()]
+    lines += ["", "## Why these numbers", ""]
+    lines += [f"- {note}" for note in context["notes"]]
+    lines += ["", "## Settings", "", "```json", json.dumps(context["settings"], indent=2), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""The demo report's figures, from hand-computed per-request per_step_accepted lists."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flywheel import demo_report as rep
+
+
+def test_pooled_tau_weighs_every_verify_step():
+    # 3 + 0 + 1 accepted over 3 steps -> 1 + 4/3
+    assert rep.pooled_tau([[3, 0], [1]]) == pytest.approx(1 + 4 / 3)
+    assert rep.pooled_tau([[], []]) is None
+    assert rep.pooled_tau([]) is None
+
+
+def test_rolling_tau_uses_the_trailing_window_of_requests():
+    requests = [[0, 0], [2], [], [3, 3]]
+    assert rep.rolling_tau(requests, 2) == pytest.approx([1.0, 1 + 2 / 3, 3.0, 4.0])
+    assert rep.rolling_tau([[], [1]], 1) == [None, 2.0]
+    with pytest.raises(ValueError):
+        rep.rolling_tau(requests, 0)
+
+
+@pytest.mark.parametrize(
+    ("after", "before", "window", "expected"),
+    [
+        ([[0], [0], [1], [1], [1]], 2.0, 2, 4),  # bar 1.8: window [1],[1] completes at request 4
+        ([[1], [0], [0]], 2.0, 1, 1),  # a full window of one request reaches the bar at once
+        ([[1], [1]], 2.0, 3, None),  # never a full window
+        ([[0], [0], [0]], 2.0, 1, None),  # never reaches 90 %
+        ([[1]], None, 1, None),  # no pre-shift tau: no recovery figure
+        ([[0, 1], [1, 1]], 1.8, 2, 2),  # bar 1.62; pooled 1 + 3/4 = 1.75 over the first full window
+    ],
+)
+def test_recovery_requests(after, before, window, expected):
+    assert rep.recovery_requests(after, before, window) == expected
+
+
+def _series() -> rep.DemoSeries:
+    s = rep.DemoSeries()
+    for i, steps in enumerate([[0, 0], [1, 1], [2, 2], [2, 2]]):  # flywheel before the shift
+        s.records.append(rep.RequestRecord("flywheel", "A", "code", i, steps, 8, 0.1))
+    for i, steps in enumerate([[0, 0], [0, 1], [2, 1], [2, 2]]):  # flywheel after
+        s.records.append(rep.RequestRecord("flywheel", "B", "prose", 4 + i, steps, 8, 0.1))
+    for i, steps in enumerate([[1, 0], [0, 0], [1, 0], [0, 1]]):  # static after
+        s.records.append(rep.RequestRecord("static", "B", "prose", i, steps, 8, 0.1))
+    s.records.append(rep.RequestRecord("static", "B", "prose", 4, [], 0, 0.1, ok=False))
+    return s
+
+
+def test_compute_figures_pools_the_last_requests_of_each_phase():
+    figures = rep.compute_figures(_series(), last_n=2, window=1)
+    assert figures["tau_before_shift"] == pytest.approx(3.0)
+    assert figures["tau_after_shift_flywheel"] == pytest.approx(1 + 7 / 4)
+    assert figures["tau_after_shift_static"] == pytest.approx(1 + 2 / 4)
+    # bar 2.7: rolling-1 taus after the shift are 1, 1.5, 2.5, 3 -> the 4th request
+    assert figures["recovery_requests"] == 4
+
+
+def test_verdict_against_the_issue_targets():
+    report = {
+        "tau_after_shift_flywheel": 2.3,
+        "tau_after_shift_static": 2.0,
+        "recovery_requests": 2500,
+        "speedup_champion": 1.31,
+    }
+    v = rep.verdict(report)
+    assert v["flywheel_beats_static"] is True
+    assert v["flywheel_vs_static_ratio"] == pytest.approx(1.15)
+    assert v["flywheel_vs_static_target_met"] is True
+    assert v["recovery_target_met"] is False and v["speedup_target_met"] is True
+    missing = rep.verdict({"tau_after_shift_flywheel": None, "tau_after_shift_static": 1.2})
+    assert set(missing.values()) == {None}
+
+
+def test_report_outputs(tmp_path):
+    series = _series()
+    report = rep.compute_figures(series, 2, 1) | {
+        "speedup_champion": None,
+        "trace_bytes_per_token": 1.5,
+        "hidden_state_bytes_per_token": 4608,
+        "promotions": 1,
+        "rejections": 0,
+        "stage_seconds": {"stack up": 3.0},
+    }
+    report["verdict"] = rep.verdict(report)
+    rep.write_json(tmp_path / "report.json", report)
+    assert set(rep.REPORT_KEYS) <= set(json.loads((tmp_path / "report.json").read_text()))
+    rep.plot_tau(series, 2, [{"version": "1", "at_request": 2}], tmp_path / "tau.png")
+    rep.plot_speedups([{"version": "1", "decision": "promote", "speedup": 1.1}], tmp_path / "s.png")
+    assert (tmp_path / "tau.png").stat().st_size > 0 and (tmp_path / "s.png").stat().st_size > 0
+    context = {
+        "mode": "quick",
+        "target": "t",
+        "k": 3,
+        "finished_at": "now",
+        "last_n": 2,
+        "window": 1,
+        "cycles": [{"run_id": "r", "phase": "A", "state": "success", "version": "1", "decision": "promote"}],
+        "notes": ["a note"],
+        "settings": {},
+    }
+    md = rep.render_markdown(report, context)
+    assert "| promotions | 1 |" in md and "a note" in md and "n/a" in md
