@@ -21,7 +21,7 @@ import httpx
 
 from flywheel.settings import LakeSettings, ServingSettings, StackSettings
 from flywheel.stack import process
-from producers.vllm_server import VllmServer, cpu_environment, serve_args
+from producers.vllm_server import VllmServer, cpu_environment, serve_args, swap_drafter
 
 DAG_ID = "drafter_flywheel"
 DONE_STATES = {"success", "failed"}
@@ -105,17 +105,8 @@ class DemoServer:
         return f"http://{self.spec.address}"
 
     def load_drafter(self, drafter: Path, label: str) -> None:
-        """Swap the drafter through vLLM's draft-weight update routes (dev mode), as served_eval does."""
-        with httpx.Client(base_url=self.url, timeout=600) as client:
-            client.post("/pause", params={"mode": "keep"}).raise_for_status()
-            try:
-                client.post("/start_draft_weight_update").raise_for_status()
-                client.post(
-                    "/update_weights", json={"update_info": {"path": str(drafter)}}
-                ).raise_for_status()
-                client.post("/finish_weight_update", json={"weight_version": label}).raise_for_status()
-            finally:
-                client.post("/resume").raise_for_status()
+        """Swap the drafter through vLLM's draft-weight update routes (dev mode)."""
+        swap_drafter(self.url, drafter, label)
 
     def weight_version(self) -> str:
         """The served drafter's version label ("initial" until the first hot-swap, as traces say)."""

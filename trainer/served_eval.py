@@ -16,12 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
 from flywheel.settings import ServingSettings, StackSettings
 from flywheel.stack import process
 from producers.traffic import Phase, replay
-from producers.vllm_server import VllmServer, cpu_environment, serve_args
+from producers.vllm_server import VllmServer, cpu_environment, serve_args, swap_drafter
 from trainer.promotion_gate import ArmMeasurement
 
 BASELINE, CHAMPION, CHALLENGER = "baseline", "champion", "challenger"
@@ -110,17 +108,7 @@ class EvalServers:
         """Swap the speculative server's drafter (vLLM draft-weight update API over HTTP)."""
         if self.loaded == label:
             return
-        url = f"http://{self.spec.address}"
-        with httpx.Client(base_url=url, timeout=600) as client:
-            client.post("/pause", params={"mode": "keep"}).raise_for_status()
-            try:
-                client.post("/start_draft_weight_update").raise_for_status()
-                client.post(
-                    "/update_weights", json={"update_info": {"path": str(drafter)}}
-                ).raise_for_status()
-                client.post("/finish_weight_update", json={"weight_version": label}).raise_for_status()
-            finally:
-                client.post("/resume").raise_for_status()
+        swap_drafter(f"http://{self.spec.address}", drafter, label)
         self.loaded = label
 
 
