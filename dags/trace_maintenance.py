@@ -1,5 +1,6 @@
 """trace_maintenance: daily retention of the `traces` table (delete expired days, compact closed hours,
-vacuum, checkpoint and trim the log). Wiring only; keyed on the run's logical date, never on now()."""
+vacuum, checkpoint and trim the log). Wiring only; keyed on the run's logical date (a manual run: its
+run_after), never on now()."""
 
 import pendulum
 from airflow.sdk import DAG, task
@@ -17,11 +18,12 @@ with DAG(
 ) as dag:
 
     @task
-    def retention(*, logical_date=None, data_interval_end=None) -> dict:
+    def retention(*, logical_date=None, data_interval_end=None, dag_run=None) -> dict:
         from consumers.retention import run_retention
         from flywheel.settings import LakeSettings
 
-        report = run_retention(LakeSettings(), data_interval_end or logical_date)
+        # a manual run has no logical date or interval (Airflow 3): it applies retention as of when it ran
+        report = run_retention(LakeSettings(), data_interval_end or logical_date or dag_run.run_after)
         return {
             "cutoff_date": str(report.plan.cutoff_date),
             "deleted_files": report.deleted_files,

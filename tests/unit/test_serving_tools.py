@@ -47,6 +47,9 @@ def test_serve_args_carry_capture_and_hot_swap_flags(tmp_path):
     assert args[args.index("--port") + 1] == "8123" and args[-1] == "--enforce-eager"
     assert "--speculative-config" not in serve_args(serving, "none", None, 3)
     assert "--weight-transfer-config" not in serve_args(serving, "ngram", None, 3)
+    for eager in (True, False):  # FLYWHEEL_SERVING_ENFORCE_EAGER
+        args = serve_args(serving.model_copy(update={"enforce_eager": eager}), "none", None, 3)
+        assert ("--enforce-eager" in args) == eager
     with pytest.raises(ValueError):
         speculative_config("eagle3", None, 3)
 
