@@ -100,9 +100,17 @@ FULL = DemoPlan("full", (160, 96, 96), (160, 96, 96), 96, 4, 120, 8, 2, 96, 32)
 
 
 class StageBoard:
-    """One live line per stage (spinner, progress, what it is doing, elapsed); records stage seconds."""
+    """One live line per stage (spinner, progress, what it is doing, elapsed); records stage seconds.
+
+    Without a terminal (CI, `make demo > log`) Rich draws nothing live, so stages are logged as plain lines
+    instead: start, what it is doing (at most every ``plain_every_s``), end with its duration.
+    """
+
+    plain_every_s = 15.0
 
     def __init__(self, console: Console):
+        self.console = console
+        self.plain = not console.is_terminal
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}", table_column=Column(no_wrap=True, min_width=38)),
@@ -118,26 +126,44 @@ class StageBoard:
     def stage(self, name: str, total: int | None = None):
         task = self.progress.add_task(name, total=total, info="")
         started = time.monotonic()
-        handle = _StageHandle(self.progress, task)
+        handle = _StageHandle(self.progress, task, self._plain_logger(name) if self.plain else None)
+        if self.plain:
+            self.console.print(f"▶ {name}", highlight=False)
         try:
             yield handle
         except BaseException:
             self.progress.update(task, description=f"[red]✗ {name}")
             self.progress.stop_task(task)
             self.seconds[name] = time.monotonic() - started
+            if self.plain:
+                self.console.print(f"✗ {name} after {self.seconds[name]:.0f}s", highlight=False)
             raise
         self.seconds[name] = time.monotonic() - started
+        if self.plain:
+            self.console.print(f"✓ {name} in {self.seconds[name]:.0f}s", highlight=False)
         done = total if total is not None else 1
         self.progress.update(task, description=f"[green]✓ {name}", total=done, completed=done)
         self.progress.stop_task(task)
 
+    def _plain_logger(self, name: str):
+        last = {"at": 0.0, "text": ""}
+
+        def log(text: str) -> None:
+            if text != last["text"] and time.monotonic() - last["at"] >= self.plain_every_s:
+                self.console.print(f"  {name}: {text}", highlight=False, markup=False)
+                last.update(at=time.monotonic(), text=text)
+
+        return log
+
 
 class _StageHandle:
-    def __init__(self, progress: Progress, task):
-        self.progress, self.task = progress, task
+    def __init__(self, progress: Progress, task, plain_log=None):
+        self.progress, self.task, self.plain_log = progress, task, plain_log
 
     def info(self, text: str) -> None:
         self.progress.update(self.task, info=text)
+        if self.plain_log is not None:
+            self.plain_log(text)
 
     def advance(self, n: int = 1) -> None:
         self.progress.advance(self.task, n)

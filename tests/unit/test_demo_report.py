@@ -105,3 +105,24 @@ def test_report_outputs(tmp_path):
     }
     md = rep.render_markdown(report, context)
     assert "| promotions | 1 |" in md and "a note" in md and "n/a" in md
+
+
+def test_stage_board_logs_plain_lines_without_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from flywheel.demo import StageBoard
+
+    out = io.StringIO()
+    board = StageBoard(Console(file=out, force_terminal=False, width=120))
+    board.plain_every_s = 0.0
+    with board.stage("phase A", total=2) as st:
+        st.info("12/32 requests [x]")
+        st.info("12/32 requests [x]")  # unchanged: not repeated
+    with pytest.raises(RuntimeError), board.stage("cycle A1"):
+        raise RuntimeError("boom")
+    lines = out.getvalue().splitlines()
+    assert lines[:2] == ["▶ phase A", "  phase A: 12/32 requests [x]"]
+    assert lines[2].startswith("✓ phase A in ") and lines[3] == "▶ cycle A1"
+    assert lines[4].startswith("✗ cycle A1 after ") and set(board.seconds) == {"phase A", "cycle A1"}
