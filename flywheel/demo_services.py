@@ -43,6 +43,10 @@ class AirflowClient:
             raise RuntimeError(f"Airflow API {resp.request.method} {resp.request.url}: {resp.text[:500]}")
         return resp.json() if resp.content else None
 
+    def get(self, path: str) -> Any:
+        """Any GET of the REST API (``/api/v2/...``), raising with Airflow's message on an error."""
+        return self._ok(self.http.get(path))
+
     def is_paused(self, dag_id: str) -> bool:
         return bool(self._ok(self.http.get(f"/api/v2/dags/{dag_id}"))["is_paused"])
 

@@ -41,9 +41,9 @@ def test_every_dag_parses_without_import_errors(airflow):
     _, client = airflow
     for dag_id in DAG_IDS:
         client.wait_dag_parsed(dag_id, timeout_s=240)
-    errors = client._ok(client.http.get("/api/v2/importErrors"))
+    errors = client.get("/api/v2/importErrors")
     assert errors["total_entries"] == 0, errors["import_errors"]
-    pools = client._ok(client.http.get("/api/v2/pools/training"))
+    pools = client.get("/api/v2/pools/training")
     assert pools["slots"] == 1  # drafter fine-tunes are serialised
 
 
@@ -66,7 +66,7 @@ def test_triggered_maintenance_run_applies_retention(airflow):
     assert state == "success", client.task_states("trace_maintenance", run_id)
 
     # unpausing also lets the scheduler start today's scheduled run: whichever ran first deleted the day
-    runs = client._ok(client.http.get("/api/v2/dags/trace_maintenance/dagRuns"))["dag_runs"]
+    runs = client.get("/api/v2/dags/trace_maintenance/dagRuns")["dag_runs"]
     reports = [client.xcom("trace_maintenance", r["dag_run_id"], "retention") for r in runs]
     assert sum(r["deleted_files"] for r in reports if r) >= 1, reports
     report = client.xcom("trace_maintenance", run_id, "retention")
