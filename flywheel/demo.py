@@ -126,7 +126,9 @@ class StageBoard:
     def stage(self, name: str, total: int | None = None):
         task = self.progress.add_task(name, total=total, info="")
         started = time.monotonic()
-        handle = _StageHandle(self.progress, task, self._plain_logger(name) if self.plain else None)
+        handle = _StageHandle(
+            self.progress, task, name, self.console if self.plain else None, self.plain_every_s
+        )
         if self.plain:
             self.console.print(f"▶ {name}", highlight=False)
         try:
@@ -145,25 +147,25 @@ class StageBoard:
         self.progress.update(task, description=f"[green]✓ {name}", total=done, completed=done)
         self.progress.stop_task(task)
 
-    def _plain_logger(self, name: str):
-        last = {"at": 0.0, "text": ""}
-
-        def log(text: str) -> None:
-            if text != last["text"] and time.monotonic() - last["at"] >= self.plain_every_s:
-                self.console.print(f"  {name}: {text}", highlight=False, markup=False)
-                last.update(at=time.monotonic(), text=text)
-
-        return log
-
 
 class _StageHandle:
-    def __init__(self, progress: Progress, task, plain_log=None):
-        self.progress, self.task, self.plain_log = progress, task, plain_log
+    """What a stage reports; with ``plain_console`` set, changed info is also printed (throttled)."""
+
+    def __init__(self, progress: Progress, task, name: str, plain_console: Console | None, every_s: float):
+        self.progress, self.task, self.name = progress, task, name
+        self.plain_console, self.every_s = plain_console, every_s
+        self._printed, self._printed_at = "", float("-inf")
 
     def info(self, text: str) -> None:
         self.progress.update(self.task, info=text)
-        if self.plain_log is not None:
-            self.plain_log(text)
+        now = time.monotonic()
+        if (
+            self.plain_console is not None
+            and text != self._printed
+            and now - self._printed_at >= self.every_s
+        ):
+            self.plain_console.print(f"  {self.name}: {text}", highlight=False, markup=False)
+            self._printed, self._printed_at = text, now
 
     def advance(self, n: int = 1) -> None:
         self.progress.advance(self.task, n)

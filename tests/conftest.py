@@ -39,6 +39,12 @@ def local_stack(stack_settings: StackSettings) -> Iterator[StackSettings]:
 
 
 @pytest.fixture(scope="session")
+def session_services() -> tuple[str, ...]:
+    """The services ``local_stack`` brings up for the whole session."""
+    return SESSION_SERVICES
+
+
+@pytest.fixture(scope="session")
 def kafka_settings(local_stack: StackSettings) -> KafkaSettings:
     return KafkaSettings(bootstrap_servers=f"{local_stack.host}:{local_stack.kafka_port}")
 

@@ -12,7 +12,6 @@ from flywheel import stack
 from flywheel.stack import process
 
 pytestmark = pytest.mark.integration
-SESSION_SERVICES = ("kafka", "mlflow")  # what the session's local_stack fixture brings up
 
 
 def _consume_all(kafka_settings, topic: str, expected: int, timeout_s: float = 30.0) -> list[bytes]:
@@ -54,9 +53,9 @@ def test_status_reports_both_services_healthy(local_stack):
     )
 
 
-def test_up_is_idempotent(local_stack):
-    pids = {r.name: r.pid for r in stack.status(local_stack) if r.name in SESSION_SERVICES}
-    again = {r.name: r.pid for r in stack.up(local_stack, only=list(SESSION_SERVICES))}
+def test_up_is_idempotent(local_stack, session_services):
+    pids = {r.name: r.pid for r in stack.status(local_stack) if r.name in session_services}
+    again = {r.name: r.pid for r in stack.up(local_stack, only=list(session_services))}
     assert again == pids and all(pids.values())
 
 
