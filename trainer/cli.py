@@ -23,6 +23,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.command("rollback")(rollback)
     app.command("drafters")(drafters)
     bench.command("train")(bench_train)
+    bench.command("drafters")(bench_drafters)
 
 
 def train(
@@ -127,6 +128,41 @@ def bench_train(
     from bench.train import run
 
     result = run(table=table, steps=steps, draft_vocab_size=draft_vocab_size)
+    text = json.dumps(result, indent=2)
+    print(text)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(text + "\n")
+
+
+def bench_drafters(
+    json_path: Annotated[Path, typer.Option("--json", help="write the result here")],
+    drafter: Annotated[
+        list[str], typer.Option("--drafter", help="NAME=DIR of an EAGLE-3 drafter (repeatable)")
+    ],
+    ngram: Annotated[bool, typer.Option(help="also serve an ngram arm (prompt lookup)")] = True,
+    per_domain: Annotated[int, typer.Option(help="held-out requests per domain and round")] = 6,
+    rounds: Annotated[int, typer.Option(help="rounds (arm order rotates per round)")] = 1,
+    max_tokens: Annotated[int, typer.Option(help="max tokens per response")] = 96,
+    k: Annotated[int, typer.Option("-k", "--num-spec-tokens", help="draft tokens per verify step")] = 3,
+) -> None:
+    """Served tau and speedup of EAGLE-3 drafters (and ngram) on the same held-out prompts, one run.
+
+    Starts three vLLM servers (no speculation, EAGLE-3 with the drafters swapped in by name, ngram).
+    Example: `flywheel bench drafters --json d.json --drafter random=DIR1 --drafter trained=DIR2`.
+    """
+    from bench.drafters import DraftersBenchConfig, run
+
+    named = {}
+    for item in drafter:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).is_dir():
+            _fail(f"--drafter wants NAME=DIR with an existing drafter dir, got {item!r}", 2)
+        named[name] = Path(path)
+    cfg = DraftersBenchConfig(
+        requests_per_domain=per_domain, rounds=rounds, max_tokens=max_tokens, num_spec_tokens=k
+    )
+    err = Console(stderr=True)  # progress on stderr, the JSON alone on stdout
+    result = run(named, ngram=ngram, config=cfg, on_step=lambda line: err.print(line, style="dim"))
     text = json.dumps(result, indent=2)
     print(text)
     json_path.parent.mkdir(parents=True, exist_ok=True)
