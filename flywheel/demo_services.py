@@ -68,6 +68,13 @@ class AirflowClient:
         """Mark a run failed (its running tasks are stopped), e.g. when the demo is interrupted."""
         self._ok(self.http.patch(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}", json={"state": "failed"}))
 
+    def active_runs(self, dag_id: str) -> list[str]:
+        """Ids of the DAG's queued or running runs."""
+        body = self._ok(
+            self.http.get(f"/api/v2/dags/{dag_id}/dagRuns", params={"state": ["queued", "running"]})
+        )
+        return [r["dag_run_id"] for r in body["dag_runs"]]
+
     def run_state(self, dag_id: str, run_id: str) -> str:
         return self._ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}"))["state"]
 
@@ -122,9 +129,18 @@ class DemoServer:
 
 
 def demo_server(
-    label: str, state: Path, port: int, drafter: Path, k: int, kv_gib: int, capture: bool, follow: bool
+    label: str,
+    state: Path,
+    port: int,
+    drafter: Path,
+    k: int,
+    kv_gib: int,
+    capture: bool,
+    follow: bool,
+    cpus: str = "auto",
 ) -> DemoServer:
-    """A stock `vllm serve` with our plugin: capture and promotion-following switched per server."""
+    """A stock `vllm serve` with our plugin: capture and promotion-following switched per server.
+    ``cpus``: the cores its engine's OpenMP threads are bound to (vLLM's ``auto`` takes core 0 on this box)."""
     spill = state / f"spill-{label}"
     serving = ServingSettings(port=port, spill_dir=spill, kv_cache_space_gib=kv_gib, node_id=f"demo-{label}")
     env = cpu_environment(serving) | {
@@ -134,6 +150,7 @@ def demo_server(
         "FLYWHEEL_SERVING_SPILL_DIR": str(spill),
         "FLYWHEEL_SERVING_CAPTURE_ENABLED": str(capture).lower(),
         "FLYWHEEL_SERVING_FOLLOW_PROMOTIONS": str(follow).lower(),
+        "VLLM_CPU_OMP_THREADS_BIND": cpus,
     }
     spec = VllmServer(
         StackSettings(state_dir=state / label), serving, serve_args(serving, "eagle3", drafter, k), env

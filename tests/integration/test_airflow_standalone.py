@@ -59,11 +59,13 @@ def test_triggered_maintenance_run_applies_retention(airflow):
     client.wait_dag_parsed("trace_maintenance", timeout_s=240)
     client.set_paused("trace_maintenance", False)
     run_id = client.trigger("trace_maintenance", {}, f"test-{int(time.time())}")
+    assert run_id in client.active_runs("trace_maintenance")  # what the demo checks before each cycle
     deadline = time.monotonic() + 300
     while (state := client.run_state("trace_maintenance", run_id)) not in ("success", "failed"):
         assert time.monotonic() < deadline, (state, client.task_states("trace_maintenance", run_id))
         time.sleep(2)
     assert state == "success", client.task_states("trace_maintenance", run_id)
+    assert run_id not in client.active_runs("trace_maintenance")
 
     # unpausing also lets the scheduler start today's scheduled run: whichever ran first deleted the day
     runs = client.get("/api/v2/dags/trace_maintenance/dagRuns")["dag_runs"]
