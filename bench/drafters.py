@@ -34,17 +34,15 @@ BASELINE = "baseline"
 
 
 @dataclass(frozen=True)
-class DraftersBenchConfig:
-    domains: tuple[str, ...] = ("code", "prose", "docs")
+class DraftersBenchConfig(ServedEvalConfig):
+    """The served evaluation's sizes (replayed at ``decision_concurrency``), on ports of its own, plus
+    the ngram server's."""
+
     requests_per_domain: int = 6
     rounds: int = 1
-    max_tokens: int = 96
-    num_spec_tokens: int = 3
-    concurrency: int = 1
     base_port: int = 8051
     spec_port: int = 8052
     ngram_port: int = 8053
-    seed: int = 0
 
 
 def _tau(accepted: list[int]) -> float | None:
@@ -66,10 +64,7 @@ def run(
     if not drafters:
         raise ValueError("give at least one EAGLE-3 drafter dir (name=DIR)")
     cfg = config or DraftersBenchConfig()
-    eval_cfg = ServedEvalConfig(
-        num_spec_tokens=cfg.num_spec_tokens, base_port=cfg.base_port, spec_port=cfg.spec_port
-    )
-    servers = EvalServers(eval_cfg, first_drafter=next(iter(drafters.values())))
+    servers = EvalServers(cfg, first_drafter=next(iter(drafters.values())))
     ngram_server = None
     if ngram:
         ngram_server = EvalServers._spec(
@@ -102,7 +97,7 @@ def run(
                         f"http://{server.address}",
                         servers.model,
                         phases,
-                        concurrency=cfg.concurrency,
+                        concurrency=cfg.decision_concurrency,
                         max_tokens=cfg.max_tokens,
                         subset="heldout",
                         seed=cfg.seed,
