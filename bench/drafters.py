@@ -20,6 +20,7 @@ import asyncio
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ def run(
     servers = EvalServers(cfg, first_drafter=next(iter(drafters.values())))
     ngram_server = None
     if ngram:
-        ngram_server = EvalServers._spec(
+        ngram_server = EvalServers.server(
             StackSettings().root / "eval-servers", cfg.ngram_port, NGRAM, None, cfg.num_spec_tokens
         )
     arms = [BASELINE, *drafters, *([NGRAM] if ngram else [])]
@@ -76,12 +77,11 @@ def run(
     steps: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     out_tokens: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     try:
-        from concurrent.futures import ThreadPoolExecutor
-
-        servers.start()
-        if ngram_server is not None:
-            with ThreadPoolExecutor(1) as pool:
-                pool.submit(process.start, ngram_server, 1500).result()
+        with ThreadPoolExecutor(1) as pool:  # the ngram engine starts alongside the other two
+            ngram_started = pool.submit(process.start, ngram_server, 1500) if ngram_server else None
+            servers.start()
+            if ngram_started is not None:
+                ngram_started.result()
         for r in range(cfg.rounds):
             order = arms[r % len(arms) :] + arms[: r % len(arms)]
             for arm in order:

@@ -68,7 +68,7 @@ class DemoPlan:
     k: int = 3
     kv_cache_gib: int = 1
     ingest_flush_s: float = 5.0
-    # skip vLLM's torch.compile warm-up (start ~100 s instead of ~170 s per server on 2 cores, ~12 % fewer
+    # skip vLLM's torch.compile warm-up (F started in 50-63 s instead of ~170 s on 2 cores; ~12 % fewer
     # tok/s for every arm alike, so measured speedups stay like for like)
     enforce_eager: bool = False
 

@@ -73,12 +73,13 @@ class EvalServers:
         stack = stack or StackSettings()
         state = stack.root / "eval-servers"
         self.model = ServingSettings().target_model
-        self.base = self._spec(state, config.base_port, "none", None, config.num_spec_tokens)
-        self.spec = self._spec(state, config.spec_port, "eagle3", first_drafter, config.num_spec_tokens)
+        self.base = self.server(state, config.base_port, "none", None, config.num_spec_tokens)
+        self.spec = self.server(state, config.spec_port, "eagle3", first_drafter, config.num_spec_tokens)
         self.loaded: str | None = None
 
     @staticmethod
-    def _spec(state: Path, port: int, method: str, drafter: Path | None, k: int) -> VllmServer:
+    def server(state: Path, port: int, method: str, drafter: Path | None, k: int) -> VllmServer:
+        """One evaluation server: capture and promotion-following off, weight-update routes on."""
         serving = ServingSettings(port=port, spill_dir=state / f"spill-{port}")
         env = cpu_environment(serving) | {
             "VLLM_SERVER_DEV_MODE": "1",  # the weight-update routes used to swap drafters
