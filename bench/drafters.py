@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from flywheel.settings import StackSettings
 from flywheel.stack import process
 from producers.traffic import Phase, replay
 from trainer.served_eval import EvalServers, ServedEvalConfig
@@ -68,9 +67,7 @@ def run(
     servers = EvalServers(cfg, first_drafter=next(iter(drafters.values())))
     ngram_server = None
     if ngram:
-        ngram_server = EvalServers.server(
-            StackSettings().root / "eval-servers", cfg.ngram_port, NGRAM, None, cfg.num_spec_tokens
-        )
+        ngram_server = EvalServers.server(servers.state, cfg.ngram_port, NGRAM, None, cfg.num_spec_tokens)
     arms = [BASELINE, *drafters, *([NGRAM] if ngram else [])]
     phases = [Phase(d, cfg.requests_per_domain) for d in cfg.domains]
     tps: dict[str, list[float]] = defaultdict(list)

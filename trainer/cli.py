@@ -161,12 +161,11 @@ def bench_drafters(
     cfg = DraftersBenchConfig(
         requests_per_domain=per_domain, rounds=rounds, max_tokens=max_tokens, num_spec_tokens=k
     )
+    import bench
+
     err = Console(stderr=True)  # progress on stderr, the JSON alone on stdout
     result = run(named, ngram=ngram, config=cfg, on_step=lambda line: err.print(line, style="dim"))
-    text = json.dumps(result, indent=2)
-    print(text)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(text + "\n")
+    bench.emit("drafters", result, json_path)
 
 
 # --- promotion: served evaluation, gate, registry aliases --------------------------------------------

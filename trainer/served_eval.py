@@ -71,7 +71,7 @@ class EvalServers:
 
     def __init__(self, config: ServedEvalConfig, first_drafter: Path, stack: StackSettings | None = None):
         stack = stack or StackSettings()
-        state = stack.root / "eval-servers"
+        self.state = state = stack.root / "eval-servers"
         self.model = ServingSettings().target_model
         self.base = self.server(state, config.base_port, "none", None, config.num_spec_tokens)
         self.spec = self.server(state, config.spec_port, "eagle3", first_drafter, config.num_spec_tokens)
