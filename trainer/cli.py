@@ -125,13 +125,10 @@ def bench_train(
     draft_vocab_size: Annotated[int, typer.Option(help="draft vocabulary size")] = 8192,
 ) -> None:
     """Trainer benchmark: recompute_ratio, trace vs hidden-state bytes, peak RSS for two window sizes."""
+    import bench
     from bench.train import run
 
-    result = run(table=table, steps=steps, draft_vocab_size=draft_vocab_size)
-    text = json.dumps(result, indent=2)
-    print(text)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(text + "\n")
+    bench.emit("train", run(table=table, steps=steps, draft_vocab_size=draft_vocab_size), json_path)
 
 
 def bench_drafters(

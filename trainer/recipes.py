@@ -56,6 +56,13 @@ class DataConfig(_Strict):
     shuffle_buffer: int = Field(128, description="sequences held by the streaming shuffle")
     train_on_prompt: bool = Field(False, description="also distil on prompt positions")
     target_chunk_tokens: int = Field(512, description="target forward chunk (bounds activation memory)")
+    feature_cache_gb: float = Field(
+        0.0,
+        ge=0.0,
+        description="keep up to this many GB of target features (aux + final hidden) in memory so epochs "
+        "after the first rerun only the target's LM head; 0 = recompute every epoch (memory flat in the "
+        "window's length)",
+    )
 
 
 class OptimConfig(_Strict):

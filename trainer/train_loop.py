@@ -4,7 +4,7 @@
     recipe.setup(); recipe.train(); recipe.cleanup()
 
 Each step: next pack of the streamed train window -> frozen target forward (features recomputed, never
-stored) -> TTT unroll of the drafter -> mixed loss -> AdamW with clipping. Rank r of W takes every W-th
+written to disk; ``data.feature_cache_gb`` memoises them in memory across epochs) -> TTT unroll of the drafter -> mixed loss -> AdamW with clipping. Rank r of W takes every W-th
 pack. Rank 0 shows progress, logs to MLflow, writes checkpoints (model config, step, optimizer, window,
 git SHA, argv, recipe) and exports the drafter in vLLM's eagle3 format.
 """
@@ -28,7 +28,7 @@ from trainer.drafter_store import open_store
 from trainer.eagle3_drafter import Eagle3Config, Eagle3Drafter
 from trainer.losses import UnrollBatch, mix_losses
 from trainer.recipes import TrainRecipeConfig
-from trainer.target_features import TargetModel
+from trainer.target_features import CachedTarget, TargetModel
 from trainer.trace_window import Window, WindowReader, packs, shuffled, version_order
 from trainer.unroll_batch import (
     PackFeatures,
@@ -83,6 +83,10 @@ class DrafterTrainingRecipe:
         self.cutoff = self.reader.holdout_cutoff(w.holdout_fraction)
         self.versions = version_order(self.reader)
         self.target = TargetModel(cfg.target, chunk_tokens=cfg.data.target_chunk_tokens)
+        # the train packs' feature source: the target itself, or a memo of it across epochs
+        self.features = self.target
+        if cfg.data.feature_cache_gb:
+            self.features = CachedTarget(self.target, int(cfg.data.feature_cache_gb * 2**30))
         self.drafter = self._init_drafter()
         self.draft_ids = self.drafter.draft_to_target.clone()
         self.draft_index = target_index(self.draft_ids, self.drafter.config.vocab_size)
@@ -204,9 +208,12 @@ class DrafterTrainingRecipe:
             task = bar.add_task("train", total=cfg.max_steps, completed=self.step, info="")
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
-                pf = pack_features(self.target, next(stream), self.draft_ids)
+                pf = pack_features(self.features, next(stream), self.draft_ids)
                 target_s = time.perf_counter() - t0
                 m = self.train_step(pf) | {"target_s": target_s}
+                if isinstance(self.features, CachedTarget):
+                    m["feature_cache_gb"] = self.features.nbytes / 2**30
+                    m["feature_cache_hits"] = self.features.hits
                 m["tokens_per_s"] = m["tokens"] / (time.perf_counter() - t0)
                 self.step += 1
                 self.history.append({"step": self.step, **m})

@@ -15,7 +15,7 @@ from trainer_data import (
 
 from trainer.drafter_store import DrafterStore
 from trainer.replay_eval import replay_sequences
-from trainer.target_features import TargetModel
+from trainer.target_features import CachedTarget, TargetModel
 from trainer.trace_window import Label, Window, WindowReader, version_order
 from trainer.unroll_batch import assemble, regenerate_rejected, target_index
 
@@ -99,6 +99,24 @@ def test_target_features_are_the_hidden_states_vllm_hands_eagle3(trace_table, ta
     # restricted to a draft vocabulary the mass is at most 1
     sub = target.features(ids, torch.arange(0, 49152, 7))
     assert (sub.logp.exp().sum(-1) <= 1.0 + 1e-4).all()
+
+
+def test_feature_cache_returns_the_recompute_and_respects_its_budget(trace_table, target):
+    recs = [r for r in trace_table.records if r["spec_method"] == "eagle3"][:2]
+    seqs = [torch.tensor(r["prompt_token_ids"] + r["output_token_ids"]) for r in recs]
+    draft_ids = torch.arange(0, 49152, 5)
+    per_token = 4 * 576 * target.model.dtype.itemsize  # aux (3H) + final hidden (H)
+    cache = CachedTarget(target, max_bytes=len(seqs[0]) * per_token)  # room for the first sequence only
+    assert cache.config is target.config  # the rest of the target shows through
+    fresh = [target.features(s, draft_ids) for s in seqs]
+    for _epoch in range(2):
+        for s, want in zip(seqs, fresh, strict=True):
+            got = cache.features(s, draft_ids)
+            for f in ("embeds", "aux", "logp", "argmax"):
+                assert torch.equal(getattr(got, f), getattr(want, f)), f
+    # epoch 2: the first sequence came from memory, the second (over budget) was recomputed
+    assert (cache.hits, cache.misses) == (1, 3)
+    assert cache.nbytes == len(seqs[0]) * per_token
 
 
 def test_serving_drafter_replay_reproduces_recorded_steps(trace_table, target):
