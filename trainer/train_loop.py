@@ -4,9 +4,10 @@
     recipe.setup(); recipe.train(); recipe.cleanup()
 
 Each step: next pack of the streamed train window -> frozen target forward (features recomputed, never
-written to disk; ``data.feature_cache_gb`` memoises them in memory across epochs) -> TTT unroll of the drafter -> mixed loss -> AdamW with clipping. Rank r of W takes every W-th
-pack. Rank 0 shows progress, logs to MLflow, writes checkpoints (model config, step, optimizer, window,
-git SHA, argv, recipe) and exports the drafter in vLLM's eagle3 format.
+written to disk; ``data.feature_cache_gb`` memoises them in memory across epochs) -> TTT unroll of the
+drafter -> mixed loss -> AdamW with clipping. Rank r of W takes every W-th pack. Rank 0 shows progress,
+logs to MLflow, writes checkpoints (model config, step, optimizer, window, git SHA, argv, recipe) and
+exports the drafter in vLLM's eagle3 format.
 """
 
 from __future__ import annotations
