@@ -5,7 +5,8 @@ Storyline (every number in the report is measured here, none is assumed):
    promotions) and ingest its traces into the lake continuously.
 2. Phase A: code traffic to F in segments; after each segment but the last, one `drafter_flywheel` run
    through the Airflow scheduler (window = the phase's traces) trains, evaluates, gates and promotes; F
-   hot-swaps every promoted drafter.
+   hot-swaps every promoted drafter. Each cycle continues the newest trained head (promoted or not), so
+   training accumulates across cycles while the gate decides what F serves.
 3. The static baseline S: a drafter trained once, offline, on phase A's code traces (same recipe and as
    many steps as the flywheel spent before the shift), served with capture off and no promotions.
 4. Phase B (abrupt shift to prose): the same prose prompts to F and S; the flywheel keeps cycling on the
@@ -457,12 +458,22 @@ class Demo:
         evaluation = self.airflow.xcom(svc.DAG_ID, run_id, "evaluate") or {}
         gate = self.airflow.xcom(svc.DAG_ID, run_id, "gate") or {}
         challenger = evaluation.get("challenger") or {}
+        version = gate.get("version") or evaluation.get("version")
+        parent = None
+        if version is not None:
+            from trainer.registry import DrafterRegistry
+
+            parent = DrafterRegistry(self.serving.target_model).get(version).tags.get("parent_version")
+        # steps accumulate along the lineage (CycleSettings.warm_start): the parent's plus this cycle's
+        earlier = {c["version"]: c["lineage_steps"] for c in self.cycles}
         return {
             "run_id": run_id,
             "phase": phase,
             "state": state,
             "window_rows": rows,
-            "version": gate.get("version") or evaluation.get("version"),
+            "version": version,
+            "parent": parent,
+            "lineage_steps": earlier.get(parent, 0) + self.plan.train_steps,
             "speedup": challenger.get("speedup"),
             "tau": challenger.get("tau"),
             "champion_speedup": (evaluation.get("champion") or {}).get("speedup"),
@@ -629,8 +640,9 @@ def explain(report: dict[str, Any], plan: DemoPlan) -> list[str]:
     if v["flywheel_beats_static"] is False:
         notes.append(
             "After the shift the flywheel did not beat the static drafter. With "
-            f"{plan.train_steps} training steps per cycle on 2 CPU cores the heads are undertrained; more "
-            "traffic per window, more steps per cycle (the full demo) or a GPU trainer are the fixes."
+            f"{plan.train_steps} training steps per cycle on 2 CPU cores (accumulated along the lineage: "
+            "each cycle continues the newest trained head) the heads are undertrained; more traffic per "
+            "window, more steps per cycle (the full demo) or a GPU trainer are the fixes."
         )
     elif v["flywheel_beats_static"]:
         notes.append(

@@ -249,13 +249,15 @@ def render_markdown(report: dict[str, Any], context: dict[str, Any]) -> str:
         "",
         "## Flywheel cycles (Airflow `drafter_flywheel` runs)",
         "",
-        "| run | phase | state | window rows | challenger | speedup | tau | decision | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | phase | state | window rows | challenger | trained from | steps so far | speedup | tau | "
+        "decision | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in context["cycles"]:
         lines.append(
             f"| {c['run_id']} | {c['phase']} | {c['state']} | {_fmt(c.get('window_rows'))} | "
-            f"{_fmt(c.get('version'))} | {_fmt(c.get('speedup'))} | {_fmt(c.get('tau'))} | "
+            f"{_fmt(c.get('version'))} | {_fmt(c.get('parent'))} | {_fmt(c.get('lineage_steps'))} | "
+            f"{_fmt(c.get('speedup'))} | {_fmt(c.get('tau'))} | "
             f"{_fmt(c.get('decision'))} | {_fmt(c.get('seconds'), 0)} |"
         )
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]

@@ -201,9 +201,17 @@ class CycleSettings(BaseSettings):
     )
     min_window_rows: int = Field(200, description="fewer new traces than this: no window, no run")
     eval_share: float = Field(0.1, description="domains with at least this share of the window are evaluated")
-    scratch_recipe: str = Field("trainer/recipes/scratch.yaml", description="recipe without a champion")
+    scratch_recipe: str = Field(
+        "trainer/recipes/scratch.yaml", description="recipe with nothing to start from"
+    )
     refresh_recipe: str = Field(
-        "trainer/recipes/champion_refresh.yaml", description="recipe warm-started from it"
+        "trainer/recipes/champion_refresh.yaml", description="recipe warm-started from `warm_start`'s version"
+    )
+    warm_start: Literal["lineage", "champion"] = Field(
+        "lineage",
+        description="what a cycle trains from: 'lineage' = the newest trained version, promoted or not "
+        "(training accumulates across cycles, the gate decides only what is served); 'champion' = the "
+        "serving champion (a rejected challenger's steps are discarded)",
     )
     train_max_steps: int | None = Field(None, description="override the recipe's optimizer steps")
     eval_requests_per_domain: int = Field(

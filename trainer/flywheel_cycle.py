@@ -105,7 +105,11 @@ def eval_domains(window: dict[str, Any], cycle: CycleSettings) -> list[str]:
 
 
 def train_challenger(cycle: CycleSettings, window: dict[str, Any]) -> dict[str, Any]:
-    """Train on the window (warm start from the champion if there is one) and register the challenger."""
+    """Train on the window and register the challenger.
+
+    Warm start from the lineage head (``cycle.warm_start='lineage'``, the newest trained version) or the
+    champion; from scratch when the registry has neither.
+    """
     from trainer.recipes import load_recipe
     from trainer.train_loop import git_sha, run_recipe
 
@@ -115,7 +119,7 @@ def train_challenger(cycle: CycleSettings, window: dict[str, Any]) -> dict[str, 
     )
     if existing:
         return {"version": existing[0].version, "reused": True}
-    champion = registry.by_alias("champion")
+    parent = registry.lineage_head() if cycle.warm_start == "lineage" else registry.by_alias("champion")
     overrides = [
         f"window.table={window['table']}",
         f"window.version={window['version']}",
@@ -131,9 +135,9 @@ def train_challenger(cycle: CycleSettings, window: dict[str, Any]) -> dict[str, 
     ]
     if cycle.train_max_steps:
         overrides.append(f"max_steps={cycle.train_max_steps}")
-    if champion is not None:
-        champion_dir = registry.download(champion.version, TrainingSettings().output_dir / "served")
-        recipe = load_recipe(REPO / cycle.refresh_recipe, [*overrides, f"init.from_dir={champion_dir}"])
+    if parent is not None:
+        parent_dir = registry.download(parent.version, TrainingSettings().output_dir / "served")
+        recipe = load_recipe(REPO / cycle.refresh_recipe, [*overrides, f"init.from_dir={parent_dir}"])
     else:
         recipe = load_recipe(REPO / cycle.scratch_recipe, overrides)
     trained = run_recipe(recipe, argv=["airflow:drafter_flywheel/train", *overrides])
@@ -154,7 +158,7 @@ def train_challenger(cycle: CycleSettings, window: dict[str, Any]) -> dict[str, 
             "table_version": window["version"],
             "window_rows": window["rows"],
             "window_domains": json.dumps(window["domains"]),
-            "parent_version": champion.version if champion else "scratch",
+            "parent_version": parent.version if parent else "scratch",
             "git_sha": git_sha() or "unknown",
             "spec_method": "eagle3",
             "num_spec_tokens": 3,

@@ -35,12 +35,12 @@ class WindowConfig(_Strict):
 
 class InitConfig(_Strict):
     from_dir: Path | None = Field(
-        None, description="warm start from this drafter dir (champion); None = scratch"
+        None, description="warm start from this drafter dir (lineage head or champion); None = scratch"
     )
     draft_vocab_size: int | None = Field(
         8192,
         description="prune the draft vocabulary to the window's most frequent tokens (None = full vocabulary; "
-        "a warm start keeps the champion's vocabulary)",
+        "a warm start keeps its parent's vocabulary)",
     )
     seed: int = Field(0, description="init and data-order seed")
 

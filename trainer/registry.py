@@ -96,6 +96,19 @@ class DrafterRegistry:
             return None
         return DrafterVersion(self.name, mv.version, mv.source, dict(mv.tags))
 
+    def lineage_head(self) -> DrafterVersion | None:
+        """The newest trained version that was not rolled back, promoted or not: where training continues.
+
+        The gate decides what is served, not what is learnt from: a challenger that fell short of the
+        champion's measured speedup still carries every step trained so far (Aurora trains continuously and
+        gates only deployment). A rolled-back version is a known-bad branch and is skipped.
+        """
+        versions = self.client.search_model_versions(f"name='{self.name}'")
+        for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
+            if "window_key" in mv.tags and "rolled_back_at" not in mv.tags:
+                return DrafterVersion(self.name, mv.version, mv.source, dict(mv.tags))
+        return None
+
     def tag(self, version: str, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, str(version), key, str(value))

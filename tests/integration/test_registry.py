@@ -85,3 +85,26 @@ def test_register_promote_rollback(tmp_path, mlflow_settings, kafka_settings, to
         assert (
             registry.download(v.version, tmp_path / "cache") / "model.safetensors"
         ).read_bytes() == payload
+
+
+def test_lineage_head_is_the_newest_trained_version_not_rolled_back(
+    tmp_path, mlflow_settings, kafka_settings, topic_factory
+):
+    kafka = KafkaSettings(
+        bootstrap_servers=kafka_settings.bootstrap_servers,
+        promotions_topic=topic_factory(prefix="promotions", cleanup_policy="compact"),
+    )
+    registry = DrafterRegistry(f"target-{uuid.uuid4().hex[:6]}", mlflow_settings, kafka)
+    assert registry.lineage_head() is None  # nothing registered yet: the cycle trains from scratch
+    trained = []
+    for i in range(2):
+        run_id, uri, d = _log_drafter(tmp_path, mlflow_settings, bytes([i]) * 64)
+        trained.append(registry.register(run_id, uri, d, {"window_key": f"w{i}"}).version)
+    run_id, uri, d = _log_drafter(tmp_path, mlflow_settings, b"m" * 64)
+    manual = registry.register(run_id, uri, d, {"note": "registered by hand, no training window"}).version
+
+    registry.promote(trained[0])  # the champion is older than the head: training continues from v2
+    assert registry.lineage_head().version == trained[1] != manual
+    registry.promote(trained[1])
+    registry.rollback(reason="bad")  # a rolled-back version is a dead branch
+    assert registry.lineage_head().version == trained[0]
