@@ -96,11 +96,20 @@ class DemoPlan:
             "eval_concurrencies": [1],
             "eval_max_tokens": self.max_tokens,
             "gate_min_samples": self.eval_samples,
+            "eval_serving": self.serving_overrides,
         }
+
+    @property
+    def serving_overrides(self) -> dict[str, Any]:
+        """The server flags of every server of the demo, the Airflow task's evaluation servers included."""
+        return {"enforce_eager": self.enforce_eager, "kv_cache_space_gib": self.kv_cache_gib}
 
 
 QUICK = DemoPlan("quick", (32, 16), (32, 16), 48, 8, 12, 4, 1, 16, 8, enforce_eager=True)
-FULL = DemoPlan("full", (160, 96, 96), (160, 96, 96), 96, 4, 120, 8, 2, 96, 32)
+# one cycle before the shift (its 120-step head already clears the gate: 1.20x on code in the first timed
+# run), two after it; eager like QUICK so that F, S and the evaluation servers start in about a minute
+# instead of compiling for minutes on the cores the first training needs
+FULL = DemoPlan("full", (160, 96), (128, 96, 96), 96, 4, 120, 8, 2, 96, 32, enforce_eager=True)
 
 
 class StageBoard:
@@ -324,8 +333,13 @@ class Demo:
                 raise RuntimeError(f"`flywheel ingest` exited; see {self.ingest.log}")
             # the evaluate task's two servers (the DAG reuses them across evaluations) and S (its static
             # drafter is loaded before the shift): started now, in the order they are needed
-            evals = EvalServers(ServedEvalConfig(num_spec_tokens=self.plan.k), self.scratch)
-            self.background = svc.BackgroundStarts([evals.base, evals.spec, self.servers["static"].spec])
+            self.evals = EvalServers(
+                ServedEvalConfig(num_spec_tokens=self.plan.k, serving=self.plan.serving_overrides),
+                self.scratch,
+            )
+            self.background = svc.BackgroundStarts(
+                [self.evals.base, self.evals.spec, self.servers["static"].spec]
+            )
             st.info(f"healthy, drafter {flywheel.weight_version()}; S + eval servers warming up")
 
     def _phase(self, phase: str, domain: str, segments: tuple[int, ...], window_start: datetime) -> None:
@@ -427,6 +441,11 @@ class Demo:
                     continue
                 st.info(f"{state}: {tasks}")
             self.active_run = None
+            # the evaluate task leaves its two servers up for the next evaluation; on 24 GB, four vLLM
+            # servers and the next cycle's train task do not fit (the first timed full run lost cycle B2's
+            # train task to the OOM killer), so they stop here and the next evaluate starts them again
+            st.info("stopping the evaluation servers until the next cycle")
+            svc.stop_servers([self.evals.base, self.evals.spec])
             cycle = self._cycle_result(run_id, phase, state, rows, time.monotonic() - started)
             self.cycles.append(cycle)
             if state != "success":
@@ -693,8 +712,15 @@ def main(
     if train_steps:
         plan = replace(plan, train_steps=train_steps)
     if requests:
-        n = len(plan.segments_a)
-        segments = (requests,) + (max(1, requests // 2),) * (n - 1)
-        plan = replace(plan, segments_a=segments, segments_b=segments, last_n=max(1, requests // 2))
+
+        def resized(segments: tuple[int, ...]) -> tuple[int, ...]:
+            return (requests,) + (max(1, requests // 2),) * (len(segments) - 1)
+
+        plan = replace(
+            plan,
+            segments_a=resized(plan.segments_a),
+            segments_b=resized(plan.segments_b),
+            last_n=max(1, requests // 2),
+        )
         plan = replace(plan, window=max(1, min(plan.window, requests // 4)))
     return Demo(plan, out_dir, console).run()

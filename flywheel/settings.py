@@ -223,6 +223,11 @@ class CycleSettings(BaseSettings):
     eval_ports: tuple[int, int] = Field(
         (8031, 8032), description="loopback ports of the evaluation servers (no speculation, drafter)"
     )
+    eval_serving: dict[str, Any] = Field(
+        default_factory=dict,
+        description='ServingSettings fields for the evaluation servers, e.g. {"enforce_eager": true} '
+        "(the rest come from the environment of the task that starts them)",
+    )
     gate_min_speedup: float = Field(1.0, description="absolute floor on measured speedup")
     gate_margin: float = Field(
         0.02, description="challenger must beat the champion's speedup by this fraction"

@@ -183,6 +183,7 @@ def _eval_config(cycle: CycleSettings, domains: list[str]):
         max_tokens=cycle.eval_max_tokens,
         base_port=cycle.eval_ports[0],
         spec_port=cycle.eval_ports[1],
+        serving=cycle.eval_serving,
     )
 
 

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flywheel.settings import ServingSettings, StackSettings
 from flywheel.stack import process
@@ -37,6 +38,9 @@ class ServedEvalConfig:
     base_port: int = 8031
     spec_port: int = 8032
     seed: int = 0
+    # ServingSettings fields for both servers (e.g. enforce_eager, kv_cache_space_gib); the rest come from
+    # the environment of the process that starts them
+    serving: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -73,14 +77,22 @@ class EvalServers:
         stack = stack or StackSettings()
         self.state = state = stack.root / "eval-servers"
         self.model = ServingSettings().target_model
-        self.base = self.server(state, config.base_port, "none", None, config.num_spec_tokens)
-        self.spec = self.server(state, config.spec_port, "eagle3", first_drafter, config.num_spec_tokens)
+        k, overrides = config.num_spec_tokens, config.serving
+        self.base = self.server(state, config.base_port, "none", None, k, overrides)
+        self.spec = self.server(state, config.spec_port, "eagle3", first_drafter, k, overrides)
         self.loaded: str | None = None
 
     @staticmethod
-    def server(state: Path, port: int, method: str, drafter: Path | None, k: int) -> VllmServer:
+    def server(
+        state: Path,
+        port: int,
+        method: str,
+        drafter: Path | None,
+        k: int,
+        overrides: dict[str, Any] | None = None,
+    ) -> VllmServer:
         """One evaluation server: capture and promotion-following off, weight-update routes on."""
-        serving = ServingSettings(port=port, spill_dir=state / f"spill-{port}")
+        serving = ServingSettings(**{**(overrides or {}), "port": port, "spill_dir": state / f"spill-{port}"})
         env = cpu_environment(serving) | {
             "VLLM_SERVER_DEV_MODE": "1",  # the weight-update routes used to swap drafters
             "FLYWHEEL_SERVING_CAPTURE_ENABLED": "false",  # evaluation traffic is not production traffic
