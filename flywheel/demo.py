@@ -203,6 +203,7 @@ class Demo:
         self.paused_before: dict[str, bool] = {}
         self.active_run: str | None = None
         self.background: svc.BackgroundStarts | None = None
+        self.evals = None  # the Airflow evaluate task's two servers (trainer.served_eval.EvalServers)
         self.serving = ServingSettings()
 
     # --- stages ------------------------------------------------------------------------------------
@@ -264,6 +265,7 @@ class Demo:
         """Start the flywheel from scratch: archive earlier drafters of this target, serve a random head."""
         from producers.promotion_events import build_promotion, publish_promotion
         from trainer.registry import DrafterRegistry
+        from trainer.served_eval import EvalServers, ServedEvalConfig
 
         with self.board.stage("reset: scratch drafter, fresh registry") as st:
             registry = DrafterRegistry(self.serving.target_model)
@@ -282,6 +284,10 @@ class Demo:
                 self.plan.draft_vocab_size,
                 seed=0,
                 meta={"drafter_id": "scratch", "drafter_version": "0", "demo": self.demo_id},
+            )
+            self.evals = EvalServers(
+                ServedEvalConfig(num_spec_tokens=self.plan.k, serving=self.plan.serving_overrides),
+                self.scratch,
             )
             # the compacted promotions topic's newest event for the target is what nodes serve: reset it
             publish_promotion(
@@ -306,10 +312,9 @@ class Demo:
     def _stage_start_flywheel(self) -> None:
         """F in the foreground; S and the served-evaluation servers warm up in the background meanwhile."""
         from flywheel.stack import process
-        from trainer.served_eval import EvalServers, ServedEvalConfig
 
         with self.board.stage("start flywheel server F + ingest") as st:
-            # every server of the demo (F, S, the evaluation pair) reads these from the environment
+            # F and S read these from the environment (the evaluation pair gets them as `eval_serving`)
             os.environ["FLYWHEEL_SERVING_ENFORCE_EAGER"] = str(self.plan.enforce_eager).lower()
             os.environ["FLYWHEEL_SERVING_KV_CACHE_SPACE_GIB"] = str(self.plan.kv_cache_gib)
             self.ingest.start()
@@ -336,10 +341,6 @@ class Demo:
                 raise RuntimeError(f"`flywheel ingest` exited; see {self.ingest.log}")
             # the evaluate task's two servers (the DAG reuses them across evaluations) and S (its static
             # drafter is loaded before the shift): started now, in the order they are needed
-            self.evals = EvalServers(
-                ServedEvalConfig(num_spec_tokens=self.plan.k, serving=self.plan.serving_overrides),
-                self.scratch,
-            )
             self.background = svc.BackgroundStarts(
                 [self.evals.base, self.evals.spec, self.servers["static"].spec]
             )
@@ -448,7 +449,7 @@ class Demo:
             # servers and the next cycle's train task do not fit (the first timed full run lost cycle B2's
             # train task to the OOM killer), so they stop here and the next evaluate starts them again
             st.info("stopping the evaluation servers until the next cycle")
-            svc.stop_servers([self.evals.base, self.evals.spec])
+            self.evals.stop()
             cycle = self._cycle_result(run_id, phase, state, rows, time.monotonic() - started)
             self.cycles.append(cycle)
             if state != "success":
@@ -495,7 +496,7 @@ class Demo:
             "window_rows": rows,
             "version": version,
             "parent": parent,
-            "lineage_steps": earlier.get(parent, 0) + self.plan.train_steps,
+            "lineage_steps": earlier.get(parent, 0) + self.plan.train_steps if version else None,
             "speedup": challenger.get("speedup"),
             "tau": challenger.get("tau"),
             "champion_speedup": (evaluation.get("champion") or {}).get("speedup"),
@@ -601,14 +602,11 @@ class Demo:
         return report
 
     def _cleanup(self) -> None:
-        from trainer.served_eval import EvalServers, ServedEvalConfig
-
         if self.background is not None:
             self.background.cancel()
         servers = [s.spec for s in self.servers.values()]
-        if hasattr(self, "scratch"):  # the Airflow evaluate task leaves its two servers up for reuse
-            evals = EvalServers(ServedEvalConfig(), self.scratch)
-            servers += [evals.base, evals.spec]
+        if self.evals is not None:  # the Airflow evaluate task leaves its two servers up for reuse
+            servers += [self.evals.base, self.evals.spec]
         svc.stop_servers(servers)
         self.ingest.stop()
         if self.airflow is not None:
