@@ -2,7 +2,7 @@
 
 Each benchmark keeps its own command (`flywheel bench capture|ingest|train --json PATH`); this runs them one
 after the other (they would disturb each other's timings side by side), collects their JSON and adds the
-definitions of ARCHITECTURE.md the numbers follow. A failing benchmark is recorded with its error and the
+definitions of docs/architecture.md the numbers follow. A failing benchmark is recorded with its error and the
 others still run.
 """
 

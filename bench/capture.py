@@ -19,15 +19,18 @@ from typing import Any
 import psutil
 from confluent_kafka import Consumer
 
-from flywheel.settings import KafkaSettings, ServingSettings, StackSettings
-from flywheel.stack import process
-from flywheel.topics import TopicSpec, admin_client, delete_topics, ensure_topics
+from core import process
+from core.settings import KafkaSettings, ServingSettings, Settings, StackSettings
+from infra.topics import TopicSpec, admin_client, delete_topics, ensure_topics
 from producers.traffic import Phase, replay
 from producers.vllm_server import VllmServer, cpu_environment, serve_args
 
 
-def _server(state: Path, port: int, topic: str, kafka: KafkaSettings, plugin: bool) -> VllmServer:
-    serving = ServingSettings(port=port, spill_dir=state / f"spill-{port}")
+def _server(
+    stack: StackSettings, serving: ServingSettings, port: int, topic: str, kafka: KafkaSettings, plugin: bool
+) -> VllmServer:
+    state = stack.root / "bench-capture"
+    serving = serving.model_copy(update={"port": port, "spill_dir": state / f"spill-{port}"})
     env = cpu_environment(serving) | {
         "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
         "FLYWHEEL_KAFKA_TRACES_TOPIC": topic,
@@ -37,7 +40,10 @@ def _server(state: Path, port: int, topic: str, kafka: KafkaSettings, plugin: bo
     if not plugin:
         env["VLLM_PLUGINS"] = ""  # an allow-list naming no plugin: stock vLLM
     spec = VllmServer(
-        StackSettings(state_dir=state / f"server-{port}"), serving, serve_args(serving, "ngram", None, 3), env
+        stack.model_copy(update={"state_dir": state / f"server-{port}"}),
+        serving,
+        serve_args(serving, "ngram", None, 3),
+        env,
     )
     spec.name = f"vllm-{port}"
     return spec
@@ -96,16 +102,16 @@ def emitter_capacity(kafka: KafkaSettings, topic: str, records: list[dict[str, A
 
 
 def run(
-    rounds: int = 3, requests_per_round: int = 16, concurrencies: tuple[int, ...] = (1, 8)
+    settings: Settings, rounds: int = 3, requests_per_round: int = 16, concurrencies: tuple[int, ...] = (1, 8)
 ) -> dict[str, Any]:
-    stack, kafka = StackSettings(), KafkaSettings()
+    stack, kafka, serving = settings.stack, settings.kafka, settings.serving
     state = stack.root / "bench-capture"
     topic = f"bench-capture-{uuid.uuid4().hex[:8]}"
     admin = admin_client(kafka)
     ensure_topics(admin, [TopicSpec(topic, 3, {"compression.type": "producer"})])
-    with_plugin = _server(state, 8021, topic, kafka, plugin=True)
-    without = _server(state, 8022, topic, kafka, plugin=False)
-    model = ServingSettings().target_model
+    with_plugin = _server(stack, serving, 8021, topic, kafka, plugin=True)
+    without = _server(stack, serving, 8022, topic, kafka, plugin=False)
+    model = serving.target_model
     result: dict[str, Any] = {"rounds": rounds, "requests_per_round": requests_per_round}
     try:
         for spec in (with_plugin, without):

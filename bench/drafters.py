@@ -6,7 +6,7 @@ the held-out prompts of each domain through every arm, arms in rotated order; gr
 same prompts and the target produces the same text.
 
 Per arm:
-- ``tau``: ARCHITECTURE.md's acceptance length, 1 + mean(per_step_accepted) over the verify steps vLLM
+- ``tau``: docs/architecture.md's acceptance length, 1 + mean(per_step_accepted) over the verify steps vLLM
   reports. vLLM reports only steps that proposed tokens: an EAGLE-3 head proposes at every step, ngram only
   where the output repeats an earlier n-gram, so ngram's tau is over a favourable subset of its steps;
 - ``tokens_per_forward``: output tokens ÷ target forwards (output tokens − accepted draft tokens), the
@@ -25,9 +25,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from flywheel.stack import process
+from core import process
+from core.settings import Settings
+from core.tau import tau_of
+from evaluation.served import EvalServers, ServedEvalConfig
 from producers.traffic import Phase, replay
-from trainer.served_eval import EvalServers, ServedEvalConfig
 
 NGRAM = "ngram"
 BASELINE = "baseline"
@@ -46,7 +48,8 @@ class DraftersBenchConfig(ServedEvalConfig):
 
 
 def _tau(accepted: list[int]) -> float | None:
-    return round(1.0 + sum(accepted) / len(accepted), 4) if accepted else None
+    value = tau_of(accepted)
+    return round(value, 4) if value is not None else None
 
 
 def _per_forward(output_tokens: int, accepted: list[int]) -> float | None:
@@ -59,15 +62,18 @@ def run(
     ngram: bool = True,
     config: DraftersBenchConfig | None = None,
     on_step: Callable[[str], None] | None = None,
+    *,
+    settings: Settings,
 ) -> dict[str, Any]:
     """Replay held-out prompts through the baseline, every EAGLE-3 drafter and ngram; tau and speedup per arm."""
     if not drafters:
         raise ValueError("give at least one EAGLE-3 drafter dir (name=DIR)")
     cfg = config or DraftersBenchConfig()
-    servers = EvalServers(cfg, first_drafter=next(iter(drafters.values())))
+    stack, serving = settings.stack, settings.serving.model_copy(update=cfg.serving)
+    servers = EvalServers(cfg, next(iter(drafters.values())), stack, serving)
     ngram_server = None
     if ngram:
-        ngram_server = EvalServers.server(servers.state, cfg.ngram_port, NGRAM, None, cfg.num_spec_tokens)
+        ngram_server = EvalServers.server(stack, serving, cfg.ngram_port, NGRAM, None, cfg.num_spec_tokens)
     arms = [BASELINE, *drafters, *([NGRAM] if ngram else [])]
     phases = [Phase(d, cfg.requests_per_domain) for d in cfg.domains]
     tps: dict[str, list[float]] = defaultdict(list)

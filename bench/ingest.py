@@ -38,6 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from core.settings import Settings
+from core.tau import tau
+
 EVENT_ID_AT = 12  # header (10) + schema_version varint (1) + event_id length varint (1)
 
 
@@ -58,13 +61,14 @@ def _with_event_id(payload: bytes, event_id: bytes) -> bytes:
     return payload[:EVENT_ID_AT] + event_id + payload[EVENT_ID_AT + 36 :]
 
 
-def build_pool(n: int, seed: int, console) -> tuple[list[bytes], np.ndarray, dict[str, Any]]:
+def build_pool(
+    n: int, seed: int, console, target_dir: Path
+) -> tuple[list[bytes], np.ndarray, dict[str, Any]]:
     """(encoded events, prompt+output tokens per event, corpus facts)."""
     from bench.realistic_traces import load_corpus, realistic_record
-    from flywheel.settings import get_settings
 
     with console.status("tokenizing the real-text corpus with the target tokenizer..."):
-        corpus = load_corpus(get_settings().serving.target_dir)
+        corpus = load_corpus(target_dir)
     rng = np.random.default_rng(seed)
     start_us = int((time.time() - 3600) * 1e6)
     records = []
@@ -78,7 +82,7 @@ def build_pool(n: int, seed: int, console) -> tuple[list[bytes], np.ndarray, dic
         "corpus_tokens": corpus.tokens,
         "tokens_per_event": float(tokens.mean()),
         "prompt_tokens_per_event": float(np.mean([len(r["prompt_token_ids"]) for r in records])),
-        "acceptance_length_tau": float(1 + accepted.mean()),
+        "acceptance_length_tau": tau(int(accepted.sum()), int(accepted.size)),
     }
     return _encode_pool(records), tokens, facts
 
@@ -223,16 +227,22 @@ def stage_rates(pool: list[bytes], tokens: np.ndarray, workdir: Path) -> dict[st
     }
 
 
-def run(events: int = 300_000, partitions: int = 6, seed: int = 0, pool: int = 60_000, console=None) -> dict:
+def run(
+    settings: Settings,
+    events: int = 300_000,
+    partitions: int = 6,
+    seed: int = 0,
+    pool: int = 60_000,
+    console=None,
+) -> dict:
     """Run the whole benchmark on the configured broker; returns the result dict (see module docstring)."""
     from rich.console import Console
 
-    from flywheel.settings import get_settings
-    from flywheel.topics import TopicSpec, admin_client, delete_topics, ensure_topics, project_topics
+    from infra.topics import TopicSpec, admin_client, delete_topics, ensure_topics, project_topics
 
     console = console or Console(stderr=True)
-    kafka = get_settings().kafka
-    payloads, tokens, facts = build_pool(min(pool, events), seed, console)
+    kafka = settings.kafka
+    payloads, tokens, facts = build_pool(min(pool, events), seed, console, settings.serving.target_dir)
     topic = f"bench-ingest-{uuid.uuid4().hex[:8]}"
     traces_config = project_topics(kafka)[0].config
     admin = admin_client(kafka)

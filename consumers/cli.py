@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import resource
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -85,7 +84,7 @@ def ingest(
     from consumers.delta_sink import IngestError, IngestOptions, TraceIngest
     from consumers.flush_policy import FlushPolicy
     from consumers.table import SchemaMismatchError
-    from flywheel.settings import get_settings
+    from core.settings import get_settings
 
     _setup_logging(log_level)
     settings = get_settings()
@@ -163,7 +162,7 @@ def retention(
     Safe next to a running `flywheel ingest` (it only appends), except with --vacuum-retention-hours below the age of files the ingest is still writing.
     """
     from consumers.retention import run_retention
-    from flywheel.settings import get_settings
+    from core.settings import get_settings
 
     when = datetime.fromisoformat(now) if now else datetime.now(UTC)
     when = when if when.tzinfo else when.replace(tzinfo=UTC)
@@ -190,57 +189,7 @@ def retention(
     Console().print(table)
 
 
-def topics_create() -> None:
-    """Create the project's Kafka topics (idempotent) and show each with its configs."""
-    from flywheel.settings import get_settings
-    from flywheel.topics import admin_client, ensure_topics, project_topics
-
-    kafka = get_settings().kafka
-    specs = project_topics(kafka)
-    created = set(ensure_topics(admin_client(kafka), specs))
-    table = Table("partitions", "purpose", "state")
-    table.add_column("configs", no_wrap=True)
-    table.columns.insert(0, table.columns.pop())
-    table.add_column("topic", no_wrap=True)
-    table.columns.insert(0, table.columns.pop())
-    for s in specs:
-        configs = "\n".join(f"{k}={v}" for k, v in s.config.items())
-        table.add_row(
-            s.name, configs, str(s.partitions), s.purpose, "created" if s.name in created else "existed"
-        )
-    Console(width=160).print(table)
-
-
-def bench_ingest(
-    json_path: Annotated[Path, typer.Option("--json", help="write the result JSON here")] = Path(
-        "bench/results/ingest.json"
-    ),
-    events: Annotated[int, typer.Option(help="events to produce and ingest")] = 300_000,
-    partitions: Annotated[int, typer.Option(help="partitions of the fresh bench topic")] = 6,
-    seed: Annotated[int, typer.Option(help="random seed of the synthetic traces")] = 0,
-    pool: Annotated[
-        int, typer.Option(help="distinct events built (then replayed with fresh event ids)")
-    ] = 60_000,
-) -> None:
-    """Ingest benchmark: `flywheel ingest` vs a bare confluent-kafka consumer on the same fresh topic, same run.
-
-    Prints JSON (and writes it to --json): ingest_ratio, at_rest_bytes_per_token, events, rows, duplicates, consumer_peak_rss_mib, CPU per event, decode-only and write-only rates. Events are real text tokenized with the target tokenizer (bench/realistic_traces.py).
-    """
-    from bench.ingest import run
-
-    result = run(events=events, partitions=partitions, seed=seed, pool=pool, console=console)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2))
-    sys.stdout.write(json.dumps(result, indent=2) + "\n")
-
-
-def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add this stage's commands to the main app and its benchmarks to `flywheel bench`."""
+def register(app: typer.Typer) -> None:
+    """Add this stage's commands to the main app."""
     app.command("ingest")(ingest)
     app.command("retention")(retention)
-    topics = typer.Typer(
-        help="The project's Kafka topics and their documented configs.", no_args_is_help=True
-    )
-    topics.command("create")(topics_create)
-    app.add_typer(topics, name="topics")
-    bench.command("ingest")(bench_ingest)

@@ -16,7 +16,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Producer
 
-from flywheel.settings import KafkaSettings
+from core.settings import KafkaSettings
 
 log = logging.getLogger("flywheel.ingest.dlq")
 

@@ -36,7 +36,7 @@ from consumers.delta_log import OffsetMismatchError, last_offsets, seek_offset, 
 from consumers.flush_policy import FlushPolicy, FlushReason, should_flush
 from consumers.table import open_or_create, table_filesystem
 from consumers.trace_batch import MessageBatch, TraceBatchDecoder
-from flywheel.settings import KafkaSettings, LakeSettings
+from core.settings import KafkaSettings, LakeSettings
 
 log = logging.getLogger("flywheel.ingest")
 CONFLICTS = (OffsetMismatchError, CommitFailedError)

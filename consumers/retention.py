@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from consumers.lake_files import delta_writer_properties
-from flywheel.settings import LakeSettings
+from core.settings import LakeSettings
 
 
 @dataclass(frozen=True, order=True)

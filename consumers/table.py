@@ -15,7 +15,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError
 
 from consumers.lake_files import STATS_COLUMNS
-from flywheel.settings import LakeSettings
+from core.settings import LakeSettings
 from schemas.arrow import PARTITION_COLUMNS, traces_table_schema
 
 # Why each property (all are Delta protocol properties; delta-rs and Spark honour them):

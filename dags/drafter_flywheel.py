@@ -1,7 +1,9 @@
 """drafter_flywheel: pick window -> train -> evaluate -> gate -> promote | reject.
 
-Wiring only: each task lazily imports one function of trainer.flywheel_cycle and calls it. Runs when
-trace_watch announces a new window or drift, and on a timetable; one run at a time; training is
+Wiring only: each task builds the settings of this run (the environment, overridden by the run's `cycle`
+param), lazily imports one function of flywheel.cycle and calls it; the typed results of flywheel.cycle
+cross task boundaries as JSON (XCom) and are validated back into their models on the other side. Runs
+when trace_watch announces a new window or drift, and on a timetable; one run at a time; training is
 serialised by the `training` pool. Every task is keyed on its input (window, model version), so retries
 and re-runs never train or promote twice. The gate's reasons are the `gate` task's return value (XCom tab)
 and are logged by `promote` / `reject`.
@@ -12,11 +14,11 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
-from flywheel_assets import DRIFT, TRACES, cycle_settings
+from flywheel_assets import DRIFT, TRACES, run_settings
 
 
-def _cycle():
-    return cycle_settings(get_current_context()["params"])
+def _settings():
+    return run_settings(get_current_context()["params"])
 
 
 def _announced_version() -> int | None:
@@ -42,37 +44,53 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
-    params={"cycle": Param({}, type="object", description="CycleSettings overrides for this run")},
+    params={
+        "cycle": Param({}, type="object", description="CycleSettings overrides for this run"),
+        "window_start": Param(
+            None,
+            type=["null", "string"],
+            description="ISO-8601 start of the training window (default: window_minutes before the newest trace)",
+        ),
+    },
     tags=["flywheel"],
     doc_md=__doc__,
 ) as dag:
 
     @task
     def window() -> dict:
-        from trainer.flywheel_cycle import pick_window
+        from datetime import datetime
 
-        picked = pick_window(_cycle(), _announced_version())
+        from flywheel.cycle import pick_window
+
+        start = get_current_context()["params"].get("window_start")
+        picked = pick_window(
+            _settings(), _announced_version(), datetime.fromisoformat(start) if start else None
+        )
         if picked is None:
             raise AirflowSkipException("not enough traces in the window")
-        return picked
+        return picked.model_dump(mode="json")
 
     @task(pool="training", execution_timeout=timedelta(hours=2), retry_exponential_backoff=2.0)
     def train(w: dict) -> dict:
-        from trainer.flywheel_cycle import train_challenger
+        from consumers.windows import TraceWindow
+        from flywheel.cycle import train_challenger
 
-        return train_challenger(_cycle(), w)
+        return train_challenger(_settings(), TraceWindow.model_validate(w)).model_dump(mode="json")
 
     @task(execution_timeout=timedelta(hours=1))
     def evaluate(trained: dict, w: dict) -> dict:
-        from trainer.flywheel_cycle import evaluate_challenger
+        from consumers.windows import TraceWindow
+        from flywheel.cycle import evaluate_challenger
 
-        return evaluate_challenger(_cycle(), trained["version"], w)
+        window = TraceWindow.model_validate(w)
+        return evaluate_challenger(_settings(), trained["version"], window).model_dump(mode="json")
 
     @task
     def gate(evaluation: dict) -> dict:
-        from trainer.flywheel_cycle import gate_challenger
+        from evaluation.served import Evaluation
+        from flywheel.cycle import gate_challenger
 
-        return gate_challenger(_cycle(), evaluation)
+        return gate_challenger(_settings(), Evaluation.model_validate(evaluation)).model_dump(mode="json")
 
     @task.branch
     def decide(decision: dict) -> str:
@@ -81,17 +99,19 @@ with DAG(
 
     @task(retries=3)
     def promote(decision: dict) -> dict:
-        from trainer.flywheel_cycle import promote_challenger
+        from evaluation.gate import GateResult
+        from flywheel.cycle import promote_challenger
 
         print(decision["summary"])
-        return promote_challenger(decision)
+        return promote_challenger(_settings(), GateResult.model_validate(decision)).model_dump(mode="json")
 
     @task
     def reject(decision: dict) -> dict:
-        from trainer.flywheel_cycle import reject_challenger
+        from evaluation.gate import GateResult
+        from flywheel.cycle import reject_challenger
 
         print(decision["summary"], *decision["reasons"], sep="\n")
-        return reject_challenger(decision)
+        return reject_challenger(_settings(), GateResult.model_validate(decision)).model_dump(mode="json")
 
     w = window()
     decision = gate(evaluate(train(w), w))

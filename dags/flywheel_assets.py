@@ -8,8 +8,9 @@ TRACES = Asset(name="trace_windows", uri="delta://flywheel/traces", group="flywh
 DRIFT = Asset(name="champion_drift", uri="flywheel://drift/champion", group="flywheel")
 
 
-def cycle_settings(params: dict):
-    """CycleSettings from the environment, overridden by the run's ``cycle`` param (dag.test / UI)."""
-    from flywheel.settings import CycleSettings
+def run_settings(params: dict):
+    """The settings of one DAG run: the environment, with the run's ``cycle`` param (dag.test / UI / REST)
+    overriding CycleSettings. Built here, at the task's entry, and passed down."""
+    from core.settings import CycleSettings, Settings
 
-    return CycleSettings(**(params.get("cycle") or {}))
+    return Settings(cycle=CycleSettings(**(params.get("cycle") or {})))

@@ -20,10 +20,10 @@ with DAG(
     @task
     def retention(*, logical_date=None, data_interval_end=None, dag_run=None) -> dict:
         from consumers.retention import run_retention
-        from flywheel.settings import LakeSettings
+        from core.settings import Settings
 
         # a manual run has no logical date or interval (Airflow 3): it applies retention as of when it ran
-        report = run_retention(LakeSettings(), data_interval_end or logical_date or dag_run.run_after)
+        report = run_retention(Settings().lake, data_interval_end or logical_date or dag_run.run_after)
         return {
             "cutoff_date": str(report.plan.cutoff_date),
             "deleted_files": report.deleted_files,

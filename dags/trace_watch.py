@@ -10,7 +10,7 @@ import os
 import pendulum
 from airflow.sdk import DAG, CronTriggerTimetable, Param, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
-from flywheel_assets import DRIFT, TRACES, cycle_settings
+from flywheel_assets import DRIFT, TRACES, run_settings
 
 with DAG(
     dag_id="trace_watch",
@@ -26,29 +26,25 @@ with DAG(
 
     @task(inlets=[TRACES], outlets=[TRACES])
     def announce_window(*, inlet_events, outlet_events) -> dict:
-        from trainer.flywheel_cycle import new_window
+        from flywheel.cycle import new_window
 
         history = inlet_events[TRACES]
         last = history[-1].extra.get("version") if len(history) else None
-        window = new_window(cycle_settings(get_current_context()["params"]), last)
+        window = new_window(run_settings(get_current_context()["params"]), last)
         if window is None:
             raise AirflowSkipException(f"fewer new traces than a window needs since table version {last}")
-        outlet_events[TRACES].extra = {
-            "version": window["version"],
-            "rows": window["rows"],
-            "key": window["key"],
-        }
-        return window
+        outlet_events[TRACES].extra = {"version": window.version, "rows": window.rows, "key": window.key}
+        return window.model_dump(mode="json")
 
     @task(outlets=[DRIFT])
     def check_drift(*, outlet_events) -> dict:
-        from trainer.flywheel_cycle import detect_drift
+        from flywheel.cycle import detect_drift
 
-        drift = detect_drift(cycle_settings(get_current_context()["params"]))
+        drift = detect_drift(run_settings(get_current_context()["params"]))
         if drift is None:
             raise AirflowSkipException("no drift")
-        outlet_events[DRIFT].extra = drift
-        return drift
+        outlet_events[DRIFT].extra = drift.model_dump(mode="json")
+        return drift.model_dump(mode="json")
 
     announce_window()
     check_drift()

@@ -5,8 +5,6 @@ Commands import their implementation lazily so `flywheel --help` stays instant.
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flywheel.settings import get_settings
+from core.settings import get_settings
 
 console = Console()
 app = typer.Typer(
@@ -23,112 +21,17 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,
 )
-stack_app = typer.Typer(
-    help="Run the embedded local stack (Kafka KRaft broker, MLflow server, Airflow standalone).",
-    no_args_is_help=True,
-)
 models_app = typer.Typer(help="Prepare models offline (no hub access needed).", no_args_is_help=True)
 bench_app = typer.Typer(
-    help="Benchmarks that print JSON (definitions: ARCHITECTURE.md).", no_args_is_help=True
+    help="Benchmarks that print JSON (definitions: docs/architecture.md).", no_args_is_help=True
 )
-app.add_typer(stack_app, name="stack")
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
-
-Only = Annotated[list[str] | None, typer.Option("--only", help="limit to these services (repeatable)")]
 
 
 def _fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(1)
-
-
-def _status_table(rows) -> Table:
-    table = Table("service", "address", "pid", "state", "log")
-    colors = {"healthy": "green", "stopped": "dim"}
-    for st in rows:
-        color = colors.get(st.state, "yellow")
-        table.add_row(st.name, st.address, str(st.pid or "-"), f"[{color}]{st.state}[/]", str(st.log))
-    return table
-
-
-@stack_app.command("install")
-def stack_install() -> None:
-    """Install without starting: fetch the Kafka jars with Maven, format Kafka storage, make data dirs."""
-    from flywheel import stack
-
-    try:
-        with console.status("installing the local stack (Maven fetches the Kafka jars once)..."):
-            for spec in stack.services():
-                spec.prepare()
-    except stack.StackError as e:
-        _fail(str(e))
-    console.print(f"stack installed under {get_settings().stack.root}")
-
-
-@stack_app.command("up")
-def stack_up(only: Only = None) -> None:
-    """Start the stack (idempotent): fetch Kafka jars with Maven, format storage once, start, wait healthy.
-
-    Ports and the state dir come from FLYWHEEL_STACK_* (e.g. FLYWHEEL_STACK_KAFKA_PORT=19092).
-    """
-    from flywheel import stack
-
-    started = time.monotonic()
-    try:
-        with console.status("starting the local stack (first run fetches the Kafka jars)..."):
-            rows = stack.up(only=only)
-    except stack.StackError as e:
-        _fail(str(e))
-    console.print(_status_table(rows))
-    console.print(f"stack healthy in {time.monotonic() - started:.1f}s")
-
-
-@stack_app.command("down")
-def stack_down(only: Only = None) -> None:
-    """Stop the stack cleanly (SIGTERM, then SIGKILL after a timeout). Data dirs are kept."""
-    from flywheel import stack
-
-    stopped = stack.down(only=only)
-    console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
-
-
-@stack_app.command("status")
-def stack_status() -> None:
-    """Show each service, its address, PID and health. Exit code 1 if any is unhealthy."""
-    from flywheel import stack
-
-    rows = stack.status()
-    console.print(_status_table(rows))
-    if not all(r.healthy for r in rows):
-        raise typer.Exit(1)
-
-
-@stack_app.command("logs")
-def stack_logs(
-    service: Annotated[str, typer.Argument(help="kafka | mlflow | airflow")],
-    lines: Annotated[int, typer.Option("-n", "--lines", help="how many trailing lines")] = 50,
-    follow: Annotated[bool, typer.Option("-f", "--follow", help="keep printing new lines")] = False,
-) -> None:
-    """Print a service's log (like `tail`)."""
-    from flywheel import stack
-    from flywheel.stack.process import tail
-
-    try:
-        spec = stack.service(service)
-    except stack.StackError as e:
-        _fail(str(e))
-    print(tail(spec.log_file, lines))
-    if follow:
-        with spec.log_file.open() as f:
-            f.seek(0, 2)
-            while True:
-                line = f.readline()
-                if line:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-                else:
-                    time.sleep(0.5)
 
 
 @models_app.command("prepare")
@@ -139,7 +42,7 @@ def models_prepare(
 
     Idempotent and checksummed: a copy whose manifest matches is reused.
     """
-    from flywheel.target_model import prepare_target
+    from core.target_model import prepare_target
 
     models_dir = get_settings().serving.models_dir
     with console.status("preparing the target model (de-quantising the GGUF)..."):
@@ -154,7 +57,7 @@ def prompts(
     show: Annotated[int, typer.Option(help="how many samples to print")] = 2,
 ) -> None:
     """List the real prompt domains (code, prose, docs) and their sizes, or show samples of one."""
-    from flywheel.prompts import DOMAINS, load_prompts
+    from core.prompts import DOMAINS, load_prompts
 
     if domain is None:
         table = Table("domain", "prompts", "example source")
@@ -193,7 +96,7 @@ def demo(
     """
     import json
 
-    from flywheel.demo import main as run_demo
+    from flywheel.demo.run import main as run_demo
 
     try:
         report = run_demo(quick, out.resolve(), console, train_steps=train_steps, requests=requests)
@@ -205,40 +108,23 @@ def demo(
     console.print(f"report: [bold]{out.resolve() / 'report.md'}[/] (+ report.json, PNG plots)")
 
 
-@bench_app.command("all")
-def bench_all(
-    json_path: Annotated[Path, typer.Option("--json", help="write the gathered JSON here")],
-    quick: Annotated[bool, typer.Option(help="smaller sizes for every benchmark")] = False,
-    only: Annotated[
-        list[str] | None, typer.Option("--only", help="capture | ingest | train (repeatable)")
-    ] = None,
-) -> None:
-    """Every benchmark (capture, ingest, train), each in its own process, gathered into one JSON with the
-    ARCHITECTURE.md definitions. Exit 1 if any benchmark failed (its error is in the JSON)."""
-    import bench
-    from bench.all import run
-
-    err = Console(stderr=True)
-    try:
-        result = run(only=only, quick=quick, on_start=lambda name: err.print(f"running bench {name}..."))
-    except ValueError as e:
-        _fail(str(e))
-    bench.emit("all", result, json_path)
-    if result["failed"]:
-        raise typer.Exit(1)
-
-
-def _register_stage_commands() -> None:
-    """Each stage package adds its own commands; their modules keep heavy imports inside the commands."""
+def _register_commands() -> None:
+    """Each stage adds its own commands (its module keeps heavy imports inside them); bench adds its own."""
+    from bench import cli as bench_cli
     from consumers import cli as consumers_cli
+    from flywheel import evaluate_cli
+    from infra import cli as infra_cli
     from producers import cli as producers_cli
+    from promotion import cli as promotion_cli
     from trainer import cli as trainer_cli
 
-    for module in (producers_cli, consumers_cli, trainer_cli):
-        module.register(app, bench_app)
+    for module in (infra_cli, producers_cli, consumers_cli, trainer_cli, promotion_cli):
+        module.register(app)
+    app.command("evaluate")(evaluate_cli.evaluate)
+    bench_cli.register(bench_app)
 
 
-_register_stage_commands()
+_register_commands()
 
 
 def main() -> None:

@@ -36,9 +36,9 @@ def serve(
     becomes a TraceEvent on Kafka, and drafters promoted on the promotions topic are hot-swapped in.
     Run `flywheel models prepare` first.
     """
-    from flywheel import stack
-    from flywheel.settings import get_settings
-    from flywheel.stack import process
+    from core import process
+    from core.settings import get_settings
+    from infra import stack
     from producers.vllm_server import VllmServer, cpu_environment, serve_args
 
     settings = get_settings()
@@ -81,7 +81,8 @@ def traffic(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from flywheel.settings import get_settings
+    from core.settings import get_settings
+    from core.tau import tau_of
     from producers.traffic import parse_schedule, replay
 
     serving = get_settings().serving
@@ -102,8 +103,9 @@ def traffic(
 
         def on_result(r) -> None:
             steps.extend(r.per_step_accepted)
-            tau = 1 + sum(steps[-2000:]) / len(steps[-2000:]) if steps else float("nan")
-            progress.update(task, advance=1, description=f"{r.domain:>6}  tau(recent) {tau:.2f}")
+            tau = tau_of(steps[-2000:])
+            shown = f"{tau:.2f}" if tau is not None else "-"
+            progress.update(task, advance=1, description=f"{r.domain:>6}  tau(recent) {shown}")
 
         report = asyncio.run(
             replay(
@@ -122,7 +124,11 @@ def traffic(
     table = Table("domain", "requests", "failed", "output tokens", "tau")
     for domain, row in report.by_domain().items():
         table.add_row(
-            domain, str(row["requests"]), str(row["failed"]), str(row["output_tokens"]), f"{row['tau']:.3f}"
+            domain,
+            str(row["requests"]),
+            str(row["failed"]),
+            str(row["output_tokens"]),
+            f"{row['tau']:.3f}" if row["tau"] is not None else "-",
         )
     console.print(table)
     console.print(f"{report.output_tokens_per_s:.1f} output tokens/s over {report.wall_s:.1f}s")
@@ -130,21 +136,7 @@ def traffic(
         raise typer.Exit(1)
 
 
-def bench_capture(
-    json_path: Annotated[Path | None, typer.Option("--json", help="also write the JSON here")] = None,
-    rounds: Annotated[int, typer.Option(help="alternating rounds per concurrency level")] = 3,
-    requests: Annotated[int, typer.Option(help="requests per round")] = 16,
-) -> None:
-    """Plugin overhead: tokens/s with the plugin ÷ without (interleaved, concurrency 1 and 8), wire bytes per
-    token, emitter events/s, API-server RSS. Starts two vLLM servers (ports 8021/8022) on the local stack."""
-    import bench
-    from bench.capture import run
-
-    bench.emit("capture", run(rounds=rounds, requests_per_round=requests), json_path)
-
-
-def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add this stage's commands to the main app and its benchmarks to `flywheel bench`."""
+def register(app: typer.Typer) -> None:
+    """Add this stage's commands to the main app."""
     app.command("serve", context_settings={"allow_extra_args": True})(serve)
     app.command("traffic")(traffic)
-    bench.command("capture")(bench_capture)

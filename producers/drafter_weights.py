@@ -12,7 +12,6 @@ previous checkpoint is loaded back and the error re-raised: a failed swap keeps 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+from core.drafter_artifacts import weights_sha256
 
 log = logging.getLogger("flywheel.drafter_weights")
 # Tensors vLLM takes from the target (embeddings) or ignores (t2d): never loaded into the drafter.
@@ -73,7 +74,7 @@ def compatibility_problems(new: dict[str, tuple[int, ...]], served: dict[str, tu
 def read_weights(path: str | Path, sha256: str | None = None) -> list[tuple[str, torch.Tensor]]:
     files = weight_files(path)
     if sha256 is not None:
-        digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+        digest = weights_sha256(path)
         if digest != sha256:
             raise IncompatibleDrafter(f"checksum mismatch for {path}: {digest} != expected {sha256}")
     weights = []

@@ -26,7 +26,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Producer
 
-from flywheel.settings import KafkaSettings
+from core.settings import KafkaSettings
 from producers.spill import SpillDir, read_records
 
 log = logging.getLogger("flywheel.emitter")

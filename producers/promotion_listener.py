@@ -15,16 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
+from core.drafter_artifacts import fetch
 from producers import metrics
+from producers.hot_swap import EngineSwap, swap_drafter_async
 from schemas import codec
 from schemas.registry import DRAFTER_PROMOTION
 
@@ -44,53 +44,10 @@ def start_listener(runtime: Any) -> threading.Thread | None:
     return thread
 
 
-def resolve_drafter_uri(uri: str, cache_dir: Path) -> str:
-    """A local directory for a promotion's drafter_uri (local path, file://, or any MLflow artifact URI)."""
-    if uri.startswith("file://"):
-        return uri[len("file://") :]
-    if "://" not in uri and ":" not in uri.split("/")[0]:
-        return uri
-    import mlflow.artifacts
-
-    from flywheel.settings import MlflowSettings
-
-    dst = cache_dir / uuid.uuid5(uuid.NAMESPACE_URL, uri).hex
-    if not dst.exists():
-        tracking = MlflowSettings().tracking_uri
-        source = uri
-        if uri.startswith("models:/"):  # resolved by our server's registry, not the process default one
-            from mlflow import MlflowClient
-
-            name, _, version = uri[len("models:/") :].partition("/")
-            client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
-            source = client.get_model_version_download_uri(name, version)
-        tmp = dst.with_name(f"{dst.name}.partial-{os.getpid()}")
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking
-        )
-        Path(local).rename(dst)  # a directory source lands as tmp/<its name>
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(dst)
-
-
-async def swap_drafter(engine: Any, path: str, version: str, sha256: str | None) -> None:
-    """Hot-swap through vLLM's draft-weight update API; the engine keeps the old drafter on failure."""
-    from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
-
-    await engine.pause_generation(mode="keep", clear_cache=False)
-    try:
-        await engine.start_draft_weight_update()
-        await engine.update_weights(WeightTransferUpdateRequest(update_info={"path": path, "sha256": sha256}))
-        await engine.finish_weight_update(weight_version=version)
-    finally:
-        await engine.resume_generation()
-
-
 class PromotionListener:
     def __init__(self, runtime: Any):
         self.runtime = runtime
         self.topic = runtime.kafka.promotions_topic
-        self.cache_dir = runtime.serving.models_dir / "drafters-cache"
 
     def _consumer(self) -> Consumer:
         node = self.runtime.identity.serving_node
@@ -180,10 +137,11 @@ class PromotionListener:
         started = time.monotonic()
         self.runtime.drafter_ids[version] = promotion["drafter_id"]  # traces of this version carry its id
         try:
-            path = resolve_drafter_uri(promotion["drafter_uri"], self.cache_dir)
+            mlflow = self.runtime.mlflow
+            path = fetch(promotion["drafter_uri"], mlflow.artifact_cache_dir, mlflow.tracking_uri)
+            swap = EngineSwap(self.runtime.engine)
             future = asyncio.run_coroutine_threadsafe(
-                swap_drafter(self.runtime.engine, path, version, promotion.get("weights_sha256")),
-                self.runtime.loop,
+                swap_drafter_async(swap, path, version, promotion.get("weights_sha256")), self.runtime.loop
             )
             future.result(timeout=SWAP_TIMEOUT_S)
         except Exception as e:

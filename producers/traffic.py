@@ -16,7 +16,8 @@ from typing import Any
 
 import httpx
 
-from flywheel.prompts import Prompt, load_prompts, split
+from core.prompts import Prompt, load_prompts, split
+from core.tau import tau_of
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,8 @@ class TrafficReport:
     results: list[RequestResult]
     wall_s: float
 
-    def by_domain(self) -> dict[str, dict[str, float]]:
-        out: dict[str, dict[str, float]] = {}
+    def by_domain(self) -> dict[str, dict[str, float | None]]:
+        out: dict[str, dict[str, float | None]] = {}
         for domain in dict.fromkeys(r.domain for r in self.results):
             rs = [r for r in self.results if r.domain == domain]
             steps = [a for r in rs for a in r.per_step_accepted]
@@ -77,7 +78,7 @@ class TrafficReport:
                 "requests": len(rs),
                 "failed": sum(not r.ok for r in rs),
                 "output_tokens": sum(r.output_tokens for r in rs),
-                "tau": 1 + sum(steps) / len(steps) if steps else float("nan"),
+                "tau": tau_of(steps),
             }
         return out
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flywheel.settings import KafkaSettings, ServingSettings
+from core.settings import KafkaSettings, MlflowSettings, ServingSettings
 from producers import metrics
 from producers.capture_policy import capture_decision
 from producers.emitter import TraceEmitter
@@ -39,7 +39,7 @@ _VLLM_DEFAULT_VERSION = "default"  # EngineCore's weight version before any upda
 
 def target_revision(model_dir: str) -> str:
     """Revision of the served target: the manifest written by `flywheel models prepare`, if any."""
-    from flywheel.target_model import read_manifest
+    from core.target_model import read_manifest
 
     manifest = read_manifest(Path(model_dir))
     return manifest["revision"] if manifest else "unknown"
@@ -57,9 +57,10 @@ def drafter_metadata(drafter_dir: str | None) -> dict[str, Any]:
 class CaptureRuntime:
     """Per-process state of the plugin: identity of this serving node, the emitter, drafter versions."""
 
-    def __init__(self) -> None:
-        self.serving = ServingSettings()
-        self.kafka = KafkaSettings()
+    def __init__(self, serving: ServingSettings, kafka: KafkaSettings, mlflow: MlflowSettings) -> None:
+        self.serving = serving
+        self.kafka = kafka
+        self.mlflow = mlflow
         self.identity: ServingIdentity | None = None
         self.initial_version = INITIAL_DRAFTER_VERSION
         self.drafter_ids: dict[str, str] = {}  # engine weight version -> drafter id
@@ -185,14 +186,16 @@ class CaptureRuntime:
         self.emitter.submit(record)
 
 
-RUNTIME = CaptureRuntime()
+RUNTIME: CaptureRuntime | None = None  # built by install(), the plugin's entry point
 
 
 def install(output_processor_module: Any, engine_classes: list[type]) -> None:
-    """Wrap RequestState (and the engine constructors) once per process."""
+    """Wrap RequestState (and the engine constructors) once per process; settings come from FLYWHEEL_*."""
+    global RUNTIME
     state_cls = output_processor_module.RequestState
     if getattr(state_cls, "_flywheel_capture", False):
         return
+    RUNTIME = CaptureRuntime(ServingSettings(), KafkaSettings(), MlflowSettings())
     state_cls._flywheel_capture = True
     original_from_new = state_cls.from_new_request.__func__
     original_make_output = state_cls.make_request_output

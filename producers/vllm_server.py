@@ -16,8 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from flywheel.settings import ServingSettings, StackSettings
-from flywheel.stack.process import ServiceSpec
+from core.process import ServiceSpec
+from core.settings import ServingSettings, StackSettings
 
 _original_version = importlib.metadata.version
 
@@ -110,22 +110,6 @@ class VllmServer(ServiceSpec):
             return httpx.get(f"http://{self.address}/health", timeout=2.0).status_code == 200
         except httpx.HTTPError:
             return False
-
-
-def swap_drafter(base_url: str, drafter: Path, version: str, timeout_s: float = 600) -> None:
-    """Load ``drafter`` into a running dev-mode server through vLLM's draft-weight update routes.
-
-    The engine is paused (in-flight requests kept), the weights are swapped, ``version`` becomes the weight
-    version later traces carry, and the engine resumes even if the swap failed.
-    """
-    with httpx.Client(base_url=base_url, timeout=timeout_s) as client:
-        client.post("/pause", params={"mode": "keep"}).raise_for_status()
-        try:
-            client.post("/start_draft_weight_update").raise_for_status()
-            client.post("/update_weights", json={"update_info": {"path": str(drafter)}}).raise_for_status()
-            client.post("/finish_weight_update", json={"weight_version": version}).raise_for_status()
-        finally:
-            client.post("/resume").raise_for_status()
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from flywheel.settings import KafkaSettings, MlflowSettings, StackSettings
+from core.settings import KafkaSettings, MlflowSettings, StackSettings
 
 SESSION_SERVICES = ("kafka", "mlflow")
 # Every vLLM server the suite starts skips torch.compile: 97 s instead of 171 s to start on 2 cores, ~12 %
@@ -29,7 +29,7 @@ def local_stack(stack_settings: StackSettings) -> Iterator[StackSettings]:
     processes would tax 2 cores for the whole session, so test_airflow_standalone starts its own and
     the DAG tests run `dag.test()`.
     """
-    from flywheel import stack
+    from infra import stack
 
     before = {s.name for s in stack.status(stack_settings) if s.running}
     stack.up(stack_settings, only=list(SESSION_SERVICES))
@@ -57,7 +57,7 @@ def mlflow_settings(local_stack: StackSettings) -> MlflowSettings:
 @pytest.fixture
 def topic_factory(kafka_settings: KafkaSettings) -> Iterator[Callable[..., str]]:
     """`topic_factory(partitions=1, **config)` -> a fresh uuid-named topic, deleted after the test."""
-    from flywheel.topics import TopicSpec, admin_client, delete_topics, ensure_topics
+    from infra.topics import TopicSpec, admin_client, delete_topics, ensure_topics
 
     admin = admin_client(kafka_settings)
     made: list[str] = []
@@ -78,7 +78,7 @@ def topic_factory(kafka_settings: KafkaSettings) -> Iterator[Callable[..., str]]
 @pytest.fixture(scope="session")
 def target_model():
     """The prepared SmolLM2 target (converted once from the GGUF wheel, checksummed after that)."""
-    from flywheel.settings import ServingSettings
-    from flywheel.target_model import prepare_target
+    from core.settings import ServingSettings
+    from core.target_model import prepare_target
 
     return prepare_target(ServingSettings().models_dir)

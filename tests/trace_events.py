@@ -9,7 +9,7 @@ from typing import Any
 from confluent_kafka import Producer
 from fastavro.utils import generate_many
 
-from flywheel.settings import KafkaSettings
+from core.settings import KafkaSettings
 from producers.trace_record import ServingIdentity, build_trace_record, encode_trace
 from schemas import codec
 from schemas.registry import DRAFTER_PROMOTION, TRACE_EVENT, current

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
+from core.drafter_artifacts import fetch, model_uri
+from core.settings import MlflowSettings
 from trainer.eagle3_drafter import CONFIG_FILE, Eagle3Drafter
 
 
@@ -42,36 +44,36 @@ class DrafterStore:
 
 
 class RegistryDrafterStore(DrafterStore):
-    """Served versions from the MLflow drafter registry (trainer.registry), downloaded once per version.
+    """Served versions from the MLflow drafter registry, through the shared drafter artifact cache.
 
     Traces served by a registered drafter carry drafter_id = the registered model name and drafter_version
-    = its registry version, which is exactly what ``DrafterRegistry.download`` resolves.
+    = its registry version, which is exactly what ``models:/<drafter_id>/<version>`` resolves.
     """
 
-    def __init__(self, registry, cache_dir: Path | str, max_loaded: int = 2):
-        super().__init__(cache_dir, max_loaded)
-        self.registry = registry
+    def __init__(self, registered_model: str, mlflow: MlflowSettings, max_loaded: int = 2):
+        super().__init__(mlflow.artifact_cache_dir, max_loaded)
+        self.registered_model = registered_model
+        self.mlflow = mlflow
 
     def path(self, drafter_id: str | None, version: str | None) -> Path | None:
         from mlflow.exceptions import MlflowException
 
-        if version is None or drafter_id != self.registry.name:
+        if version is None or drafter_id != self.registered_model:
             return None
         try:
-            return self.registry.download(version, self.root)
+            return fetch(model_uri(drafter_id, version), self.root, self.mlflow.tracking_uri)
         except MlflowException:
             return None
 
 
-def open_store(spec: str | Path | None, target_model_id: str) -> DrafterStore | None:
+def open_store(
+    spec: str | Path | None, target_model_id: str, mlflow: MlflowSettings | None
+) -> DrafterStore | None:
     """'registry' -> the MLflow registry of ``target_model_id``; a path -> a local version-keyed dir."""
     if spec is None:
         return None
     if str(spec) == "registry":
-        from flywheel.settings import TrainingSettings
-        from trainer.registry import DrafterRegistry
-
-        return RegistryDrafterStore(
-            DrafterRegistry(target_model_id), TrainingSettings().output_dir / "served"
-        )
+        if mlflow is None:
+            raise ValueError("serving_drafters='registry' needs the MLflow settings of the registry")
+        return RegistryDrafterStore(mlflow.drafter_model_name(target_model_id), mlflow)
     return DrafterStore(spec)

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from flywheel.settings import LakeSettings, MlflowSettings, ServingSettings, TrainingSettings
+from core.settings import Settings
 
 
 class _Strict(BaseModel):
@@ -21,8 +21,8 @@ class _Strict(BaseModel):
 
 
 class WindowConfig(_Strict):
-    table: str = Field(
-        default_factory=lambda: LakeSettings().traces_uri, description="Delta table URI of traces"
+    table: str | None = Field(
+        None, description="Delta table URI of traces (default: the lake's traces table)"
     )
     start: datetime | None = Field(None, description="first finish_time in the window (inclusive, UTC)")
     end: datetime | None = Field(None, description="end of the window (exclusive, UTC)")
@@ -79,12 +79,10 @@ class OptimConfig(_Strict):
 
 class MlflowConfig(_Strict):
     enabled: bool = Field(False, description="log params, metrics and the drafter to MLflow")
-    tracking_uri: str = Field(
-        default_factory=lambda: MlflowSettings().tracking_uri, description="tracking server"
+    tracking_uri: str | None = Field(
+        None, description="tracking server (default: FLYWHEEL_MLFLOW_TRACKING_URI)"
     )
-    experiment: str = Field(
-        default_factory=lambda: MlflowSettings().experiment, description="experiment name"
-    )
+    experiment: str | None = Field(None, description="experiment name (default: FLYWHEEL_MLFLOW_EXPERIMENT)")
     run_name: str | None = Field(None, description="run name (default: recipe name)")
 
 
@@ -96,9 +94,7 @@ class EvalConfig(_Strict):
 
 class TrainRecipeConfig(_Strict):
     name: str = Field(description="run name; output goes to output_dir")
-    target: Path = Field(
-        default_factory=lambda: ServingSettings().target_dir, description="HF target model dir"
-    )
+    target: Path | None = Field(None, description="HF target model dir (default: the served target)")
     window: WindowConfig = Field(default_factory=WindowConfig)
     init: InitConfig = Field(default_factory=InitConfig)
     ttt_steps: int = Field(3, ge=1, description="training-time-test unroll length (draft steps trained)")
@@ -121,10 +117,10 @@ class TrainRecipeConfig(_Strict):
     checkpoint_every: int = Field(0, description="checkpoint interval (0 = only at the end)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="drafter compute: fp32 or bf16 autocast")
     num_threads: int | None = Field(
-        default_factory=lambda: TrainingSettings().num_threads, description="torch threads (None = default)"
+        None, description="torch threads (default: FLYWHEEL_TRAINING_NUM_THREADS, else torch's)"
     )
     output_dir: Path | None = Field(
-        None, description="checkpoints + exported drafter (default: settings dir/name)"
+        None, description="checkpoints + exported drafter (default: FLYWHEEL_TRAINING_OUTPUT_DIR/name)"
     )
     resume: Path | None = Field(None, description="resume from this checkpoint file")
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
@@ -141,8 +137,43 @@ class TrainRecipeConfig(_Strict):
             raise ValueError("at least one loss term is required")
         return v
 
+    def with_defaults(self, settings: Settings) -> TrainRecipeConfig:
+        """Fill what the recipe leaves to the deployment (target, table, MLflow server, output dir, threads)
+        from ``settings``; a value the recipe sets is kept."""
+        update: dict = {}
+        if self.target is None:
+            update["target"] = settings.serving.target_dir
+        if self.window.table is None:
+            update["window"] = self.window.model_copy(update={"table": settings.lake.traces_uri})
+        if self.output_dir is None:
+            update["output_dir"] = settings.training.output_dir / self.name
+        if self.num_threads is None:
+            update["num_threads"] = settings.training.num_threads
+        if self.mlflow.tracking_uri is None or self.mlflow.experiment is None:
+            update["mlflow"] = self.mlflow.model_copy(
+                update={
+                    "tracking_uri": self.mlflow.tracking_uri or settings.mlflow.tracking_uri,
+                    "experiment": self.mlflow.experiment or settings.mlflow.experiment,
+                }
+            )
+        return self.model_copy(update=update)
+
+    def missing(self) -> list[str]:
+        """Fields a run needs that neither the recipe nor :meth:`with_defaults` has set."""
+        needed = {"target": self.target, "window.table": self.window.table, "output_dir": self.output_dir}
+        if self.mlflow.enabled:
+            needed |= {
+                "mlflow.tracking_uri": self.mlflow.tracking_uri,
+                "mlflow.experiment": self.mlflow.experiment,
+            }
+        return [name for name, value in needed.items() if value is None]
+
     def resolved_output_dir(self) -> Path:
-        return (self.output_dir or TrainingSettings().output_dir / self.name).resolve()
+        if self.output_dir is None:
+            raise ValueError(
+                f"recipe {self.name!r} has no output_dir: resolve it with with_defaults(settings)"
+            )
+        return self.output_dir.resolve()
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

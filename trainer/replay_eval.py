@@ -1,4 +1,4 @@
-"""Offline replay tau: the acceptance length a drafter would reach on recorded traces (ARCHITECTURE.md).
+"""Offline replay tau: the acceptance length a drafter would reach on recorded traces (docs/architecture.md).
 
 For each trace: recompute the target's greedy tokens g_t over prompt+output, run the drafter's K-step
 unroll at every slot, then walk the output as vLLM's greedy chain drafting would: the first verify step
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from core.tau import tau
 from trainer.eagle3_drafter import Eagle3Drafter
 from trainer.target_features import TargetFeatures, TargetModel
 from trainer.trace_window import TraceSequence
@@ -55,13 +56,13 @@ class DomainReplay:
     recorded_accepted: int = 0
 
     @property
-    def tau(self) -> float:
-        return 1.0 + self.accepted / self.steps if self.steps else float("nan")
+    def tau(self) -> float | None:
+        return tau(self.accepted, self.steps)
 
     @property
-    def recorded_tau(self) -> float:
+    def recorded_tau(self) -> float | None:
         """tau the serving drafter actually reached on these traces (from per_step_accepted)."""
-        return 1.0 + self.recorded_accepted / self.recorded_steps if self.recorded_steps else float("nan")
+        return tau(self.recorded_accepted, self.recorded_steps)
 
 
 @dataclass
@@ -81,9 +82,10 @@ class ReplayReport:
         return total
 
     def metrics(self) -> dict[str, float]:
+        """Flat metrics for MLflow; a domain without verify steps has no tau and is left out."""
         out = {"replay_tau": self.overall.tau}
         out |= {f"replay_tau.{name}": d.tau for name, d in sorted(self.domains.items())}
-        return out
+        return {k: v for k, v in out.items() if v is not None}
 
     def as_dict(self) -> dict:
         rows = {name: d for name, d in sorted(self.domains.items())} | {"all": self.overall}

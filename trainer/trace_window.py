@@ -5,7 +5,7 @@ the rows appended after an earlier version. Rows stream in Arrow record batches 
 shuffle buffer into token-budget packs, so memory stays flat however long the window is. The newest
 ``holdout_fraction`` of the window (by finish_time) is held out for offline evaluation.
 
-Labels of output positions (ARCHITECTURE.md): output[0] is a plain target token (prefill); each recorded
+Labels of output positions (docs/architecture.md): output[0] is a plain target token (prefill); each recorded
 verify step s then emits ``per_step_accepted[s]`` accepted draft tokens and one target token, a
 *correction* if the step's draft was rejected (accepted < drafted) or a *bonus* if it was all accepted.
 So len(output) = 1 + sum(a_s + 1) - cut, where the last step lost ``cut`` (0..a_last) tokens to

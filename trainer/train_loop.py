@@ -1,6 +1,6 @@
 """Drafter training recipe: setup() / train() / cleanup(), torchrun-ready (DDP over gloo on CPU).
 
-    recipe = DrafterTrainingRecipe(load_recipe("trainer/recipes/scratch.yaml"))
+    recipe = DrafterTrainingRecipe(load_recipe("trainer/recipes/scratch.yaml").with_defaults(settings))
     recipe.setup(); recipe.train(); recipe.cleanup()
 
 Each step: next pack of the streamed train window -> frozen target forward (features recomputed, never
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from core.settings import MlflowSettings, Settings
 from trainer.drafter_store import open_store
 from trainer.eagle3_drafter import Eagle3Config, Eagle3Drafter
 from trainer.losses import UnrollBatch, mix_losses
@@ -62,8 +63,11 @@ def top_token_ids(counts, k: int) -> torch.Tensor:
 
 
 class DrafterTrainingRecipe:
-    def __init__(self, cfg: TrainRecipeConfig, argv: list[str] | None = None):
+    def __init__(
+        self, cfg: TrainRecipeConfig, argv: list[str] | None = None, mlflow: MlflowSettings | None = None
+    ):
         self.cfg = cfg
+        self.mlflow_settings = mlflow  # the registry of served drafters (serving_drafters='registry')
         self.argv = argv if argv is not None else list(sys.argv)
         self.history: list[dict] = []
         self.step = 0
@@ -91,7 +95,7 @@ class DrafterTrainingRecipe:
         self.drafter = self._init_drafter()
         self.draft_ids = self.drafter.draft_to_target.clone()
         self.draft_index = target_index(self.draft_ids, self.drafter.config.vocab_size)
-        self.store = open_store(cfg.serving_drafters, target_model_id=Path(cfg.target).name)
+        self.store = open_store(cfg.serving_drafters, Path(cfg.target).name, self.mlflow_settings)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             self.drafter.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
@@ -349,8 +353,16 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def run_recipe(cfg: TrainRecipeConfig, argv: list[str] | None = None) -> DrafterTrainingRecipe:
-    recipe = DrafterTrainingRecipe(cfg, argv)
+def run_recipe(
+    cfg: TrainRecipeConfig, settings: Settings | None = None, argv: list[str] | None = None
+) -> DrafterTrainingRecipe:
+    """Train ``cfg`` (set-up, steps, clean-up). ``settings`` fill what the recipe leaves open
+    (``TrainRecipeConfig.with_defaults``) and say where served drafters come from for the discard term."""
+    if settings is not None:
+        cfg = cfg.with_defaults(settings)
+    if cfg.missing():
+        raise ValueError(f"recipe {cfg.name!r} leaves {cfg.missing()} unset and no settings were given")
+    recipe = DrafterTrainingRecipe(cfg, argv, settings.mlflow if settings is not None else None)
     recipe.setup()
     try:
         recipe.train()
@@ -361,10 +373,11 @@ def run_recipe(cfg: TrainRecipeConfig, argv: list[str] | None = None) -> Drafter
 
 def main(argv: list[str] | None = None) -> None:
     """torchrun entry: ``torchrun --nproc-per-node 2 -m trainer.train_loop RECIPE.yaml [key=value ...]``."""
+    from core.settings import get_settings
     from trainer.recipes import load_recipe
 
     args = list(sys.argv[1:] if argv is None else argv)
-    run_recipe(load_recipe(args[0], args[1:]), argv=sys.argv)
+    run_recipe(load_recipe(args[0], args[1:]), get_settings(), argv=sys.argv)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ import pytest
 from deltalake import DeltaTable
 from trace_events import trace
 
-from flywheel.demo_services import AirflowClient
-from flywheel.settings import LakeSettings, StackSettings
-from flywheel.stack import process
-from flywheel.stack.airflow_server import AirflowStandalone
-from trainer.offline_traces import lake_rows, write_traces
+from bench.offline_traces import lake_rows, write_traces
+from core import process
+from core.settings import LakeSettings, StackSettings
+from flywheel.demo.services import AirflowClient
+from infra.stack.airflow_server import AirflowStandalone
 
 pytestmark = pytest.mark.integration
 PORT = 8095

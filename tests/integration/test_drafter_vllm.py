@@ -10,7 +10,7 @@ from trainer_data import (
     trained_drafter_fixture,  # noqa: F401  (registers the session fixture `trained_drafter`)
 )
 
-from trainer.offline_traces import lake_rows, serve_to_records, write_traces
+from bench.offline_traces import lake_rows, serve_to_records, write_traces
 from trainer.recipes import TrainRecipeConfig
 from trainer.replay_eval import replay_sequences
 from trainer.trace_window import Label, Window, WindowReader

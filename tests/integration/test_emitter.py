@@ -8,8 +8,8 @@ import uuid
 import pytest
 from confluent_kafka import Consumer
 
-from flywheel import stack
-from flywheel.stack import process
+from core import process
+from infra import stack
 from producers.emitter import TraceEmitter
 from producers.spill import SpillDir, read_records
 

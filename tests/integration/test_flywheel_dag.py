@@ -31,7 +31,7 @@ from trainer_data import (
 )
 from typer.testing import CliRunner
 
-from flywheel.settings import KafkaSettings, MlflowSettings, ServingSettings
+from core.settings import KafkaSettings, MlflowSettings
 from schemas import codec
 from schemas.registry import DRAFTER_PROMOTION
 
@@ -79,7 +79,7 @@ print("DAG_TEST_RESULT " + json.dumps({"run_id": run.run_id, "state": state(run.
 @pytest.fixture(scope="module")
 def cycle_env(local_stack, kafka_settings, mlflow_settings, trace_table, target_model, tmp_path_factory):
     """FLYWHEEL_* settings of this module: its own registered model, promotions topic, lake and outputs."""
-    from flywheel.topics import TopicSpec, admin_client, delete_topics, ensure_topics
+    from infra.topics import TopicSpec, admin_client, delete_topics, ensure_topics
 
     tmp = tmp_path_factory.mktemp("flywheel-dag")
     admin = admin_client(kafka_settings)
@@ -100,24 +100,26 @@ def cycle_env(local_stack, kafka_settings, mlflow_settings, trace_table, target_
         for key, value in env.items():
             mp.setenv(key, value)
         yield env
-        from trainer.served_eval import EvalServers, ServedEvalConfig
+        from core.settings import CycleSettings, Settings
+        from flywheel.cycle import eval_servers
 
-        base, spec = SMALL_CYCLE["eval_ports"]
-        EvalServers(ServedEvalConfig(base_port=base, spec_port=spec), trace_table.store).stop()
+        settings = Settings(cycle=CycleSettings(eval_ports=SMALL_CYCLE["eval_ports"]))
+        eval_servers(settings, trace_table.store).stop()
     delete_topics(admin, [topic])
 
 
 @pytest.fixture(scope="module")
 def registry(cycle_env):
-    from trainer.registry import DrafterRegistry
+    from core.settings import Settings
+    from flywheel.cycle import registry as cycle_registry
 
-    return DrafterRegistry(ServingSettings().target_model)
+    return cycle_registry(Settings())
 
 
 @pytest.fixture(scope="module")
 def airflow_env(cycle_env, local_stack, tmp_path_factory) -> dict[str, str]:
     """An Airflow home of its own (sqlite, migrated), so dag.test never races the standalone scheduler."""
-    from flywheel.stack.airflow_server import airflow_env
+    from infra.stack.airflow_server import airflow_env
 
     home = tmp_path_factory.mktemp("airflow-home")
     env = os.environ | airflow_env(home, local_stack.airflow_port, local_stack.host, local_stack.root)
@@ -192,7 +194,10 @@ def test_dag_cycle_end_to_end(cycle_env, airflow_env, registry, tmp_path):
     (version,) = registry.client.search_model_versions(f"name='{registry.name}'")
     tags = registry.get(version.version).tags
     assert int(tags["window_rows"]) >= SMALL_CYCLE["min_window_rows"] and tags["parent_version"] == "scratch"
-    evaluation = json.loads(tags["eval_report"])
+    from core.settings import Settings
+    from flywheel.cycle import stored_evaluation
+
+    evaluation = stored_evaluation(Settings(), version.version).model_dump(mode="json")
     assert evaluation["champion_version"] is None and evaluation["challenger"]["samples"] >= 6
     assert set(evaluation["domains"]) == {"code", "prose", "docs"}
     decision = tags["gate_decision"]

@@ -19,7 +19,7 @@ from consumers.table import (
     table_schema,
 )
 from consumers.trace_batch import MessageBatch, TraceBatchDecoder
-from flywheel.settings import KafkaSettings, LakeSettings
+from core.settings import KafkaSettings, LakeSettings
 from schemas.arrow import traces_table_schema
 
 pytestmark = pytest.mark.integration

@@ -26,7 +26,7 @@ from deltalake import DeltaTable
 from trace_events import ingest_env, produce
 from trainer_data import DRAFTER_ID, cached_traces
 
-from flywheel.topics import TopicSpec, admin_client, delete_topics, ensure_topics
+from infra.topics import TopicSpec, admin_client, delete_topics, ensure_topics
 from producers.trace_record import encode_trace
 from trainer.trace_window import Window, WindowReader
 

@@ -9,10 +9,10 @@ import mlflow
 import pytest
 from confluent_kafka import Consumer
 
-from flywheel.settings import KafkaSettings
+from core.settings import KafkaSettings
+from promotion.drafter_registry import DrafterRegistry, RegistryError
 from schemas import codec
 from schemas.registry import DRAFTER_PROMOTION
-from trainer.registry import DrafterRegistry, RegistryError
 
 pytestmark = pytest.mark.integration
 
@@ -82,9 +82,7 @@ def test_register_promote_rollback(tmp_path, mlflow_settings, kafka_settings, to
     assert events[-1][1]["weights_sha256"] == v1.tags["weights_sha256"]
 
     for v, payload in ((v1, b"\x00" * 64), (v2, b"\x01" * 64)):  # every version stays loadable by version
-        assert (
-            registry.download(v.version, tmp_path / "cache") / "model.safetensors"
-        ).read_bytes() == payload
+        assert (registry.download(v.version) / "model.safetensors").read_bytes() == payload
 
 
 def test_lineage_head_is_the_newest_trained_version_not_rolled_back(

@@ -12,7 +12,7 @@ from trace_events import encoded, produce, trace
 from consumers.delta_sink import IngestOptions, TraceIngest
 from consumers.flush_policy import FlushPolicy
 from consumers.retention import apply_retention, partitions_of, plan_retention
-from flywheel.settings import LakeSettings
+from core.settings import LakeSettings
 
 pytestmark = pytest.mark.integration
 

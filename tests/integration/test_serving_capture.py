@@ -18,12 +18,12 @@ import pytest
 import torch
 from confluent_kafka import Consumer
 
-from flywheel import stack
-from flywheel.settings import KafkaSettings, ServingSettings, StackSettings
-from flywheel.stack import process
-from flywheel.topics import TopicSpec, admin_client, delete_topics, ensure_topics
-from producers.promotion_events import build_promotion, publish_promotion
+from core import process
+from core.settings import KafkaSettings, ServingSettings, StackSettings
+from infra import stack
+from infra.topics import TopicSpec, admin_client, delete_topics, ensure_topics
 from producers.vllm_server import VllmServer, cpu_environment, serve_args
+from promotion.promotion_events import build_promotion, publish_promotion
 from schemas import codec
 from schemas.registry import TRACE_EVENT
 from trainer.eagle3_drafter import Eagle3Config, Eagle3Drafter

@@ -8,8 +8,8 @@ import httpx
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from flywheel import stack
-from flywheel.stack import process
+from core import process
+from infra import stack
 
 pytestmark = pytest.mark.integration
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from flywheel.prompts import load_prompts
-from flywheel.target_model import MANIFEST, prepare_target, sha256_file
+from core.prompts import load_prompts
+from core.target_model import MANIFEST, prepare_target, sha256_file
 
 
 def test_prepare_is_idempotent_and_checksummed(target_model):

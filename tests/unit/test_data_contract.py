@@ -17,8 +17,8 @@ from trace_events import trace
 from consumers.dead_letters import DeadLetter, dead_letter_headers
 from consumers.table import TABLE_PROPERTIES
 from consumers.trace_rules import RULES
-from flywheel.settings import KafkaSettings, LakeSettings
-from flywheel.topics import project_topics
+from core.settings import KafkaSettings, LakeSettings
+from infra.topics import project_topics
 from schemas import codec
 from schemas.arrow import PARTITION_COLUMNS, traces_table_schema
 from schemas.registry import TRACE_EVENT, events, versions

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flywheel import demo_report as rep
+from flywheel.demo import report as rep
 
 
 def test_pooled_tau_weighs_every_verify_step():
@@ -112,7 +112,7 @@ def test_stage_board_logs_plain_lines_without_a_terminal():
 
     from rich.console import Console
 
-    from flywheel.demo import StageBoard
+    from flywheel.demo.run import StageBoard
 
     out = io.StringIO()
     board = StageBoard(Console(file=out, force_terminal=False, width=120))

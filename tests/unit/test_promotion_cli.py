@@ -11,7 +11,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from flywheel.cli import app
-from trainer.cli import served_table
+from flywheel.evaluate_cli import served_table
 
 
 @pytest.mark.parametrize("command", ["evaluate", "promote", "rollback", "drafters"])

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from flywheel.prompts import DOMAINS, load_prompts, split
+from core.prompts import DOMAINS, load_prompts, split
 
 
 def test_three_real_domains_with_stable_ids():

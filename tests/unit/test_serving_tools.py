@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flywheel.settings import ServingSettings
+from core.settings import ServingSettings
 from producers.drafter_weights import IncompatibleDrafter, compatibility_problems, read_weights, tensor_shapes
 from producers.traffic import Phase, parse_schedule, prompt_stream, spec_steps
 from producers.vllm_server import serve_args, speculative_config

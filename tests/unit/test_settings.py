@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from flywheel.settings import KafkaSettings, LakeSettings, StackSettings
+from core.settings import KafkaSettings, LakeSettings, StackSettings
 
 
 def test_env_prefix_per_concern(monkeypatch):

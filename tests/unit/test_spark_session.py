@@ -1,4 +1,4 @@
-"""flywheel.spark without a JVM: packages, session properties, Kafka source options, light import."""
+"""consumers.spark_session without a JVM: packages, session properties, Kafka source options, light import."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flywheel.settings import KafkaSettings, SparkSettings
-from flywheel.spark import kafka_source_options, session_conf, spark_packages
+from consumers.spark_session import kafka_source_options, session_conf, spark_packages
+from core.settings import KafkaSettings, SparkSettings
 
 
 def test_packages_follow_the_installed_pyspark():
@@ -62,6 +62,6 @@ def test_kafka_source_options_carry_the_security_settings():
 
 
 def test_importing_flywheel_spark_does_not_import_pyspark():
-    code = "import sys, flywheel.spark; assert 'pyspark' not in sys.modules, 'pyspark imported'"
+    code = "import sys, consumers.spark_session; assert 'pyspark' not in sys.modules, 'pyspark imported'"
     repo = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=repo)

@@ -6,10 +6,10 @@ import socket
 
 import pytest
 
-from flywheel.settings import StackSettings
-from flywheel.stack import process
-from flywheel.stack.kafka_broker import KafkaBroker, require_tool
-from flywheel.stack.mlflow_server import MlflowServer
+from core import process
+from core.settings import StackSettings
+from infra.stack.kafka_broker import KafkaBroker, require_tool
+from infra.stack.mlflow_server import MlflowServer
 
 
 def test_missing_tool_names_the_tool_and_the_fix(monkeypatch):
@@ -40,7 +40,7 @@ def test_status_of_a_never_started_service_is_stopped(tmp_path):
 
 
 def test_down_with_an_empty_selection_stops_nothing(tmp_path):
-    from flywheel import stack
+    from infra import stack
 
     settings = StackSettings(state_dir=tmp_path)
     spec = stack.service("mlflow", settings)

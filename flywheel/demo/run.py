@@ -12,7 +12,7 @@ Storyline (every number in the report is measured here, none is assumed):
 4. Phase B (abrupt shift to prose): the same prose prompts to F and S; the flywheel keeps cycling on the
    post-shift window; S stays as it is.
 5. Report: tau before/after the shift, recovery, measured speedup of the final champion, bytes/token,
-   promotions/rejections, stage times (flywheel/demo_report.py).
+   promotions/rejections, stage times (flywheel/demo/report.py).
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ from rich.progress import (
 )
 from rich.table import Column
 
-from flywheel import demo_report as rep
-from flywheel import demo_services as svc
-from flywheel.settings import CycleSettings, KafkaSettings, ServingSettings, StackSettings, TrainingSettings
+from core.settings import CycleSettings, KafkaSettings, ServingSettings, StackSettings, TrainingSettings
+from flywheel.demo import report as rep
+from flywheel.demo import services as svc
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TASKS = ["window", "train", "evaluate", "gate", "decide", "promote", "reject"]
 FLYWHEEL_PORT, STATIC_PORT = 8000, 8001  # served_eval owns 8031/8032
 
@@ -203,7 +203,7 @@ class Demo:
         self.paused_before: dict[str, bool] = {}
         self.active_run: str | None = None
         self.background: svc.BackgroundStarts | None = None
-        self.evals = None  # the Airflow evaluate task's two servers (trainer.served_eval.EvalServers)
+        self.evals = None  # the Airflow evaluate task's two servers (evaluation.served.EvalServers)
         self.serving = ServingSettings()
 
     # --- stages ------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ class Demo:
             self.console.print(f"[yellow]no partial report: {e}")
 
     def _stage_setup(self) -> None:
-        from flywheel.target_model import prepare_target
+        from core.target_model import prepare_target
 
         with self.board.stage("setup check") as st:
             for tool in ("java", "mvn"):
@@ -251,8 +251,8 @@ class Demo:
             self.target_revision = prepared.revision
 
     def _stage_stack(self) -> None:
-        from flywheel import stack
-        from flywheel.topics import admin_client, ensure_topics, project_topics
+        from infra import stack
+        from infra.topics import admin_client, ensure_topics, project_topics
 
         with self.board.stage("stack up (Kafka, MLflow, Airflow)") as st:
             rows = stack.up(self.stack)
@@ -263,9 +263,9 @@ class Demo:
 
     def _stage_reset(self) -> None:
         """Start the flywheel from scratch: archive earlier drafters of this target, serve a random head."""
-        from producers.promotion_events import build_promotion, publish_promotion
-        from trainer.registry import DrafterRegistry
-        from trainer.served_eval import EvalServers, ServedEvalConfig
+        from evaluation.served import EvalServers, ServedEvalConfig
+        from promotion.drafter_registry import DrafterRegistry
+        from promotion.promotion_events import build_promotion, publish_promotion
 
         with self.board.stage("reset: scratch drafter, fresh registry") as st:
             registry = DrafterRegistry(self.serving.target_model)
@@ -311,7 +311,7 @@ class Demo:
 
     def _stage_start_flywheel(self) -> None:
         """F in the foreground; S and the served-evaluation servers warm up in the background meanwhile."""
-        from flywheel.stack import process
+        from core import process
 
         with self.board.stage("start flywheel server F + ingest") as st:
             # F and S read these from the environment (the evaluation pair gets them as `eval_serving`)
@@ -484,7 +484,7 @@ class Demo:
         version = gate.get("version") or evaluation.get("version")
         parent = None
         if version is not None:
-            from trainer.registry import DrafterRegistry
+            from promotion.drafter_registry import DrafterRegistry
 
             parent = DrafterRegistry(self.serving.target_model).get(version).tags.get("parent_version")
         # steps accumulate along the lineage (CycleSettings.warm_start): the parent's plus this cycle's
@@ -550,7 +550,7 @@ class Demo:
     # --- report ------------------------------------------------------------------------------------
 
     def _report(self) -> dict[str, Any]:
-        from trainer.registry import DrafterRegistry
+        from promotion.drafter_registry import DrafterRegistry
 
         registry = DrafterRegistry(self.serving.target_model)
         figures = rep.compute_figures(self.series, self.plan.last_n, self.plan.window)

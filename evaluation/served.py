@@ -17,11 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flywheel.settings import ServingSettings, StackSettings
-from flywheel.stack import process
+from pydantic import BaseModel, ConfigDict
+
+from core import process
+from core.settings import ServingSettings, StackSettings
+from core.tau import pooled_tau, tau_of
+from evaluation.gate import ArmMeasurement
+from producers.hot_swap import swap_server
 from producers.traffic import Phase, replay
-from producers.vllm_server import VllmServer, cpu_environment, serve_args, swap_drafter
-from trainer.promotion_gate import ArmMeasurement
+from producers.vllm_server import VllmServer, cpu_environment, serve_args
 
 BASELINE, CHAMPION, CHALLENGER = "baseline", "champion", "challenger"
 
@@ -48,14 +52,19 @@ class ServedEvalReport:
     config: ServedEvalConfig
     speedup: dict[str, dict[int, float]]  # arm -> concurrency -> median speedup
     tokens_per_s: dict[str, dict[int, float]]
-    tau: dict[str, float]
-    tau_by_domain: dict[str, dict[str, float]]
+    tau: dict[str, float | None]
+    tau_by_domain: dict[str, dict[str, float | None]]
     samples: dict[str, int]
     rounds: list[dict] = field(default_factory=list)
 
     def measurement(self, arm: str) -> ArmMeasurement:
         c = self.config.decision_concurrency
-        return ArmMeasurement(self.speedup[arm][c], self.tau[arm], self.tau_by_domain[arm], self.samples[arm])
+        return ArmMeasurement(
+            speedup=self.speedup[arm][c],
+            tau=self.tau[arm],
+            tau_by_domain=self.tau_by_domain[arm],
+            samples=self.samples[arm],
+        )
 
     def metrics(self) -> dict[str, float]:
         """Flat metrics for MLflow."""
@@ -67,39 +76,57 @@ class ServedEvalReport:
         for arm, tau in self.tau.items():
             out[f"tau_{arm}"] = tau
             out |= {f"tau_{arm}_{d}": t for d, t in self.tau_by_domain[arm].items()}
-        return out
+        return {k: v for k, v in out.items() if v is not None}  # no verify step: no tau to log
+
+
+class Evaluation(BaseModel):
+    """The evaluate step's output (one XCom value in the DAG; ``evaluation.json`` in its MLflow run)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: str
+    champion_version: str | None
+    window_key: str
+    domains: list[str]
+    metrics: dict[str, float]
+    challenger: ArmMeasurement
+    champion: ArmMeasurement | None = None
+    eval_run_id: str | None = None
 
 
 class EvalServers:
     """The baseline and the speculative evaluation servers (started once, reused across evaluations)."""
 
-    def __init__(self, config: ServedEvalConfig, first_drafter: Path, stack: StackSettings | None = None):
-        stack = stack or StackSettings()
-        self.state = state = stack.root / "eval-servers"
-        self.model = ServingSettings().target_model
-        k, overrides = config.num_spec_tokens, config.serving
-        self.base = self.server(state, config.base_port, "none", None, k, overrides)
-        self.spec = self.server(state, config.spec_port, "eagle3", first_drafter, k, overrides)
+    def __init__(
+        self, config: ServedEvalConfig, first_drafter: Path, stack: StackSettings, serving: ServingSettings
+    ):
+        self.config = config
+        self.state = stack.root / "eval-servers"
+        self.model = serving.target_model
+        k = config.num_spec_tokens
+        serving = serving.model_copy(update=config.serving)
+        self.base = self.server(stack, serving, config.base_port, "none", None, k)
+        self.spec = self.server(stack, serving, config.spec_port, "eagle3", first_drafter, k)
         self.loaded: str | None = None
 
     @staticmethod
     def server(
-        state: Path,
-        port: int,
-        method: str,
-        drafter: Path | None,
-        k: int,
-        overrides: dict[str, Any] | None = None,
+        stack: StackSettings, serving: ServingSettings, port: int, method: str, drafter: Path | None, k: int
     ) -> VllmServer:
-        """One evaluation server: capture and promotion-following off, weight-update routes on."""
-        serving = ServingSettings(**{**(overrides or {}), "port": port, "spill_dir": state / f"spill-{port}"})
+        """One evaluation server: capture and promotion-following off, weight-update routes on; its state
+        (PID file, log, spill) under ``<state dir>/eval-servers/<port>``."""
+        state = stack.root / "eval-servers"
+        serving = serving.model_copy(update={"port": port, "spill_dir": state / f"spill-{port}"})
         env = cpu_environment(serving) | {
             "VLLM_SERVER_DEV_MODE": "1",  # the weight-update routes used to swap drafters
             "FLYWHEEL_SERVING_CAPTURE_ENABLED": "false",  # evaluation traffic is not production traffic
             "FLYWHEEL_SERVING_FOLLOW_PROMOTIONS": "false",
         }
         server = VllmServer(
-            StackSettings(state_dir=state / str(port)), serving, serve_args(serving, method, drafter, k), env
+            stack.model_copy(update={"state_dir": state / str(port)}),
+            serving,
+            serve_args(serving, method, drafter, k),
+            env,
         )
         server.name = f"vllm-eval-{port}"
         return server
@@ -121,7 +148,7 @@ class EvalServers:
         """Swap the speculative server's drafter (vLLM draft-weight update API over HTTP)."""
         if self.loaded == label:
             return
-        swap_drafter(f"http://{self.spec.address}", drafter, label)
+        swap_server(f"http://{self.spec.address}", drafter, label)
         self.loaded = label
 
 
@@ -178,8 +205,8 @@ def served_benchmark(
         }
         for arm in arms
     }
-    tau = {arm: _tau([s for d in steps[arm].values() for s in d]) for arm in arms if arm != BASELINE}
-    tau_by_domain = {arm: {d: _tau(s) for d, s in steps[arm].items()} for arm in arms if arm != BASELINE}
+    tau = {arm: pooled_tau(steps[arm].values()) for arm in arms if arm != BASELINE}
+    tau_by_domain = {arm: {d: tau_of(s) for d, s in steps[arm].items()} for arm in arms if arm != BASELINE}
     return ServedEvalReport(
         config,
         speedup,
@@ -189,7 +216,3 @@ def served_benchmark(
         dict(samples),
         rounds,
     )
-
-
-def _tau(accepted: list[int]) -> float:
-    return 1.0 + sum(accepted) / len(accepted) if accepted else 1.0

@@ -2,7 +2,7 @@
 
 Pure functions over per-request ``per_step_accepted`` lists (what vLLM returns with each response), so the
 numbers in the report can be recomputed from ``requests.jsonl`` and are unit-tested. Definitions follow
-ARCHITECTURE.md: tau = 1 + mean accepted draft tokens per verify step, pooled over the verify steps of the
+docs/architecture.md: tau = 1 + mean accepted draft tokens per verify step, pooled over the verify steps of the
 requests considered (a long request weighs more than a short one, as in the served benchmark).
 """
 
@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from core.tau import pooled_tau, rolling_tau
 
 REPORT_KEYS = (
     "tau_before_shift",
@@ -32,27 +34,6 @@ TARGETS = {
     "recovery_requests": 2000,  # <= this many requests after the shift
     "speedup_champion": 1.3,  # measured, batch 1
 }
-
-
-def pooled_tau(requests: Sequence[Sequence[int]]) -> float | None:
-    """tau over every verify step of ``requests`` (None when they hold no verify step)."""
-    steps = [a for r in requests for a in r]
-    return 1.0 + sum(steps) / len(steps) if steps else None
-
-
-def rolling_tau(requests: Sequence[Sequence[int]], window: int) -> list[float | None]:
-    """tau over the trailing ``window`` requests, at every request (fewer at the start)."""
-    if window < 1:
-        raise ValueError("window must be >= 1")
-    accepted = steps = 0
-    out: list[float | None] = []
-    for i, r in enumerate(requests):
-        accepted, steps = accepted + sum(r), steps + len(r)
-        if i >= window:
-            old = requests[i - window]
-            accepted, steps = accepted - sum(old), steps - len(old)
-        out.append(1.0 + accepted / steps if steps else None)
-    return out
 
 
 def recovery_requests(
@@ -215,7 +196,7 @@ def render_markdown(report: dict[str, Any], context: dict[str, Any]) -> str:
         "# spec-flywheel demo report",
         "",
         f"Mode: **{context['mode']}**. Target {context['target']}, EAGLE-3 drafter, K={context['k']}, "
-        f"greedy. Finished {context['finished_at']}. Definitions: ARCHITECTURE.md.",
+        f"greedy. Finished {context['finished_at']}. Definitions: docs/architecture.md.",
         "",
         "## Figures",
         "",

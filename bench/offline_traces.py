@@ -5,7 +5,7 @@ runs. The rows are exactly what the sink writes: a TraceEvent record built by
 ``producers.trace_record.record_from_request_output`` plus the lake columns (kafka_partition,
 kafka_offset, date, hour), written with ``schemas.arrow.traces_table_schema()``.
 
-vLLM runs in a child process (``python -m trainer.offline_traces``): the engine spawns workers and
+vLLM runs in a child process (``python -m bench.offline_traces``): the engine spawns workers and
 keeps global state, so callers (pytest, the trainer) stay clean. Greedy (temperature 0), so a run is
 deterministic for a given target, drafter and prompt set.
 """
@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flywheel.prompts import Prompt, load_prompts, split
+from core.prompts import Prompt, load_prompts, split
 
 OFFLINE_NODE = "offline-vllm"
 
@@ -58,32 +58,25 @@ def lake_rows(
 
 
 def write_traces(uri: str, rows: list[dict[str, Any]], mode: str = "append") -> int:
-    """Append rows to the Delta table at ``uri`` (created on first write); returns the new table version."""
+    """Append rows to the Delta table at ``uri`` (created on first write, with the lake's table properties
+    and the ingest's Parquet choices); returns the new table version."""
     import pyarrow as pa
     from deltalake import DeltaTable, write_deltalake
 
+    from consumers.lake_files import delta_writer_properties
+    from consumers.table import TABLE_PROPERTIES
     from schemas.arrow import PARTITION_COLUMNS, traces_table_schema
 
     table = pa.Table.from_pylist(rows, schema=traces_table_schema())
     write_deltalake(
-        uri, table, mode=mode, partition_by=PARTITION_COLUMNS, writer_properties=_writer_properties()
+        uri,
+        table,
+        mode=mode,
+        partition_by=PARTITION_COLUMNS,
+        configuration=TABLE_PROPERTIES if not DeltaTable.is_deltatable(uri) else None,
+        writer_properties=delta_writer_properties(),
     )
     return DeltaTable(uri).version()
-
-
-def _writer_properties():
-    """zstd Parquet like the lake's sink (consumers/lake_files.py): token ids PLAIN without a dictionary,
-    finish_time with statistics so windows prune files."""
-    from deltalake import WriterProperties
-    from deltalake.writer.properties import ColumnProperties
-
-    tokens = ColumnProperties(dictionary_enabled=False, encoding="PLAIN")
-    return WriterProperties(
-        compression="ZSTD",
-        compression_level=3,
-        column_properties={f"{c}.list.element": tokens for c in ("prompt_token_ids", "output_token_ids")}
-        | {"finish_time": ColumnProperties(statistics_enabled="CHUNK")},
-    )
 
 
 def _serve(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -92,7 +85,7 @@ def _serve(args: argparse.Namespace) -> list[dict[str, Any]]:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from flywheel.target_model import read_manifest
+    from core.target_model import read_manifest
     from producers.trace_record import ServingIdentity, record_from_request_output
 
     spec = json.loads(args.spec) if args.spec else None
@@ -190,7 +183,7 @@ def serve_to_records(
     cmd = [
         sys.executable,
         "-m",
-        "trainer.offline_traces",
+        "bench.offline_traces",
         "--target",
         str(target_dir),
         "--spec",

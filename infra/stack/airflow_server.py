@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 
-from flywheel.settings import StackSettings
-from flywheel.stack.process import ServiceSpec, StackError
+from core.process import ServiceSpec, StackError
+from core.settings import StackSettings
 
 DAGS_DIR = Path(__file__).resolve().parents[2] / "dags"
 TRAINING_POOL = "training"

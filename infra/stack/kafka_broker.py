@@ -13,11 +13,11 @@ import subprocess
 from pathlib import Path
 from string import Template
 
-from flywheel.settings import KafkaSettings, StackSettings
-from flywheel.stack.process import ServiceSpec, StackError
+from core.process import ServiceSpec, StackError
+from core.settings import KafkaSettings, StackSettings
 
-INFRA_KAFKA = Path(__file__).resolve().parents[2] / "infra" / "kafka"
-_quiet = logging.getLogger("flywheel.stack.kafka.health")
+INFRA_KAFKA = Path(__file__).resolve().parents[1] / "kafka"
+_quiet = logging.getLogger("infra.stack.kafka.health")
 _quiet.addHandler(logging.NullHandler())
 _quiet.propagate = False
 
@@ -147,7 +147,7 @@ class KafkaBroker(ServiceSpec):
 def broker_answers(bootstrap: str, timeout_s: float = 2.0, settings: KafkaSettings | None = None) -> bool:
     from confluent_kafka.admin import AdminClient
 
-    conf = (settings or KafkaSettings(bootstrap_servers=bootstrap)).client_config()
+    conf = settings.client_config() if settings is not None else {}
     conf.update(
         {"bootstrap.servers": bootstrap, "logger": _quiet, "socket.connection.setup.timeout.ms": 1000}
     )

@@ -3,7 +3,7 @@
 Notebooks, tests and jobs all call ``delta_spark_session``. Jars (delta-spark, and for Kafka work
 spark-sql-kafka + spark-avro) come from Maven Central through Ivy into ``SparkSettings.ivy_dir``
 (``<state dir>/cache/ivy``): the first session on a machine downloads them, later ones resolve from that
-cache in a second or two. pyspark is imported inside the functions so ``import flywheel`` stays light.
+cache in a second or two. pyspark is imported inside the functions so importing this module stays light.
 
 Kafka messages use Avro single-object encoding (``schemas.codec``): ``C3 01`` + the writer schema's
 8-byte CRC-64-AVRO fingerprint + the Avro body. ``decode_events`` checks both header parts and decodes the
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flywheel.settings import KafkaSettings, SparkSettings
+from core.settings import KafkaSettings, SparkSettings
 from schemas.codec import HEADER_LEN, MAGIC
 from schemas.registry import TRACE_EVENT, by_fingerprint, current, versions
 
@@ -73,11 +73,11 @@ def session_conf(settings: SparkSettings, app_name: str) -> dict[str, str]:
 
 
 def delta_spark_session(
-    app_name: str = "spec-flywheel",
+    app_name: str,
+    settings: SparkSettings,
     *,
     kafka: bool = False,
     avro: bool | None = None,
-    settings: SparkSettings | None = None,
     conf: dict[str, str] | None = None,
 ) -> SparkSession:
     """A SparkSession with Delta Lake (and, with ``kafka``, the Kafka source and ``from_avro``).
@@ -90,7 +90,6 @@ def delta_spark_session(
     from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
-    settings = settings or SparkSettings()
     os.environ.setdefault("SPARK_LOCAL_IP", settings.local_ip)
     settings.ivy_dir.mkdir(parents=True, exist_ok=True)
     builder = SparkSession.builder

@@ -10,9 +10,7 @@ The promotion order is kept in the registered model's ``champion_history`` tag, 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +19,9 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from flywheel.settings import KafkaSettings, MlflowSettings
-from producers.promotion_events import build_promotion, publish_promotion
+from core.drafter_artifacts import fetch, model_uri, weights_sha256
+from core.settings import KafkaSettings, MlflowSettings
+from promotion.promotion_events import build_promotion, publish_promotion
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 HISTORY_TAG = "champion_history"
@@ -41,24 +40,15 @@ class DrafterVersion:
 
     @property
     def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
-
-def weights_sha256(drafter_dir: Path) -> str:
-    digest = hashlib.sha256()
-    for f in sorted(Path(drafter_dir).glob("*.safetensors")):
-        digest.update(f.read_bytes())
-    return digest.hexdigest()
+        return model_uri(self.name, self.version)
 
 
 class DrafterRegistry:
-    def __init__(
-        self, target_model_id: str, mlflow: MlflowSettings | None = None, kafka: KafkaSettings | None = None
-    ):
-        self.mlflow = mlflow or MlflowSettings()
-        self.kafka = kafka or KafkaSettings()
+    def __init__(self, target_model_id: str, mlflow: MlflowSettings, kafka: KafkaSettings):
+        self.mlflow = mlflow
+        self.kafka = kafka
         self.target_model_id = target_model_id
-        self.name = f"{self.mlflow.registered_model_prefix}-{target_model_id}"
+        self.name = mlflow.drafter_model_name(target_model_id)
         self.client = MlflowClient(
             tracking_uri=self.mlflow.tracking_uri, registry_uri=self.mlflow.tracking_uri
         )
@@ -113,23 +103,9 @@ class DrafterRegistry:
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, str(version), key, str(value))
 
-    def download(self, version: str, cache_dir: Path) -> Path:
-        """Local copy of a version's drafter dir (cached by version)."""
-        import mlflow.artifacts
-
-        dst = cache_dir / self.name / str(version)
-        if not (dst / "config.json").exists():
-            tmp = dst.with_name(dst.name + f".partial-{time.time_ns()}")
-            tmp.mkdir(parents=True)
-            # resolve models:/ through our client: download_artifacts would resolve it against the default
-            # registry URI (a local sqlite file in a fresh process, e.g. an Airflow task), not our server
-            source = self.client.get_model_version_download_uri(self.name, str(version))
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=source, dst_path=str(tmp), tracking_uri=self.mlflow.tracking_uri
-            )
-            Path(local).rename(dst)  # the source dir lands as tmp/<its name>
-            shutil.rmtree(tmp, ignore_errors=True)
-        return dst
+    def download(self, version: str) -> Path:
+        """Local copy of a version's drafter dir (the shared drafter artifact cache)."""
+        return fetch(model_uri(self.name, version), self.mlflow.artifact_cache_dir, self.mlflow.tracking_uri)
 
     # --- promotion ------------------------------------------------------------------------------------
 

@@ -6,8 +6,8 @@ import sys
 
 import httpx
 
-from flywheel.settings import StackSettings
-from flywheel.stack.process import ServiceSpec
+from core.process import ServiceSpec
+from core.settings import StackSettings
 
 
 class MlflowServer(ServiceSpec):

@@ -19,9 +19,10 @@ from typing import Any
 
 import httpx
 
-from flywheel.settings import LakeSettings, ServingSettings, StackSettings
-from flywheel.stack import process
-from producers.vllm_server import VllmServer, cpu_environment, serve_args, swap_drafter
+from core import process
+from core.settings import LakeSettings, ServingSettings, StackSettings
+from producers.hot_swap import swap_server
+from producers.vllm_server import VllmServer, cpu_environment, serve_args
 
 DAG_ID = "drafter_flywheel"
 DONE_STATES = {"success", "failed"}
@@ -117,7 +118,7 @@ class DemoServer:
 
     def load_drafter(self, drafter: Path, label: str) -> None:
         """Swap the drafter through vLLM's draft-weight update routes (dev mode)."""
-        swap_drafter(self.url, drafter, label)
+        swap_server(self.url, drafter, label)
 
     def weight_version(self) -> str:
         """The served drafter's version label ("initial" until the first hot-swap, as traces say)."""

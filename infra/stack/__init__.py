@@ -5,40 +5,38 @@ Each service is a ServiceSpec, so adding one is one class and one line in ``serv
 
 from __future__ import annotations
 
-from flywheel.settings import StackSettings
-from flywheel.stack import process
-from flywheel.stack.airflow_server import AirflowStandalone
-from flywheel.stack.kafka_broker import KafkaBroker
-from flywheel.stack.mlflow_server import MlflowServer
-from flywheel.stack.process import ServiceSpec, ServiceStatus, StackError
+from core import process
+from core.process import ServiceSpec, ServiceStatus, StackError
+from core.settings import StackSettings
+from infra.stack.airflow_server import AirflowStandalone
+from infra.stack.kafka_broker import KafkaBroker
+from infra.stack.mlflow_server import MlflowServer
 
 __all__ = ["StackError", "ServiceStatus", "services", "up", "down", "status", "service"]
 
 
-def services(stack: StackSettings | None = None) -> list[ServiceSpec]:
+def services(stack: StackSettings) -> list[ServiceSpec]:
     """Every service of the local stack, in start order."""
-    stack = stack or StackSettings()
     return [KafkaBroker(stack), MlflowServer(stack), AirflowStandalone(stack)]
 
 
-def service(name: str, stack: StackSettings | None = None) -> ServiceSpec:
+def service(name: str, stack: StackSettings) -> ServiceSpec:
     by_name = {s.name: s for s in services(stack)}
     if name not in by_name:
         raise StackError(f"unknown service {name!r}; valid: {', '.join(by_name)}")
     return by_name[name]
 
 
-def up(stack: StackSettings | None = None, only: list[str] | None = None) -> list[ServiceStatus]:
-    stack = stack or StackSettings()
+def up(stack: StackSettings, only: list[str] | None = None) -> list[ServiceStatus]:
     return [
         process.start(s, stack.start_timeout_s) for s in services(stack) if only is None or s.name in only
     ]
 
 
-def down(stack: StackSettings | None = None, only: list[str] | None = None) -> list[str]:
+def down(stack: StackSettings, only: list[str] | None = None) -> list[str]:
     """Stop services in reverse start order; returns the names that were running."""
     return [s.name for s in reversed(services(stack)) if (only is None or s.name in only) and process.stop(s)]
 
 
-def status(stack: StackSettings | None = None) -> list[ServiceStatus]:
+def status(stack: StackSettings) -> list[ServiceStatus]:
     return [process.status(s) for s in services(stack)]

@@ -122,6 +122,14 @@ class MlflowSettings(BaseSettings):
     tracking_uri: str = "http://127.0.0.1:5000"
     experiment: str = "spec-flywheel"
     registered_model_prefix: str = Field("drafter", description="registered model = '<prefix>-<target id>'")
+    artifact_cache_dir: Path = Field(
+        default_factory=_under_state_dir("cache/drafters"),
+        description="local copies of drafter versions fetched from the registry (one cache for every stage)",
+    )
+
+    def drafter_model_name(self, target_model_id: str) -> str:
+        """The registered model that holds the drafters of ``target_model_id``."""
+        return f"{self.registered_model_prefix}-{target_model_id}"
 
 
 class ServingSettings(BaseSettings):
@@ -167,7 +175,7 @@ class TrainingSettings(BaseSettings):
 
 
 class SparkSettings(BaseSettings):
-    """Spark sessions for analysis notebooks and jobs (flywheel.spark.delta_spark_session)."""
+    """Spark sessions for analysis notebooks and jobs (consumers.spark_session.delta_spark_session)."""
 
     model_config = _config("SPARK")
 
@@ -240,7 +248,22 @@ class CycleSettings(BaseSettings):
 
 
 class Settings:
-    """All concerns together; each is built lazily from the environment."""
+    """All concerns together; each is built lazily from the environment unless given.
+
+    Built once at an entry point (CLI command, DAG task, demo, test) and passed down; library code never
+    builds settings of its own. ``Settings(cycle=CycleSettings(...))`` or ``settings.replace(...)`` pins a
+    concern (e.g. a DAG run's overrides).
+    """
+
+    def __init__(self, **concerns: BaseSettings):
+        unknown = set(concerns) - {n for n, v in vars(Settings).items() if isinstance(v, cached_property)}
+        if unknown:
+            raise TypeError(f"unknown settings concerns: {sorted(unknown)}")
+        self.__dict__.update(concerns)  # a given concern shadows its lazy default (cached_property)
+
+    def replace(self, **concerns: BaseSettings) -> Settings:
+        given = {k: v for k, v in self.__dict__.items() if isinstance(v, BaseSettings)}
+        return Settings(**(given | concerns))
 
     @cached_property
     def stack(self) -> StackSettings:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from flywheel.settings import KafkaSettings
+from core.settings import KafkaSettings
 
 
 @dataclass(frozen=True)

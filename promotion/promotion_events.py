@@ -10,7 +10,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from flywheel.settings import KafkaSettings
+from core.settings import KafkaSettings
 from schemas import codec
 from schemas.registry import DRAFTER_PROMOTION, current
 

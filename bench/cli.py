@@ -1,0 +1,152 @@
+"""`flywheel bench ...`: benchmarks that print JSON (registered by flywheel/cli.py). Light top-level imports."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+
+def _fail(message: str, code: int = 1) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def bench_capture(
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the JSON here")] = None,
+    rounds: Annotated[int, typer.Option(help="alternating rounds per concurrency level")] = 3,
+    requests: Annotated[int, typer.Option(help="requests per round")] = 16,
+) -> None:
+    """Plugin overhead: tokens/s with the plugin ÷ without (interleaved, concurrency 1 and 8), wire bytes per
+    token, emitter events/s, API-server RSS. Starts two vLLM servers (ports 8021/8022) on the local stack."""
+    import bench
+    from bench.capture import run
+    from core.settings import get_settings
+
+    bench.emit("capture", run(get_settings(), rounds=rounds, requests_per_round=requests), json_path)
+
+
+def bench_ingest(
+    json_path: Annotated[Path, typer.Option("--json", help="write the result JSON here")] = Path(
+        "bench/results/ingest.json"
+    ),
+    events: Annotated[int, typer.Option(help="events to produce and ingest")] = 300_000,
+    partitions: Annotated[int, typer.Option(help="partitions of the fresh bench topic")] = 6,
+    seed: Annotated[int, typer.Option(help="random seed of the synthetic traces")] = 0,
+    pool: Annotated[
+        int, typer.Option(help="distinct events built (then replayed with fresh event ids)")
+    ] = 60_000,
+) -> None:
+    """Ingest benchmark: `flywheel ingest` vs a bare confluent-kafka consumer on the same fresh topic, same run.
+
+    Prints JSON (and writes it to --json): ingest_ratio, at_rest_bytes_per_token, events, rows, duplicates, consumer_peak_rss_mib, CPU per event, decode-only and write-only rates. Events are real text tokenized with the target tokenizer (bench/realistic_traces.py).
+    """
+    from bench.ingest import run
+    from core.settings import get_settings
+
+    result = run(
+        get_settings(),
+        events=events,
+        partitions=partitions,
+        seed=seed,
+        pool=pool,
+        console=Console(stderr=True),
+    )
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2))
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+
+
+def bench_train(
+    json_path: Annotated[Path, typer.Option("--json", help="write the result here")],
+    table: Annotated[
+        str | None, typer.Option("--table", help="traces table (default: build one from real traffic)")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="timed training steps per mode")] = 6,
+    draft_vocab_size: Annotated[int, typer.Option(help="draft vocabulary size")] = 8192,
+) -> None:
+    """Trainer benchmark: recompute_ratio, trace vs hidden-state bytes, peak RSS for two window sizes."""
+    import bench
+    from bench.train import run
+    from core.settings import get_settings
+
+    bench.emit(
+        "train", run(get_settings(), table=table, steps=steps, draft_vocab_size=draft_vocab_size), json_path
+    )
+
+
+def bench_drafters(
+    json_path: Annotated[Path, typer.Option("--json", help="write the result here")],
+    drafter: Annotated[
+        list[str], typer.Option("--drafter", help="NAME=DIR of an EAGLE-3 drafter (repeatable)")
+    ],
+    ngram: Annotated[bool, typer.Option(help="also serve an ngram arm (prompt lookup)")] = True,
+    per_domain: Annotated[int, typer.Option(help="held-out requests per domain and round")] = 6,
+    rounds: Annotated[int, typer.Option(help="rounds (arm order rotates per round)")] = 1,
+    max_tokens: Annotated[int, typer.Option(help="max tokens per response")] = 96,
+    k: Annotated[int, typer.Option("-k", "--num-spec-tokens", help="draft tokens per verify step")] = 3,
+) -> None:
+    """Served tau and speedup of EAGLE-3 drafters (and ngram) on the same held-out prompts, one run.
+
+    Starts three vLLM servers (no speculation, EAGLE-3 with the drafters swapped in by name, ngram).
+    Example: `flywheel bench drafters --json d.json --drafter random=DIR1 --drafter trained=DIR2`.
+    """
+    from bench.drafters import DraftersBenchConfig, run
+
+    named = {}
+    for item in drafter:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).is_dir():
+            _fail(f"--drafter wants NAME=DIR with an existing drafter dir, got {item!r}", 2)
+        named[name] = Path(path)
+    cfg = DraftersBenchConfig(
+        requests_per_domain=per_domain, rounds=rounds, max_tokens=max_tokens, num_spec_tokens=k
+    )
+    import bench
+
+    err = Console(stderr=True)  # progress on stderr, the JSON alone on stdout
+    from core.settings import get_settings
+
+    result = run(
+        named,
+        ngram=ngram,
+        config=cfg,
+        on_step=lambda line: err.print(line, style="dim"),
+        settings=get_settings(),
+    )
+    bench.emit("drafters", result, json_path)
+
+
+def bench_all(
+    json_path: Annotated[Path, typer.Option("--json", help="write the gathered JSON here")],
+    quick: Annotated[bool, typer.Option(help="smaller sizes for every benchmark")] = False,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="capture | ingest | train (repeatable)")
+    ] = None,
+) -> None:
+    """Every benchmark (capture, ingest, train), each in its own process, gathered into one JSON with the
+    docs/architecture.md definitions. Exit 1 if any benchmark failed (its error is in the JSON)."""
+    import bench
+    from bench.all import run
+
+    err = Console(stderr=True)
+    try:
+        result = run(only=only, quick=quick, on_start=lambda name: err.print(f"running bench {name}..."))
+    except ValueError as e:
+        _fail(str(e))
+    bench.emit("all", result, json_path)
+    if result["failed"]:
+        raise typer.Exit(1)
+
+
+def register(bench: typer.Typer) -> None:
+    """Add every benchmark to `flywheel bench`."""
+    bench.command("capture")(bench_capture)
+    bench.command("ingest")(bench_ingest)
+    bench.command("train")(bench_train)
+    bench.command("drafters")(bench_drafters)
+    bench.command("all")(bench_all)

@@ -1,0 +1,1 @@
+"""evaluation: served measurement of drafters and the promotion gate."""

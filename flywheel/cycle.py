@@ -1,0 +1,336 @@
+"""One flywheel cycle, as the functions the Airflow DAG tasks call (one task = one function).
+
+window -> train challenger -> served evaluation -> gate -> promote or reject; plus the two watchers that
+start cycles: enough new traces (a window) and drift (live tau below the champion's evaluated tau).
+
+Every function takes the ``Settings`` its caller built (the DAG task, the CLI, a test) and exchanges typed
+models with the next step (``TraceWindow``, ``TrainedVersion``, ``Evaluation``, ``GateResult``); the DAG
+serialises them once, at the XCom boundary. Every step is keyed on its input (the window, the model
+version) and looks for its own earlier result before doing work, so a retried task or a re-run DAG never
+trains, registers or promotes twice. Nothing here reads the wall clock: windows end at the newest trace of
+a table version.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from consumers import windows
+from consumers.windows import TraceWindow
+from core.prompts import DOMAINS
+from core.settings import CycleSettings, Settings
+from evaluation.gate import GatePolicy, GateResult, decide
+from evaluation.served import CHALLENGER, CHAMPION, EvalServers, Evaluation, ServedEvalConfig
+from promotion.drafter_registry import DrafterRegistry
+
+REPO = Path(__file__).resolve().parents[1]
+EVALUATION_ARTIFACT = "evaluation.json"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class TrainedVersion(_Frozen):
+    """The train step's output: the registered challenger (``reused`` when a retry found it)."""
+
+    version: str
+    reused: bool = False
+    replay: dict[str, float] = {}
+
+
+class Promoted(_Frozen):
+    promoted: str
+    previous: str | None
+    event_id: str
+
+
+class Rejected(_Frozen):
+    rejected: str
+    champion: str | None
+    reasons: list[str]
+
+
+class Drift(_Frozen):
+    champion: str
+    domains: dict[str, dict[str, float]]  # domain -> tau_live, tau_evaluated, steps
+    until: datetime
+
+
+def registry(settings: Settings) -> DrafterRegistry:
+    return DrafterRegistry(settings.serving.target_model, settings.mlflow, settings.kafka)
+
+
+# --- window ------------------------------------------------------------------------------------------
+
+
+def pick_window(
+    settings: Settings, version: int | None = None, start: datetime | None = None
+) -> TraceWindow | None:
+    """The training window: ``window_minutes`` of traces up to the newest one at table ``version`` (or from
+    ``start``, a DAG run parameter). None if it holds fewer than ``min_window_rows`` traces."""
+    cycle = settings.cycle
+    return windows.pick_window(settings.lake, cycle.window_minutes, cycle.min_window_rows, version, start)
+
+
+def window_of(settings: Settings, version: str, domains: list[str] | None = None) -> TraceWindow:
+    """The window a registered version was trained on, from its lineage tags (for a manual evaluation).
+
+    ``domains`` replaces the window's domain mix (each then counts equally); a version registered without
+    window tags is evaluated on every prompt domain.
+    """
+    tags = registry(settings).get(version).tags
+    mix = json.loads(tags["window_domains"]) if "window_domains" in tags else {d: 1 for d in DOMAINS}
+    return TraceWindow(
+        key=tags.get("window_key", f"manual-v{version}"),
+        table=tags.get("window_table"),
+        version=int(tags["table_version"]) if "table_version" in tags else None,
+        start=tags.get("window_start"),
+        end=tags.get("window_end"),
+        rows=int(tags["window_rows"]) if "window_rows" in tags else None,
+        domains={d: 1 for d in domains} if domains else mix,
+    )
+
+
+def eval_domains(window: TraceWindow, cycle: CycleSettings) -> list[str]:
+    total = sum(window.domains.values())
+    return [d for d in DOMAINS if window.domains.get(d, 0) / total >= cycle.eval_share]
+
+
+# --- train -------------------------------------------------------------------------------------------
+
+
+def train_challenger(settings: Settings, window: TraceWindow) -> TrainedVersion:
+    """Train on the window and register the challenger.
+
+    Warm start from the lineage head (``cycle.warm_start='lineage'``, the newest trained version) or the
+    champion; from scratch when the registry has neither.
+    """
+    from trainer.recipes import load_recipe
+    from trainer.train_loop import git_sha, run_recipe
+
+    cycle, reg = settings.cycle, registry(settings)
+    existing = reg.client.search_model_versions(f"name='{reg.name}' and tags.window_key='{window.key}'")
+    if existing:
+        return TrainedVersion(version=existing[0].version, reused=True)
+    parent = reg.lineage_head() if cycle.warm_start == "lineage" else reg.by_alias("champion")
+    base = load_recipe(REPO / (cycle.refresh_recipe if parent else cycle.scratch_recipe))
+    update: dict[str, Any] = {
+        "window": base.window.model_copy(
+            update={
+                "table": window.table,
+                "version": window.version,
+                "start": window.start,
+                "end": window.end,
+            }
+        ),
+        "output_dir": settings.training.output_dir / window.key,
+        "target": settings.serving.target_dir,
+        "serving_drafters": "registry",
+        "mlflow": base.mlflow.model_copy(
+            update={
+                "enabled": True,
+                "tracking_uri": settings.mlflow.tracking_uri,
+                "experiment": settings.mlflow.experiment,
+                "run_name": f"train-{window.key}",
+            }
+        ),
+    }
+    if cycle.train_max_steps:
+        update["max_steps"] = cycle.train_max_steps
+    if parent is not None:
+        update["init"] = base.init.model_copy(update={"from_dir": reg.download(parent.version)})
+    recipe = base.model_copy(update=update)
+    trained = run_recipe(recipe, settings, argv=["airflow:drafter_flywheel/train", f"window={window.key}"])
+    replay = trained.final_replay.metrics() if getattr(trained, "final_replay", None) else {}
+    run_id = trained.mlflow_run.info.run_id
+    import mlflow
+
+    artifact_uri = mlflow.get_run(run_id).info.artifact_uri + "/drafter"
+    version = reg.register(
+        run_id,
+        artifact_uri,
+        trained.out_dir / "drafter",
+        {
+            "window_key": window.key,
+            "window_table": window.table,
+            "window_start": window.start.isoformat() if window.start else None,
+            "window_end": window.end.isoformat() if window.end else None,
+            "table_version": window.version,
+            "window_rows": window.rows,
+            "window_domains": json.dumps(window.domains),
+            "parent_version": parent.version if parent else "scratch",
+            "git_sha": git_sha() or "unknown",
+            "spec_method": "eagle3",
+            "num_spec_tokens": 3,
+            **{(k if k.startswith("replay_") else f"replay_{k}"): round(v, 4) for k, v in replay.items()},
+        },
+    )
+    return TrainedVersion(version=version.version, replay=replay)
+
+
+# --- evaluate, gate, promote -------------------------------------------------------------------------
+
+
+def eval_config(cycle: CycleSettings, domains: list[str]) -> ServedEvalConfig:
+    return ServedEvalConfig(
+        domains=tuple(domains),
+        requests_per_domain=cycle.eval_requests_per_domain,
+        concurrencies=tuple(cycle.eval_concurrencies),
+        decision_concurrency=cycle.eval_concurrencies[0],
+        rounds=cycle.eval_rounds,
+        max_tokens=cycle.eval_max_tokens,
+        base_port=cycle.eval_ports[0],
+        spec_port=cycle.eval_ports[1],
+        serving=cycle.eval_serving,
+    )
+
+
+def eval_servers(settings: Settings, first_drafter: Path, domains: list[str] | None = None) -> EvalServers:
+    """The evaluation servers the cycle's settings describe (started on first use)."""
+    config = eval_config(settings.cycle, domains or list(DOMAINS))
+    return EvalServers(config, first_drafter, settings.stack, settings.serving)
+
+
+def stored_evaluation(settings: Settings, version: str) -> Evaluation | None:
+    """The evaluation stored with ``version`` (its MLflow run's ``evaluation.json``), if any."""
+    run_id = registry(settings).get(version).tags.get("eval_run_id")
+    if run_id is None:
+        return None
+    import mlflow.artifacts
+
+    data = mlflow.artifacts.load_dict(
+        f"runs:/{run_id}/{EVALUATION_ARTIFACT}", tracking_uri=settings.mlflow.tracking_uri
+    )
+    return Evaluation.model_validate(data)
+
+
+def evaluate_challenger(
+    settings: Settings, version: str, window: TraceWindow, force: bool = False
+) -> Evaluation:
+    """Served benchmark of challenger vs champion vs no speculation, logged to MLflow and as version tags.
+
+    The evaluation is stored once, as its MLflow run's ``evaluation.json``, and reused on a retry unless
+    ``force``; the version's tags carry the headline figures and the run id.
+    """
+    import mlflow
+
+    from evaluation.served import served_benchmark
+
+    reg = registry(settings)
+    if not force and (stored := stored_evaluation(settings, version)) is not None:
+        return stored
+    challenger_dir = reg.download(version)
+    champion = reg.by_alias("champion")
+    champion_dir = reg.download(champion.version) if champion and champion.version != version else None
+    domains = eval_domains(window, settings.cycle)
+    servers = eval_servers(settings, challenger_dir, domains)
+    report = served_benchmark(servers, challenger_dir, champion_dir, servers.config, on_step=print)
+    mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
+    mlflow.set_experiment(settings.mlflow.experiment)
+    with mlflow.start_run(run_name=f"evaluate-v{version}") as run:
+        evaluation = Evaluation(
+            version=version,
+            champion_version=champion.version if champion_dir else None,
+            window_key=window.key,
+            domains=list(servers.config.domains),
+            metrics=report.metrics(),
+            challenger=report.measurement(CHALLENGER),
+            champion=report.measurement(CHAMPION) if champion_dir else None,
+            eval_run_id=run.info.run_id,
+        )
+        mlflow.log_params(
+            {
+                "challenger": version,
+                "champion": evaluation.champion_version,
+                "window": window.key,
+                "domains": ",".join(evaluation.domains),
+                "concurrencies": str(servers.config.concurrencies),
+                "rounds": servers.config.rounds,
+                "requests_per_domain": servers.config.requests_per_domain,
+            }
+        )
+        mlflow.log_metrics(evaluation.metrics)
+        mlflow.log_dict(evaluation.model_dump(mode="json"), EVALUATION_ARTIFACT)
+        mlflow.log_dict({"rounds": report.rounds}, "served_eval_rounds.json")
+    measured = evaluation.challenger
+    headline = {"eval_speedup": measured.speedup, "eval_tau": measured.tau}
+    headline |= {f"eval_tau_{d}": t for d, t in measured.tau_by_domain.items()}
+    reg.tag(
+        version,
+        {"eval_run_id": run.info.run_id} | {k: round(v, 4) for k, v in headline.items() if v is not None},
+    )
+    return evaluation
+
+
+def gate_challenger(settings: Settings, evaluation: Evaluation) -> GateResult:
+    decision = decide(evaluation.challenger, evaluation.champion, GatePolicy.from_settings(settings.cycle))
+    result = GateResult(
+        version=evaluation.version,
+        promote=decision.promote,
+        summary=decision.summary(),
+        reasons=list(decision.reasons),
+    )
+    tags = {
+        "gate_decision": "promote" if result.promote else "reject",
+        "gate_summary": result.summary,
+        "gate_reasons": json.dumps(result.reasons),
+    }
+    reg = registry(settings)
+    reg.tag(evaluation.version, tags)
+    if evaluation.eval_run_id:
+        for key, value in tags.items():
+            reg.client.set_tag(evaluation.eval_run_id, key, value)
+    return result
+
+
+def promote_challenger(settings: Settings, decision: GateResult) -> Promoted:
+    event = registry(settings).promote(decision.version, reason=decision.summary)
+    return Promoted(promoted=decision.version, previous=event["previous_version"], event_id=event["event_id"])
+
+
+def reject_challenger(settings: Settings, decision: GateResult) -> Rejected:
+    reg = registry(settings)
+    reg.tag(decision.version, {"rejected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    champion = reg.by_alias("champion")
+    return Rejected(
+        rejected=decision.version, champion=champion.version if champion else None, reasons=decision.reasons
+    )
+
+
+# --- watchers ----------------------------------------------------------------------------------------
+
+
+def new_window(settings: Settings, announced_version: int | None) -> TraceWindow | None:
+    """A window worth training on, if enough traces arrived since the last announced table version."""
+    cycle = settings.cycle
+    return windows.new_window(settings.lake, cycle.window_minutes, cycle.min_window_rows, announced_version)
+
+
+def detect_drift(settings: Settings) -> Drift | None:
+    """Domains whose live tau under the champion fell ``drift_margin`` below its evaluated tau.
+
+    A domain the champion was never evaluated on is compared with its overall evaluated tau; a domain with
+    fewer than ``drift_min_steps`` verify steps is not judged.
+    """
+    cycle = settings.cycle
+    champion = registry(settings).by_alias("champion")
+    if champion is None or "eval_tau" not in champion.tags:
+        return None
+    until, live = windows.live_tau_by_domain(settings.lake, cycle.drift_window_minutes, champion.version)
+    drifted = {}
+    for domain, (tau_live, steps) in live.items():
+        if steps < cycle.drift_min_steps or tau_live is None:
+            continue
+        tau_eval = float(champion.tags.get(f"eval_tau_{domain}", champion.tags["eval_tau"]))
+        if tau_live < tau_eval * (1 - cycle.drift_margin):
+            drifted[domain] = {"tau_live": round(tau_live, 3), "tau_evaluated": tau_eval, "steps": steps}
+    if not drifted:
+        return None
+    return Drift(champion=champion.version, domains=drifted, until=until)

@@ -1,0 +1,1 @@
+"""The demo: plan, stages, terminal UI and report of `flywheel demo`."""

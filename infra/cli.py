@@ -1,0 +1,144 @@
+"""`flywheel stack ...` and `flywheel topics create`: the embedded local stack. Light top-level imports."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from core.settings import get_settings
+
+console = Console()
+stack_app = typer.Typer(
+    help="Run the embedded local stack (Kafka KRaft broker, MLflow server, Airflow standalone).",
+    no_args_is_help=True,
+)
+topics_app = typer.Typer(
+    help="The project's Kafka topics and their documented configs.", no_args_is_help=True
+)
+Only = Annotated[list[str] | None, typer.Option("--only", help="limit to these services (repeatable)")]
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(1)
+
+
+def _status_table(rows) -> Table:
+    table = Table("service", "address", "pid", "state", "log")
+    colors = {"healthy": "green", "stopped": "dim"}
+    for st in rows:
+        color = colors.get(st.state, "yellow")
+        table.add_row(st.name, st.address, str(st.pid or "-"), f"[{color}]{st.state}[/]", str(st.log))
+    return table
+
+
+@stack_app.command("install")
+def stack_install() -> None:
+    """Install without starting: fetch the Kafka jars with Maven, format Kafka storage, make data dirs."""
+    from infra import stack
+
+    try:
+        with console.status("installing the local stack (Maven fetches the Kafka jars once)..."):
+            for spec in stack.services(get_settings().stack):
+                spec.prepare()
+    except stack.StackError as e:
+        _fail(str(e))
+    console.print(f"stack installed under {get_settings().stack.root}")
+
+
+@stack_app.command("up")
+def stack_up(only: Only = None) -> None:
+    """Start the stack (idempotent): fetch Kafka jars with Maven, format storage once, start, wait healthy.
+
+    Ports and the state dir come from FLYWHEEL_STACK_* (e.g. FLYWHEEL_STACK_KAFKA_PORT=19092).
+    """
+    from infra import stack
+
+    started = time.monotonic()
+    try:
+        with console.status("starting the local stack (first run fetches the Kafka jars)..."):
+            rows = stack.up(get_settings().stack, only=only)
+    except stack.StackError as e:
+        _fail(str(e))
+    console.print(_status_table(rows))
+    console.print(f"stack healthy in {time.monotonic() - started:.1f}s")
+
+
+@stack_app.command("down")
+def stack_down(only: Only = None) -> None:
+    """Stop the stack cleanly (SIGTERM, then SIGKILL after a timeout). Data dirs are kept."""
+    from infra import stack
+
+    stopped = stack.down(get_settings().stack, only=only)
+    console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Show each service, its address, PID and health. Exit code 1 if any is unhealthy."""
+    from infra import stack
+
+    rows = stack.status(get_settings().stack)
+    console.print(_status_table(rows))
+    if not all(r.healthy for r in rows):
+        raise typer.Exit(1)
+
+
+@stack_app.command("logs")
+def stack_logs(
+    service: Annotated[str, typer.Argument(help="kafka | mlflow | airflow")],
+    lines: Annotated[int, typer.Option("-n", "--lines", help="how many trailing lines")] = 50,
+    follow: Annotated[bool, typer.Option("-f", "--follow", help="keep printing new lines")] = False,
+) -> None:
+    """Print a service's log (like `tail`)."""
+    from core.process import tail
+    from infra import stack
+
+    try:
+        spec = stack.service(service, get_settings().stack)
+    except stack.StackError as e:
+        _fail(str(e))
+    print(tail(spec.log_file, lines))
+    if follow:
+        with spec.log_file.open() as f:
+            f.seek(0, 2)
+            while True:
+                line = f.readline()
+                if line:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                else:
+                    time.sleep(0.5)
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create the project's Kafka topics (idempotent) and show each with its configs."""
+    from core.settings import get_settings
+    from infra.topics import admin_client, ensure_topics, project_topics
+
+    kafka = get_settings().kafka
+    specs = project_topics(kafka)
+    created = set(ensure_topics(admin_client(kafka), specs))
+    table = Table("partitions", "purpose", "state")
+    table.add_column("configs", no_wrap=True)
+    table.columns.insert(0, table.columns.pop())
+    table.add_column("topic", no_wrap=True)
+    table.columns.insert(0, table.columns.pop())
+    for s in specs:
+        configs = "\n".join(f"{k}={v}" for k, v in s.config.items())
+        table.add_row(
+            s.name, configs, str(s.partitions), s.purpose, "created" if s.name in created else "existed"
+        )
+    Console(width=160).print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `flywheel stack` and `flywheel topics` to the main app."""
+    app.add_typer(stack_app, name="stack")
+    app.add_typer(topics_app, name="topics")

@@ -1,0 +1,1 @@
+"""promotion: the MLflow drafter registry (aliases champion/challenger/previous) and promotion events."""
