@@ -92,14 +92,17 @@ def demo(
     Stack up, flywheel server (random EAGLE-3 head, capture on, follows promotions), code traffic,
     continuous ingest, `drafter_flywheel` cycles through Airflow (train, served evaluation, gate, promote,
     hot-swap), a static drafter trained once on code as the baseline, an abrupt shift to prose through both,
-    and report.md / report.json / PNG plots. ~45 min on 2 cores (--quick: under 15).
+    and report.md / report.json / PNG plots. About 68 min on 2 cores as last timed (--quick: ~12).
     """
     import json
 
-    from flywheel.demo.run import main as run_demo
+    from core.settings import get_settings
+    from flywheel.demo.stages import main as run_demo
 
     try:
-        report = run_demo(quick, out.resolve(), console, train_steps=train_steps, requests=requests)
+        report = run_demo(
+            quick, out.resolve(), get_settings(), console, train_steps=train_steps, requests=requests
+        )
     except Exception as e:  # the stage board already shows which stage failed
         _fail(f"demo stopped: {e}")
     keys = ("tau_before_shift", "tau_after_shift_static", "tau_after_shift_flywheel", "recovery_requests")

@@ -11,6 +11,7 @@ The promotion order is kept in the registered model's ``champion_history`` tag, 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from core.drafter_artifacts import fetch, model_uri, weights_sha256
+from core.drafter_artifacts import cache_path, fetch, model_uri, weights_sha256
 from core.settings import KafkaSettings, MlflowSettings
 from promotion.promotion_events import build_promotion, publish_promotion
 
@@ -106,6 +107,21 @@ class DrafterRegistry:
     def download(self, version: str) -> Path:
         """Local copy of a version's drafter dir (the shared drafter artifact cache)."""
         return fetch(model_uri(self.name, version), self.mlflow.artifact_cache_dir, self.mlflow.tracking_uri)
+
+    def archive(self) -> str | None:
+        """Move this target's drafters out of the way, kept under ``<name>-archived-<UTC time>``: the next
+        registered version starts a fresh history at 1. Local copies cached under this name are dropped,
+        since the new versions reuse their numbers. None if nothing was registered."""
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            return None
+        archived = f"{self.name}-archived-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+        self.client.rename_registered_model(self.name, archived)
+        shutil.rmtree(
+            cache_path(model_uri(self.name, ""), self.mlflow.artifact_cache_dir), ignore_errors=True
+        )
+        return archived
 
     # --- promotion ------------------------------------------------------------------------------------
 

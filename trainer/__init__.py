@@ -11,8 +11,5 @@
 | train_loop.py       | the recipe: setup/train/cleanup, AdamW, checkpoints, MLflow, torchrun/DDP        |
 | replay_eval.py      | offline replay tau per domain (greedy chain drafting against the target)        |
 | recipes.py          | pydantic recipe schema + YAML loading with dotted overrides (recipes/*.yaml)     |
-| offline_traces.py   | real trace rows from vllm.LLM offline (tests, benchmarks, demos)                |
-| registry.py         | MLflow drafter registry: versions, champion/challenger aliases, promote/rollback |
-| promotion_gate.py   | the promotion decision as a pure function                                        |
-| cli.py              | `flywheel train`, `flywheel replay-eval`, `flywheel bench train`                |
+| cli.py              | `flywheel train`, `flywheel replay-eval`                                        |
 """

@@ -1,6 +1,6 @@
-"""What the demo talks to: Airflow's REST API, the two demo vLLM servers, the background ingest, the lake.
+"""What the demo talks to: the two demo vLLM servers, the registry, the background ingest, the lake.
 
-Kept apart from the demo's storyline (flywheel/demo.py) so each piece is small and reusable.
+Kept apart from the demo's storyline (flywheel/demo/stages.py) so each piece is small and reusable.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,86 +23,6 @@ from core import process
 from core.settings import LakeSettings, ServingSettings, StackSettings
 from producers.hot_swap import swap_server
 from producers.vllm_server import VllmServer, cpu_environment, serve_args
-
-DAG_ID = "drafter_flywheel"
-DONE_STATES = {"success", "failed"}
-
-
-class AirflowClient:
-    """The few Airflow 3 REST calls the demo needs (/api/v2; the local standalone makes everyone admin)."""
-
-    def __init__(self, base_url: str):
-        self.http = httpx.Client(base_url=base_url, timeout=30.0)
-        try:  # simple auth manager with all-admins hands out a token without credentials
-            token = self.http.get("/auth/token").json()["access_token"]
-            self.http.headers["Authorization"] = f"Bearer {token}"
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass
-
-    def _ok(self, resp: httpx.Response) -> Any:
-        if resp.status_code >= 400:
-            raise RuntimeError(f"Airflow API {resp.request.method} {resp.request.url}: {resp.text[:500]}")
-        return resp.json() if resp.content else None
-
-    def get(self, path: str) -> Any:
-        """Any GET of the REST API (``/api/v2/...``), raising with Airflow's message on an error."""
-        return self._ok(self.http.get(path))
-
-    def is_paused(self, dag_id: str) -> bool:
-        return bool(self._ok(self.http.get(f"/api/v2/dags/{dag_id}"))["is_paused"])
-
-    def set_paused(self, dag_id: str, paused: bool) -> None:
-        self._ok(self.http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": paused}))
-
-    def wait_dag_parsed(self, dag_id: str, timeout_s: float = 180) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.http.get(f"/api/v2/dags/{dag_id}").status_code != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Airflow has not parsed DAG {dag_id} after {timeout_s:.0f}s")
-            time.sleep(2)
-
-    def trigger(self, dag_id: str, conf: dict[str, Any], run_id: str) -> str:
-        body = {"dag_run_id": run_id, "logical_date": None, "conf": conf, "note": "flywheel demo"}
-        return self._ok(self.http.post(f"/api/v2/dags/{dag_id}/dagRuns", json=body))["dag_run_id"]
-
-    def fail_run(self, dag_id: str, run_id: str) -> None:
-        """Mark a run failed (its running tasks are stopped), e.g. when the demo is interrupted."""
-        self._ok(self.http.patch(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}", json={"state": "failed"}))
-
-    def active_runs(self, dag_id: str) -> list[str]:
-        """Ids of the DAG's queued or running runs."""
-        body = self._ok(
-            self.http.get(f"/api/v2/dags/{dag_id}/dagRuns", params={"state": ["queued", "running"]})
-        )
-        return [r["dag_run_id"] for r in body["dag_runs"]]
-
-    def run_state(self, dag_id: str, run_id: str) -> str:
-        return self._ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}"))["state"]
-
-    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
-        body = self._ok(self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"))
-        return {t["task_id"]: t["state"] for t in body["task_instances"]}
-
-    def xcom(self, dag_id: str, run_id: str, task_id: str) -> Any:
-        resp = self.http.get(
-            f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value"
-        )
-        if resp.status_code == 404:
-            return None
-        value = self._ok(resp).get("value")
-        if isinstance(value, str):
-            try:
-                return json.loads(value)
-            except ValueError:
-                return value
-        return value
-
-
-def task_line(states: dict[str, str | None], order: list[str]) -> str:
-    """``window ✓  train ▶  evaluate ·`` for the live stage line."""
-    marks = {"success": "✓", "running": "▶", "failed": "✗", "skipped": "–", "upstream_failed": "✗"}
-    return "  ".join(f"{t} {marks.get(states.get(t) or '', '·')}" for t in order if t in states)
-
 
 # --- the demo's serving nodes ----------------------------------------------------------------------
 
@@ -132,21 +52,22 @@ class DemoServer:
 def demo_server(
     label: str,
     state: Path,
-    port: int,
+    stack: StackSettings,
+    serving: ServingSettings,
     drafter: Path,
     k: int,
-    kv_gib: int,
     capture: bool,
     follow: bool,
     cpus: str = "auto",
 ) -> DemoServer:
-    """A stock `vllm serve` with our plugin: capture and promotion-following switched per server.
-    ``cpus``: the cores its engine's OpenMP threads are bound to (vLLM's ``auto`` takes core 0 on this box)."""
+    """A stock `vllm serve` with our plugin on ``serving.port``: capture and promotion-following switched per
+    server. ``cpus``: the cores its engine's OpenMP threads are bound to (vLLM's ``auto`` takes core 0 on
+    this box). The plugin runs in the server's own process, so its settings travel as FLYWHEEL_* variables."""
     spill = state / f"spill-{label}"
-    serving = ServingSettings(port=port, spill_dir=spill, kv_cache_space_gib=kv_gib, node_id=f"demo-{label}")
+    serving = serving.model_copy(update={"spill_dir": spill, "node_id": f"demo-{label}"})
     env = cpu_environment(serving) | {
         "VLLM_SERVER_DEV_MODE": "1",  # /weight_info: the demo shows which drafter version serves
-        "FLYWHEEL_SERVING_PORT": str(port),
+        "FLYWHEEL_SERVING_PORT": str(serving.port),
         "FLYWHEEL_SERVING_NODE_ID": f"demo-{label}",
         "FLYWHEEL_SERVING_SPILL_DIR": str(spill),
         "FLYWHEEL_SERVING_CAPTURE_ENABLED": str(capture).lower(),
@@ -154,10 +75,25 @@ def demo_server(
         "VLLM_CPU_OMP_THREADS_BIND": cpus,
     }
     spec = VllmServer(
-        StackSettings(state_dir=state / label), serving, serve_args(serving, "eagle3", drafter, k), env
+        stack.model_copy(update={"state_dir": state / label}),
+        serving,
+        serve_args(serving, "eagle3", drafter, k),
+        env,
     )
     spec.name = f"vllm-demo-{label}"
     return DemoServer(label, spec)
+
+
+def register_drafter(registry, mlflow_settings, drafter: Path, run_name: str, tags: dict[str, Any]) -> str:
+    """Log a drafter dir as an MLflow run's artifacts and register it, as a training run would; its version."""
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_settings.tracking_uri)
+    mlflow.set_experiment(mlflow_settings.experiment)
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_artifacts(str(drafter), "drafter")
+        uri = mlflow.get_artifact_uri("drafter")
+    return registry.register(run.info.run_id, uri, drafter, tags | {"spec_method": "eagle3"}).version
 
 
 def random_head(target_dir: Path, out: Path, draft_vocab_size: int, seed: int, meta: dict) -> Path:
@@ -209,21 +145,20 @@ class BackgroundIngest:
 # --- the lake --------------------------------------------------------------------------------------
 
 
-def _table():
+def _table(lake: LakeSettings):
     from deltalake import DeltaTable
 
-    lake = LakeSettings()
     if not DeltaTable.is_deltatable(lake.traces_uri, storage_options=lake.storage_options or None):
         return None
     return DeltaTable(lake.traces_uri, storage_options=lake.storage_options or None)
 
 
-def rows_from(node: str, since: datetime) -> tuple[int, datetime | None]:
+def rows_from(lake: LakeSettings, node: str, since: datetime) -> tuple[int, datetime | None]:
     """Traces of serving node ``node`` that finished at/after ``since``: count and newest finish_time."""
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    table = _table()
+    table = _table(lake)
     if table is None:
         return 0, None
     flt = (ds.field("serving_node") == node) & (ds.field("finish_time") >= since)
@@ -232,32 +167,21 @@ def rows_from(node: str, since: datetime) -> tuple[int, datetime | None]:
     return rows.num_rows, newest
 
 
-def newest_finish() -> datetime | None:
+def newest_finish(lake: LakeSettings) -> datetime | None:
     import pyarrow.compute as pc
 
-    table = _table()
+    table = _table(lake)
     if table is None:
         return None
     rows = table.to_pyarrow_dataset().to_table(columns=["finish_time"])
     return pc.max(rows["finish_time"]).as_py() if rows.num_rows else None
 
 
-def window_minutes_since(start: datetime) -> float:
-    """CycleSettings.window_minutes that makes the DAG's window start exactly at ``start``.
-
-    pick_window ends the window 1 µs after the newest trace of the table and spans window_minutes back.
-    """
-    newest = newest_finish()
-    if newest is None:
-        raise RuntimeError("the traces table is empty")
-    return (newest + timedelta(microseconds=1) - start).total_seconds() / 60.0
-
-
-def lake_bytes_per_token() -> dict[str, Any]:
+def lake_bytes_per_token(lake: LakeSettings) -> dict[str, Any]:
     """At-rest cost of the whole traces table: bytes of its live data files / tokens (prompt + output)."""
     import pyarrow.compute as pc
 
-    table = _table()
+    table = _table(lake)
     if table is None:
         return {"trace_bytes_per_token": None}
     import pyarrow as pa

@@ -18,7 +18,7 @@ from trace_events import trace
 from bench.offline_traces import lake_rows, write_traces
 from core import process
 from core.settings import LakeSettings, StackSettings
-from flywheel.demo.services import AirflowClient
+from infra.airflow_client import AirflowClient
 from infra.stack.airflow_server import AirflowStandalone
 
 pytestmark = pytest.mark.integration

@@ -112,7 +112,7 @@ def test_stage_board_logs_plain_lines_without_a_terminal():
 
     from rich.console import Console
 
-    from flywheel.demo.run import StageBoard
+    from flywheel.demo.ui import StageBoard
 
     out = io.StringIO()
     board = StageBoard(Console(file=out, force_terminal=False, width=120))

@@ -1,0 +1,89 @@
+"""The demo's plan: how much traffic, training and evaluation each mode runs (sizes only, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo. A flywheel cycle runs after every traffic segment of a phase but the last."""
+
+    mode: str
+    segments_a: tuple[int, ...]  # code requests per segment before the shift
+    segments_b: tuple[int, ...]  # prose requests per segment after it (to F and S alike)
+    max_tokens: int
+    concurrency: int
+    train_steps: int  # optimizer steps per flywheel cycle (CycleSettings.train_max_steps)
+    eval_requests_per_domain: int
+    eval_rounds: int
+    last_n: int  # requests pooled for tau before / after the shift
+    window: int  # rolling window (requests) of the recovery criterion
+    draft_vocab_size: int = 8192
+    k: int = 3
+    kv_cache_gib: int = 1
+    ingest_flush_s: float = 5.0
+    # skip vLLM's torch.compile warm-up (F started in 50-63 s instead of ~170 s on 2 cores; ~12 % fewer
+    # tok/s for every arm alike, so measured speedups stay like for like)
+    enforce_eager: bool = False
+
+    @property
+    def cycles_a(self) -> int:
+        return len(self.segments_a) - 1
+
+    @property
+    def static_steps(self) -> int:
+        """The static drafter gets the training budget the flywheel spent before the shift."""
+        return self.train_steps * max(1, self.cycles_a)
+
+    @property
+    def eval_samples(self) -> int:
+        return self.eval_requests_per_domain * self.eval_rounds  # one domain per window, concurrency 1
+
+    def cycle_conf(self, min_rows: int) -> dict[str, Any]:
+        """The ``cycle`` parameter of a DAG run (CycleSettings overrides)."""
+        return {
+            "min_window_rows": min_rows,
+            "train_max_steps": self.train_steps,
+            "eval_requests_per_domain": self.eval_requests_per_domain,
+            "eval_rounds": self.eval_rounds,
+            "eval_concurrencies": [1],
+            "eval_max_tokens": self.max_tokens,
+            "gate_min_samples": self.eval_samples,
+            "eval_serving": self.serving_overrides,
+        }
+
+    @property
+    def serving_overrides(self) -> dict[str, Any]:
+        """The server flags of every server of the demo, the Airflow task's evaluation servers included."""
+        return {"enforce_eager": self.enforce_eager, "kv_cache_space_gib": self.kv_cache_gib}
+
+
+QUICK = DemoPlan("quick", (32, 16), (32, 16), 48, 8, 12, 4, 1, 16, 8, enforce_eager=True)
+# one cycle before the shift (its 120-step head already clears the gate: 1.20x on code in the first timed
+# run), two after it; eager like QUICK so that F, S and the evaluation servers start in about a minute
+# instead of compiling for minutes on the cores the first training needs. Timed from a clean clone on 2
+# cores: 68 min (`make demo` wall, set-up included); three trainings of 120 steps take ~10 min each.
+FULL = DemoPlan("full", (160, 96), (128, 96, 96), 96, 4, 120, 8, 2, 96, 32, enforce_eager=True)
+
+
+def sized(quick: bool, train_steps: int | None = None, requests: int | None = None) -> DemoPlan:
+    """The plan of a mode; ``train_steps`` / ``requests`` (first segment of each phase; later ones get half)
+    resize it, e.g. for a machine busier or faster than 2 idle cores."""
+    plan = QUICK if quick else FULL
+    if train_steps:
+        plan = replace(plan, train_steps=train_steps)
+    if requests:
+
+        def resized(segments: tuple[int, ...]) -> tuple[int, ...]:
+            return (requests,) + (max(1, requests // 2),) * (len(segments) - 1)
+
+        plan = replace(
+            plan,
+            segments_a=resized(plan.segments_a),
+            segments_b=resized(plan.segments_b),
+            last_n=max(1, requests // 2),
+        )
+        plan = replace(plan, window=max(1, min(plan.window, requests // 4)))
+    return plan
