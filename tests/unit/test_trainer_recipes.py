@@ -48,3 +48,28 @@ def test_learning_rate_warmup_then_cosine():
     assert learning_rate(cfg, 110) == pytest.approx(0.1)
     flat = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"schedule": "constant"})})
     assert learning_rate(flat, 80) == 1.0
+
+
+def test_what_a_recipe_leaves_open_comes_from_the_injected_settings(tmp_path):
+    from core.settings import LakeSettings, MlflowSettings, Settings, TrainingSettings
+
+    cfg = load_recipe(RECIPES[0], ["mlflow.enabled=true"])
+    assert set(cfg.missing()) == {
+        "target",
+        "window.table",
+        "output_dir",
+        "mlflow.tracking_uri",
+        "mlflow.experiment",
+    }
+    settings = Settings(
+        lake=LakeSettings(root=str(tmp_path / "lake")),
+        mlflow=MlflowSettings(tracking_uri="http://127.0.0.1:1", experiment="e"),
+        training=TrainingSettings(output_dir=tmp_path / "out", num_threads=3),
+    )
+    resolved = cfg.with_defaults(settings)
+    assert resolved.missing() == []
+    assert resolved.window.table == str((tmp_path / "lake" / "traces").resolve())
+    assert resolved.output_dir == tmp_path / "out" / cfg.name and resolved.num_threads == 3
+    assert (resolved.mlflow.tracking_uri, resolved.mlflow.experiment) == ("http://127.0.0.1:1", "e")
+    pinned = cfg.model_copy(update={"num_threads": 1}).with_defaults(settings)
+    assert pinned.num_threads == 1  # what the recipe sets is kept
