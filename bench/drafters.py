@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from core import process
+from core.prompts import DOMAINS
 from core.settings import Settings
 from core.tau import tau_of
 from evaluation.served import EvalServers, ServedEvalConfig
@@ -35,13 +36,17 @@ NGRAM = "ngram"
 BASELINE = "baseline"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DraftersBenchConfig(ServedEvalConfig):
     """The served evaluation's sizes (replayed at ``decision_concurrency``), on ports of its own, plus
-    the ngram server's."""
+    the ngram server's; the defaults are this benchmark's (its CLI options)."""
 
+    domains: tuple[str, ...] = DOMAINS
     requests_per_domain: int = 6
+    concurrencies: tuple[int, ...] = (1,)
+    decision_concurrency: int = 1
     rounds: int = 1
+    max_tokens: int = 96
     base_port: int = 8051
     spec_port: int = 8052
     ngram_port: int = 8053

@@ -30,17 +30,20 @@ from producers.vllm_server import VllmServer, cpu_environment, serve_args
 BASELINE, CHAMPION, CHALLENGER = "baseline", "champion", "challenger"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServedEvalConfig:
-    domains: tuple[str, ...] = ("code", "prose", "docs")
-    requests_per_domain: int = 4  # per arm, round and concurrency level
-    concurrencies: tuple[int, ...] = (1, 4)
-    decision_concurrency: int = 1
-    rounds: int = 2
-    max_tokens: int = 96
+    """Sizes of one served evaluation; a flywheel cycle builds it from CycleSettings (``eval_*``), which
+    hold the defaults."""
+
+    domains: tuple[str, ...]
+    requests_per_domain: int  # per arm, round and concurrency level
+    concurrencies: tuple[int, ...]
+    decision_concurrency: int
+    rounds: int
+    max_tokens: int
+    base_port: int
+    spec_port: int
     num_spec_tokens: int = 3
-    base_port: int = 8031
-    spec_port: int = 8032
     seed: int = 0
     # ServingSettings fields for both servers (e.g. enforce_eager, kv_cache_space_gib); the rest come from
     # the environment of the process that starts them

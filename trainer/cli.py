@@ -91,17 +91,18 @@ def replay_eval(
 
     from rich.progress import Progress
 
-    from core.settings import LakeSettings, ServingSettings
+    from core.settings import get_settings
     from trainer.eagle3_drafter import Eagle3Drafter
     from trainer.replay_eval import random_drafter_like, replay_sequences
     from trainer.target_features import TargetModel
     from trainer.trace_window import Window, WindowReader
 
-    reader = WindowReader(Window(table or LakeSettings().traces_uri, start, end, version, after_version))
+    settings = get_settings()
+    reader = WindowReader(Window(table or settings.lake.traces_uri, start, end, version, after_version))
     cutoff = reader.holdout_cutoff(newest_fraction) if newest_fraction < 1.0 else None
     total = reader.num_rows(start=cutoff)
     total = min(total, max_traces) if max_traces else total
-    tm = TargetModel(target or ServingSettings().target_dir)
+    tm = TargetModel(target or settings.serving.target_dir)
     models = {"drafter": Eagle3Drafter.from_pretrained(drafter).eval()}
     if baseline:
         models["random head"] = random_drafter_like(models["drafter"])
