@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -37,14 +37,20 @@ class StackSettings(BaseSettings):
     mlflow_port: int = Field(5000, description="MLflow tracking server")
     airflow_port: int = Field(8080, description="Airflow standalone API server / UI")
     start_timeout_s: float = Field(300.0, description="how long `stack up` waits for a service to be healthy")
+    cache_dir: Path = Field(
+        default_factory=lambda data: Path(data.get("state_dir", ".flywheel")).resolve() / "cache",
+        description="downloads that depend on nothing but their content (Kafka jars, Spark's Ivy home), "
+        "so several state dirs can share one; default <state_dir>/cache",
+    )
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        return path.resolve()
 
     @property
     def root(self) -> Path:
         return self.state_dir.resolve()
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.root / "cache"
 
 
 class KafkaSettings(BaseSettings):
@@ -124,7 +130,9 @@ class MlflowSettings(BaseSettings):
     registered_model_prefix: str = Field("drafter", description="registered model = '<prefix>-<target id>'")
     artifact_cache_dir: Path = Field(
         default_factory=_under_state_dir("cache/drafters"),
-        description="local copies of drafter versions fetched from the registry (one cache for every stage)",
+        description="local copies of drafter versions fetched from the registry (one cache for every stage); "
+        "under the state dir, not StackSettings.cache_dir: copies are keyed by model name and version, "
+        "which another registry reuses for other weights",
     )
 
     def drafter_model_name(self, target_model_id: str) -> str:
@@ -183,7 +191,7 @@ class SparkSettings(BaseSettings):
     driver_memory: str = Field("2g", description="driver JVM heap (applies when the session starts its JVM)")
     shuffle_partitions: int = Field(4, description="spark.sql.shuffle.partitions (small tables: keep it low)")
     ivy_dir: Path = Field(
-        default_factory=_under_state_dir("cache/ivy"),
+        default_factory=lambda: StackSettings().cache_dir / "ivy",
         description="Ivy home for spark.jars.packages: jars resolved from Maven Central once, then reused",
     )
     warehouse_dir: Path = Field(

@@ -1,4 +1,13 @@
-"""Shared fixtures: the real local stack (started if needed), fresh topics per test, settings."""
+"""Shared fixtures: the suite's own local stack (started if needed), fresh topics per test, settings.
+
+The suite never works on the user's stack (the one `make demo` and `flywheel stack up` use): before any
+settings are built, the environment is re-pointed at a state dir and ports of the suite's own
+(``tests/user_state.py``: ``.flywheel/test-stack``, Kafka 19092/19093, MLflow 15000, Airflow 18080), so
+every fixture, CLI subprocess, ``dag.test()`` and vLLM server registers models, creates topics, writes
+lakes and runs DAGs there. Only what is read-only and expensive is shared with the user's state: the
+prepared target model and the downloaded jars (Kafka, Ivy). ``test_isolation.py``, run last, checks the
+user's registry and topics are as they were when the session started.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +16,43 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from user_state import TEST_STACK_ENV, USER_PATH_VARIABLES, snapshot, user_stack
 
-from core.settings import KafkaSettings, MlflowSettings, StackSettings
+from core.settings import KafkaSettings, MlflowSettings, ServingSettings, StackSettings
+
+USER_STACK = user_stack()  # read before the environment is re-pointed below
+USER_MODELS_DIR = (
+    ServingSettings().models_dir
+    if os.environ.get("FLYWHEEL_SERVING_MODELS_DIR")
+    else USER_STACK.root / "models"
+).resolve()
+os.environ.update(TEST_STACK_ENV)  # set, not defaulted: an exported user address must not win here
+for _name in USER_PATH_VARIABLES:
+    os.environ.pop(_name, None)
+os.environ["FLYWHEEL_STACK_CACHE_DIR"] = str(USER_STACK.cache_dir)  # Kafka jars, Ivy: fetched once
+os.environ["FLYWHEEL_SERVING_MODELS_DIR"] = str(USER_MODELS_DIR)  # the prepared target, converted once
 
 SESSION_SERVICES = ("kafka", "mlflow")
 # Every vLLM server the suite starts skips torch.compile: 97 s instead of 171 s to start on 2 cores, ~12 %
 # fewer tokens/s (bench/ measures the compiled default). Subprocesses (dag.test, the CLI) inherit it.
 os.environ.setdefault("FLYWHEEL_SERVING_ENFORCE_EAGER", "true")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """test_isolation.py runs last: it compares the user's stack after everything else ran."""
+    items.sort(key=lambda item: item.path.name == "test_isolation.py")  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="session")
+def user_stack_settings() -> StackSettings:
+    """The user's stack (state dir, ports) as the shell that ran pytest describes it. Never started."""
+    return USER_STACK
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_state_at_start(user_stack_settings: StackSettings) -> dict:
+    """The user's registry and topics before any other fixture of the session ran (autouse, session)."""
+    return snapshot(user_stack_settings)
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +62,7 @@ def stack_settings() -> StackSettings:
 
 @pytest.fixture(scope="session")
 def local_stack(stack_settings: StackSettings) -> Iterator[StackSettings]:
-    """Bring Kafka + MLflow up (or reuse healthy ones); stop at the end only what this session started.
+    """Bring the suite's Kafka + MLflow up (or reuse healthy ones); stop at the end only what it started.
 
     A service that cannot start is a failure, never a skip. Airflow standalone is not part of it: its four
     processes would tax 2 cores for the whole session, so test_airflow_standalone starts its own and

@@ -2,8 +2,9 @@
 
 Every DAG in dags/ parses in the real DAG processor without import errors, and a manually triggered
 ``trace_maintenance`` run is scheduled, executed by the standalone's executor on a real Delta table, and
-reports through XCom what it removed. The instance is this module's own (its own state dir and port), so a
-running demo stack is never touched; it is stopped at the end. Other modules run DAGs with ``dag.test()``.
+reports through XCom what it removed. The instance is this module's own: a fresh state dir, on the Airflow
+port of the suite's stack (18080, tests/user_state.py), so a running demo stack is never touched; it is
+stopped at the end. Other modules run DAGs with ``dag.test()``.
 """
 
 from __future__ import annotations
@@ -17,18 +18,17 @@ from trace_events import trace
 
 from bench.offline_traces import lake_rows, write_traces
 from core import process
-from core.settings import LakeSettings, StackSettings
+from core.settings import LakeSettings
 from infra.airflow_client import AirflowClient
 from infra.stack.airflow_server import AirflowStandalone
 
 pytestmark = pytest.mark.integration
-PORT = 8095
 DAG_IDS = {"drafter_flywheel", "trace_watch", "trace_maintenance"}
 
 
 @pytest.fixture(scope="module")
-def airflow(tmp_path_factory):
-    stack = StackSettings(state_dir=tmp_path_factory.mktemp("airflow-stack"), airflow_port=PORT)
+def airflow(stack_settings, tmp_path_factory):
+    stack = stack_settings.model_copy(update={"state_dir": tmp_path_factory.mktemp("airflow-stack")})
     spec = AirflowStandalone(stack)
     process.start(spec, timeout_s=600)
     try:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from core.settings import KafkaSettings, LakeSettings, StackSettings
+from core.settings import KafkaSettings, LakeSettings, MlflowSettings, SparkSettings, StackSettings
 
 
 def test_env_prefix_per_concern(monkeypatch):
@@ -36,3 +36,16 @@ def test_paths_default_under_the_state_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("FLYWHEEL_STACK_STATE_DIR", str(tmp_path / "fw"))
     assert LakeSettings().traces_uri == str(tmp_path / "fw" / "lake" / "traces")
     assert LakeSettings(root="s3://bucket/lake").traces_uri == "s3://bucket/lake/traces"
+
+
+def test_cache_dir_defaults_under_the_state_dir_and_can_be_shared(monkeypatch, tmp_path):
+    for name in ("FLYWHEEL_STACK_CACHE_DIR", "FLYWHEEL_SPARK_IVY_DIR", "FLYWHEEL_MLFLOW_ARTIFACT_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FLYWHEEL_STACK_STATE_DIR", str(tmp_path / "fw"))
+    assert StackSettings().cache_dir == tmp_path / "fw" / "cache"
+    assert SparkSettings().ivy_dir == tmp_path / "fw" / "cache" / "ivy"
+    monkeypatch.setenv("FLYWHEEL_STACK_CACHE_DIR", str(tmp_path / "shared"))
+    assert StackSettings().cache_dir == tmp_path / "shared"  # jars fetched once for several state dirs
+    assert SparkSettings().ivy_dir == tmp_path / "shared" / "ivy"
+    # drafter copies are keyed by registry name/version, so they stay with the state dir's registry
+    assert MlflowSettings().artifact_cache_dir == tmp_path / "fw" / "cache" / "drafters"

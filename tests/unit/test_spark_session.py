@@ -24,6 +24,7 @@ def test_packages_follow_the_installed_pyspark():
 def test_session_conf_from_settings(monkeypatch, tmp_path):
     for name in [n for n in os.environ if n.startswith("FLYWHEEL_SPARK_")]:
         monkeypatch.delenv(name)
+    monkeypatch.delenv("FLYWHEEL_STACK_CACHE_DIR", raising=False)  # the suite shares the user's cache
     monkeypatch.setenv("FLYWHEEL_STACK_STATE_DIR", str(tmp_path / "fw"))
     monkeypatch.setenv("FLYWHEEL_SPARK_CONF", '{"spark.sql.shuffle.partitions": "8"}')
     settings = SparkSettings()
