@@ -143,10 +143,34 @@ def bench_all(
         raise typer.Exit(1)
 
 
+def bench_gate(
+    drafter: Annotated[
+        Path, typer.Option("--drafter", help="a trained EAGLE-3 drafter dir (A)", exists=True)
+    ],
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the JSON here")] = None,
+    table: Annotated[
+        str | None,
+        typer.Option("--table", help="traces table whose held-out split is replayed (default: the lake's)"),
+    ] = None,
+) -> None:
+    """Does the gate tell a drafter from itself, and a better one from a worse one? A/A (the drafter against
+    itself) and A/B (the drafter against an untrained head of the same vocabulary) on held-out traffic, paired,
+    through the cycle's own measurement; sizes from FLYWHEEL_CYCLE_EVAL_* and FLYWHEEL_CYCLE_GATE_*.
+    Starts two vLLM servers (ports 8061/8062)."""
+    import bench
+    from bench.gate import run
+    from core.settings import get_settings
+
+    err = Console(stderr=True)
+    result = run(get_settings(), drafter, table, on_step=lambda line: err.print(line, style="dim"))
+    bench.emit("gate", result, json_path)
+
+
 def register(bench: typer.Typer) -> None:
     """Add every benchmark to `flywheel bench`."""
     bench.command("capture")(bench_capture)
     bench.command("ingest")(bench_ingest)
     bench.command("train")(bench_train)
     bench.command("drafters")(bench_drafters)
+    bench.command("gate")(bench_gate)
     bench.command("all")(bench_all)

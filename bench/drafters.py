@@ -21,7 +21,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from core import process
 from core.prompts import DOMAINS
 from core.settings import Settings
 from core.tau import tau_of
-from evaluation.served import EvalServers, ServedEvalConfig
+from evaluation.served import EvalServers
 from producers.traffic import Phase, replay
 
 NGRAM = "ngram"
@@ -37,19 +37,21 @@ BASELINE = "baseline"
 
 
 @dataclass(frozen=True, kw_only=True)
-class DraftersBenchConfig(ServedEvalConfig):
-    """The served evaluation's sizes (replayed at ``decision_concurrency``), on ports of its own, plus
-    the ngram server's; the defaults are this benchmark's (its CLI options)."""
+class DraftersBenchConfig:
+    """Sizes of this benchmark (its CLI options), on ports of its own: the evaluation servers' pair plus
+    the ngram server."""
 
     domains: tuple[str, ...] = DOMAINS
     requests_per_domain: int = 6
-    concurrencies: tuple[int, ...] = (1,)
     decision_concurrency: int = 1
     rounds: int = 1
     max_tokens: int = 96
+    num_spec_tokens: int = 3
+    seed: int = 0
     base_port: int = 8051
     spec_port: int = 8052
     ngram_port: int = 8053
+    serving: dict[str, Any] = field(default_factory=dict)
 
 
 def _tau(accepted: list[int]) -> float | None:
@@ -75,7 +77,8 @@ def run(
         raise ValueError("give at least one EAGLE-3 drafter dir (name=DIR)")
     cfg = config or DraftersBenchConfig()
     stack, serving = settings.stack, settings.serving.model_copy(update=cfg.serving)
-    servers = EvalServers(cfg, next(iter(drafters.values())), stack, serving)
+    first = next(iter(drafters.values()))
+    servers = EvalServers(cfg.base_port, cfg.spec_port, cfg.num_spec_tokens, first, stack, serving)
     ngram_server = None
     if ngram:
         ngram_server = EvalServers.server(stack, serving, cfg.ngram_port, NGRAM, None, cfg.num_spec_tokens)

@@ -3,7 +3,7 @@
 Used by tests, benchmarks and demos that need a small ``traces`` table before the Kafka -> Delta sink
 runs. The rows are exactly what the sink writes: a TraceEvent record built by
 ``producers.trace_record.record_from_request_output`` plus the lake columns (kafka_partition,
-kafka_offset, date, hour), written with ``schemas.arrow.traces_table_schema()``.
+kafka_offset, ingest_time, date, hour), written with ``schemas.arrow.traces_table_schema()``.
 
 vLLM runs in a child process (``python -m bench.offline_traces``): the engine spawns workers and
 keeps global state, so callers (pytest, the trainer) stay clean. Greedy (temperature 0), so a run is
@@ -41,17 +41,20 @@ def pick_prompts(domains: list[str], per_domain: int, held_out: bool = False, sk
 def lake_rows(
     records: list[dict[str, Any]], partition: int = 0, first_offset: int = 0
 ) -> list[dict[str, Any]]:
-    """TraceEvent records -> rows of the ``traces`` table (adds source offsets and date/hour partitions)."""
+    """TraceEvent records -> rows of the ``traces`` table (adds source offsets, ingest_time and date/hour
+    partitions). Nothing streamed these rows, so they count as observed when they finished (offline, the
+    node's clock is the only one): ``ingest_time`` = ``finish_time``."""
     rows = []
     for i, rec in enumerate(records):
-        finish = datetime.fromtimestamp(rec["finish_time"] / 1e6, tz=UTC)
+        observed = datetime.fromtimestamp(rec["finish_time"] / 1e6, tz=UTC)
         rows.append(
             rec
             | {
                 "kafka_partition": partition,
                 "kafka_offset": first_offset + i,
-                "date": finish.strftime("%Y-%m-%d"),
-                "hour": finish.hour,
+                "ingest_time": rec["finish_time"],
+                "date": observed.strftime("%Y-%m-%d"),
+                "hour": observed.hour,
             }
         )
     return rows

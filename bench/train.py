@@ -106,7 +106,9 @@ def replicate_window(table: str, out_uri: str, factor: int) -> str:
 
     base = pa.table(DeltaTable(table).to_pyarrow_table()).select(traces_table_schema().names)
     span = pc.max(base["finish_time"]).value - pc.min(base["finish_time"]).value + 1_000_000
-    records = base.drop_columns(["kafka_partition", "kafka_offset", "date", "hour"]).to_pylist()
+    records = base.drop_columns(
+        ["kafka_partition", "kafka_offset", "ingest_time", "date", "hour"]
+    ).to_pylist()
     base_us = [int(r["finish_time"].timestamp()) * 1_000_000 + r["finish_time"].microsecond for r in records]
     rows: list[dict] = []
     for k in range(factor):

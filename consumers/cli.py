@@ -159,6 +159,8 @@ def retention(
 ) -> None:
     """Bound the `traces` table: delete expired days, compact closed hours, vacuum, checkpoint + trim the log.
 
+    Days are UTC days of ingest_time (when the pipeline observed each trace), never of the serving node's clock.
+
     Safe next to a running `flywheel ingest` (it only appends), except with --vacuum-retention-hours below the age of files the ingest is still writing.
     """
     from consumers.retention import run_retention

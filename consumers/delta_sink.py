@@ -59,6 +59,8 @@ class IngestOptions:
     fetch_max_bytes: int = 16 * 1024 * 1024
     max_failures: int = 5  # consecutive non-conflict commit failures before giving up
     table_properties: dict[str, str] | None = None  # overrides at table creation (tests)
+    # the ingest's clock (s since the epoch): ingest_time of messages without a broker LogAppendTime
+    clock: Callable[[], float] = time.time
 
 
 @dataclass
@@ -265,10 +267,13 @@ class TraceIngest:
         if self.stats.first_message_at is None:
             self.stats.first_message_at = self._last_activity
             self.stats.cpu_at_first_message = time.process_time()
-        batch = MessageBatch.from_messages(good)
+        clock_us = int(self.opts.clock() * 1_000_000)
+        batch = MessageBatch.from_messages(good, clock_us)
         fresh = self._fresh(batch.partitions, batch.offsets)
         if not fresh.all():
-            batch = MessageBatch.from_messages([m for m, keep in zip(good, fresh, strict=True) if keep])
+            batch = MessageBatch.from_messages(
+                [m for m, keep in zip(good, fresh, strict=True) if keep], clock_us
+            )
             if not len(batch):
                 return
         decoded = self.decoder.decode(batch)

@@ -31,7 +31,7 @@ from deltalake import WriterProperties
 from deltalake.transaction import AddAction
 from deltalake.writer.properties import ColumnProperties
 
-from schemas.arrow import PARTITION_COLUMNS
+from schemas.arrow import PARTITION_COLUMNS, TRUSTED_TIME_COLUMN
 
 ZSTD_LEVEL = 3
 TOKEN_COLUMNS = ("prompt_token_ids", "output_token_ids")
@@ -49,7 +49,7 @@ DICTIONARY_COLUMNS = (
 )
 # Columns with min/max statistics, in Parquet and in the Delta log (also set as
 # delta.dataSkippingStatsColumns so compaction by delta-rs keeps the same ones).
-STATS_COLUMNS = ("arrival_time", "finish_time", "kafka_partition", "kafka_offset")
+STATS_COLUMNS = (TRUSTED_TIME_COLUMN, "arrival_time", "finish_time", "kafka_partition", "kafka_offset")
 US_PER_HOUR = 3_600_000_000
 
 
@@ -112,8 +112,8 @@ def delta_stats(table: pa.Table) -> str:
 
 
 def split_by_partition(table: pa.Table) -> list[tuple[dict[str, str], pa.Table]]:
-    """(partition values, rows without the partition columns) per (date, hour) in ``table``."""
-    hours = table["finish_time"].cast(pa.int64()).to_numpy() // US_PER_HOUR
+    """(partition values, rows without the partition columns) per (date, hour) of ``ingest_time``."""
+    hours = table[TRUSTED_TIME_COLUMN].cast(pa.int64()).to_numpy() // US_PER_HOUR
     data = table.drop_columns(PARTITION_COLUMNS)
     first, last = hours.min(), hours.max()
     keys = [first] if first == last else np.unique(hours)

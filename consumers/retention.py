@@ -15,7 +15,9 @@
    checkpoint keeps the txn offsets.
 
 A day is kept while any of it is within ``retention_days``: with retention 7 at 2026-01-10 12:00 the cutoff is
-2026-01-03, so at least 7 days of traces always remain.
+2026-01-03, so at least 7 days of traces always remain. Days are days of ``ingest_time``, the lake's trusted
+time (the partitions derive from it), so a row is deleted between ``retention_days`` and
+``retention_days`` + 1 after the pipeline observed it, whatever the serving node's clock said.
 """
 
 from __future__ import annotations
@@ -136,7 +138,11 @@ def run_retention(
     dry_run: bool = False,
     vacuum_retention_hours: int | None = None,
 ) -> RetentionReport:
-    """Plan and apply retention on the lake's ``traces`` table as of ``now`` (CLI and Airflow call this)."""
+    """Plan and apply retention on the lake's ``traces`` table as of ``now`` (CLI and Airflow call this).
+    No table yet (nothing ingested): an empty plan, nothing done."""
+    days = retention_days or lake.retention_days
+    if not DeltaTable.is_deltatable(lake.traces_uri, storage_options=lake.storage_options or None):
+        return RetentionReport(plan_retention([], now, days), dry_run)
     dt = DeltaTable(lake.traces_uri, storage_options=lake.storage_options or None)
-    plan = plan_retention(partitions_of(dt), now, retention_days or lake.retention_days)
+    plan = plan_retention(partitions_of(dt), now, days)
     return apply_retention(dt, plan, dry_run=dry_run, vacuum_retention_hours=vacuum_retention_hours)

@@ -5,18 +5,30 @@ columns). Delta's type system maps every column of it back to the identical Arro
 long -> long, float -> float, string -> string, timestamp[us, UTC] -> timestamp, list<int32 not null> ->
 array<integer, containsNull=false>), so the check compares names, types and nullability with no
 normalisation; field docs travel as Delta column metadata.
+
+A table written before the lake had ``ingest_time`` (partitioned by the node's ``finish_time``) is rewritten
+once, on open, by ``migrate_to_ingest_time`` (docs/data-contract.md, "Migration").
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-from deltalake import DeltaTable
-from deltalake.exceptions import DeltaError
+from deltalake import CommitProperties, DeltaTable
+from deltalake.exceptions import CommitFailedError, DeltaError
 
-from consumers.lake_files import STATS_COLUMNS
+from consumers.lake_files import STATS_COLUMNS, write_data_files
+from consumers.trace_batch import lake_columns
 from core.settings import LakeSettings
-from schemas.arrow import PARTITION_COLUMNS, traces_table_schema
+from schemas.arrow import PARTITION_COLUMNS, TRUSTED_TIME_COLUMN, traces_table_schema
+
+log = logging.getLogger("flywheel.table")
 
 # Why each property (all are Delta protocol properties; delta-rs and Spark honour them):
 TABLE_PROPERTIES: dict[str, str] = {
@@ -63,8 +75,102 @@ def table_schema(dt: DeltaTable) -> pa.Schema:
     return pa.schema(dt.schema().to_arrow())
 
 
+def legacy_schema() -> pa.Schema:
+    """The table's schema before ``ingest_time`` existed (its partitions came from ``finish_time``)."""
+    return pa.schema([f for f in traces_table_schema() if f.name != TRUSTED_TIME_COLUMN])
+
+
+def is_legacy(dt: DeltaTable) -> bool:
+    return not schema_problems(table_schema(dt), legacy_schema())
+
+
+# How long after the broker appended a message the ingest can have written it: the traces topic's retention
+# (a message the ingest had not read by then is gone from the topic). Bounds migrated ingest times below.
+MIGRATION_MAX_LAG = timedelta(days=3)
+
+
+def migrated_ingest_time(finish_us: np.ndarray, written_us: int, max_lag_us: int) -> np.ndarray:
+    """ingest_time of rows written before the column existed (their arrival was never recorded): their
+    finish_time, clipped into [written - max_lag, written] where ``written`` is when their file was written.
+    A row cannot have arrived after its file was written, nor (by the topic's retention) much before it was
+    ingested; inside those bounds the node's finish time is the best estimate left. A node ahead of time
+    moves to ``written``; one far behind to ``written - max_lag`` (which a compacted file, written later
+    than its rows, makes later still)."""
+    return np.clip(finish_us, written_us - max_lag_us, written_us)
+
+
+def _legacy_rows(dt: DeltaTable, max_lag: timedelta) -> Iterator[pa.RecordBatch]:
+    """Every row of a legacy table with ingest_time, date and hour (re)computed, one file at a time."""
+    schema = traces_table_schema()
+    columns = [n for n in legacy_schema().names if n not in PARTITION_COLUMNS]
+    adds = pa.table(dt.get_add_actions(flatten=True))
+    written_ms = dict(
+        zip(
+            adds["path"].to_pylist(),
+            adds["modification_time"].cast(pa.int64()).to_pylist(),
+            strict=True,
+        )
+    )
+    root = dt.table_uri.removeprefix("file://").rstrip("/") + "/"
+    max_lag_us = max_lag // timedelta(microseconds=1)
+    dataset = dt.to_pyarrow_dataset()
+    for fragment in dataset.get_fragments():
+        path = fragment.path.removeprefix("file://").removeprefix(root)
+        written_us = written_ms[path] * 1000
+        for batch in fragment.to_batches(schema=dataset.schema, columns=columns, batch_size=65_536):
+            if not batch.num_rows:
+                continue
+            finish = batch["finish_time"].cast(pa.int64()).to_numpy()
+            observed = migrated_ingest_time(finish, written_us, max_lag_us)
+            lake = lake_columns(
+                observed, batch["kafka_partition"].to_numpy(), batch["kafka_offset"].to_numpy()
+            )
+            event = [batch[n] for n in columns if n not in ("kafka_partition", "kafka_offset")]
+            yield pa.RecordBatch.from_arrays([*event, *lake], names=schema.names).cast(schema)
+
+
+def migrate_to_ingest_time(
+    dt: DeltaTable, filesystem: pafs.FileSystem, max_lag: timedelta = MIGRATION_MAX_LAG
+) -> bool:
+    """One-time rewrite of a legacy table (no ``ingest_time``, partitioned by ``finish_time``) into today's
+    schema and partitions, in one overwrite commit; the Kafka offsets (txn actions) are kept, so the ingest
+    resumes where it was. Returns False when ``dt`` is not a legacy table (nothing to do).
+
+    Run it with no ingest of an older version writing to the table. Streaming readers of the table see the
+    rewrite as a delete + re-add of every row (restart them from the new version). Memory stays at one
+    record batch: rows stream from the old files (readable until vacuum) into new files written like the
+    ingest's (``lake_files.write_data_files``, ``filesystem`` rooted at the table), committed at the end; a
+    crash before the commit leaves the table as it was, plus orphan files vacuum removes.
+    """
+    if not is_legacy(dt):
+        return False
+    log.warning(
+        "table %s has no %s: rewriting it once (partitions by the trusted time)",
+        dt.table_uri,
+        TRUSTED_TIME_COLUMN,
+    )
+    now_ms, actions = int(time.time() * 1000), []
+    for batch in _legacy_rows(dt, max_lag):
+        actions += write_data_files(pa.Table.from_batches([batch]), filesystem, now_ms)
+    dt.create_write_transaction(
+        actions,
+        "overwrite",
+        traces_table_schema(),
+        partition_by=PARTITION_COLUMNS,
+        commit_properties=CommitProperties(custom_metadata={"flywheel.migration": TRUSTED_TIME_COLUMN}),
+    )
+    dt.update_incremental()
+    if is_legacy(dt):
+        raise SchemaMismatchError(f"table {dt.table_uri}: the migration commit kept the old schema")
+    stats = ",".join(STATS_COLUMNS)
+    if dt.metadata().configuration.get("delta.dataSkippingStatsColumns") != stats:
+        dt.alter.set_table_properties({"delta.dataSkippingStatsColumns": stats})
+    return True
+
+
 def open_or_create(lake: LakeSettings, properties: dict[str, str] | None = None) -> DeltaTable:
     """Open ``lake.traces_uri`` or create it (idempotent across racing consumers); check its schema.
+    A legacy table (before ``ingest_time``) is migrated first (``migrate_to_ingest_time``).
 
     ``properties`` overrides TABLE_PROPERTIES at creation only (tests shorten retention durations).
     """
@@ -83,6 +189,11 @@ def open_or_create(lake: LakeSettings, properties: dict[str, str] | None = None)
         except DeltaError:
             if not DeltaTable.is_deltatable(uri, storage_options=options):
                 raise  # not the "another consumer created it first" race
+    dt = DeltaTable(uri, storage_options=options)
+    try:
+        migrate_to_ingest_time(dt, table_filesystem(lake))
+    except CommitFailedError:  # another consumer migrated it first: check what it wrote
+        log.info("concurrent migration of %s; re-reading", uri)
     dt = DeltaTable(uri, storage_options=options)
     problems = schema_problems(table_schema(dt), traces_table_schema())
     if problems:

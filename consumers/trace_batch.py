@@ -5,15 +5,22 @@ check headers and decode every message of each writer schema in one pass, Arrow 
 decoded buffers without per-row Python, and the semantic rules run vectorised. Every message ends up in
 exactly one place: a row of ``DecodedBatch.rows`` or an entry of ``DecodedBatch.rejected`` (reason +
 detail), so a poison message is isolated exactly and never takes good neighbours down with it.
+
+Every row gets the lake's trusted time, ``ingest_time`` (docs/data-contract.md): the message's broker
+timestamp when the topic stamps LogAppendTime (the broker's clock), otherwise the ingest's clock when the
+batch was consumed. Never the producer's CreateTime: that is the serving node's clock, the one that can
+be wrong. ``date``/``hour`` derive from it, so a node stamping 2099 or 1999 lands in the current hour.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME
 
 from consumers import avro_kernels as k
 from consumers.avro_program import ArrowProjection, DecodeScratch, FieldProgram, decode_rows, status_detail
@@ -22,6 +29,20 @@ from schemas.arrow import arrow_schema, traces_table_schema
 from schemas.registry import TRACE_EVENT, SchemaVersion, current, events, versions
 
 US_PER_HOUR = 3_600_000_000
+
+
+def now_us() -> int:
+    """The ingest's clock (microseconds since the epoch, UTC)."""
+    return time.time_ns() // 1000
+
+
+def observed_us(messages: list[Any], clock_us: int) -> np.ndarray:
+    """Per message, when the pipeline observed it: the broker's LogAppendTime if the message carries one
+    (ms -> us), else ``clock_us`` (CreateTime is the producer's clock, so it is never trusted)."""
+    stamps = [m.timestamp() for m in messages]
+    kinds = np.fromiter((kind for kind, _ in stamps), dtype=np.int64, count=len(stamps))
+    ms = np.fromiter((t for _, t in stamps), dtype=np.int64, count=len(stamps))
+    return np.where((kinds == TIMESTAMP_LOG_APPEND_TIME) & (ms >= 0), ms * 1000, np.int64(clock_us))
 
 
 @dataclass
@@ -33,6 +54,7 @@ class MessageBatch:
     ends: np.ndarray  # int64
     partitions: np.ndarray  # int32
     offsets: np.ndarray  # int64
+    observed: np.ndarray  # int64 us since the epoch: the trusted time of each message (ingest_time)
     messages: list[Any] = field(default_factory=list)  # the confluent_kafka.Message objects, if any
 
     def __len__(self) -> int:
@@ -44,8 +66,14 @@ class MessageBatch:
 
     @classmethod
     def from_values(
-        cls, values: list[bytes | None], partitions: Any = None, offsets: Any = None, messages: Any = None
+        cls,
+        values: list[bytes | None],
+        partitions: Any = None,
+        offsets: Any = None,
+        messages: Any = None,
+        observed: Any = None,
     ) -> MessageBatch:
+        """``observed``: per-message trusted time in us (default: the ingest's clock now, for every one)."""
         values = [v or b"" for v in values]  # a tombstone (None) is just an empty, undecodable value
         n = len(values)
         lengths = np.fromiter(map(len, values), dtype=np.int64, count=n)
@@ -56,18 +84,21 @@ class MessageBatch:
             ends=ends,
             partitions=np.zeros(n, np.int32) if partitions is None else np.asarray(partitions, np.int32),
             offsets=np.arange(n, dtype=np.int64) if offsets is None else np.asarray(offsets, np.int64),
+            observed=np.full(n, now_us(), np.int64) if observed is None else np.asarray(observed, np.int64),
             messages=list(messages or []),
         )
 
     @classmethod
-    def from_messages(cls, messages: list[Any]) -> MessageBatch:
-        """From confluent_kafka messages (error messages must have been removed by the caller)."""
+    def from_messages(cls, messages: list[Any], clock_us: int | None = None) -> MessageBatch:
+        """From confluent_kafka messages (error messages must have been removed by the caller);
+        ``clock_us``: the ingest's clock for messages without a broker timestamp (default: now)."""
         n = len(messages)
         return cls.from_values(
             [m.value() for m in messages],
             np.fromiter((m.partition() for m in messages), dtype=np.int32, count=n),
             np.fromiter((m.offset() for m in messages), dtype=np.int64, count=n),
             messages,
+            observed_us(messages, now_us() if clock_us is None else clock_us),
         )
 
 
@@ -88,14 +119,16 @@ def _header_detail(batch: MessageBatch, i: int) -> str:
     return f"{batch.ends[i] - batch.starts[i]} bytes, header {head[:2].hex()} fingerprint {head[2:].hex()}"
 
 
-def lake_columns(finish_time: pa.Array, partitions: np.ndarray, offsets: np.ndarray) -> list[pa.Array]:
-    """kafka_partition, kafka_offset, date (UTC YYYY-MM-DD of finish_time) and hour (0-23)."""
-    hours = finish_time.cast(pa.int64()).to_numpy() // US_PER_HOUR
+def lake_columns(observed: np.ndarray, partitions: np.ndarray, offsets: np.ndarray) -> list[pa.Array]:
+    """kafka_partition, kafka_offset, ingest_time (``observed``, us) and the partition it decides: date
+    (UTC YYYY-MM-DD) and hour (0-23)."""
+    hours = observed // US_PER_HOUR
     days, day_of_row = np.unique(hours // 24, return_inverse=True)
     names = pa.array(np.datetime_as_string(days.astype("datetime64[D]")).tolist(), pa.string())
     return [
         pa.array(partitions, pa.int32()),
         pa.array(offsets, pa.int64()),
+        pa.array(observed, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
         names.take(pa.array(day_of_row.astype(np.int32))),
         pa.array((hours % 24).astype(np.int32), pa.int32()),
     ]
@@ -174,6 +207,6 @@ class TraceBatchDecoder:
         if len(rejected) > len(batch) - len(index):  # some decoded rows broke a rule
             good = broken < 0
             events_batch, index = events_batch.filter(pa.array(good)), index[good]
-        lake = lake_columns(events_batch["finish_time"], batch.partitions[index], batch.offsets[index])
+        lake = lake_columns(batch.observed[index], batch.partitions[index], batch.offsets[index])
         rows = pa.RecordBatch.from_arrays([*events_batch.columns, *lake], schema=self.schema)
         return DecodedBatch(rows, sorted(rejected))

@@ -8,17 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-# Partitions are derived from finish_time: a year-3000 date would be a partition retention never reaches.
-FINISH_TIME_RANGE_US = (
-    int(datetime(2000, 1, 1, tzinfo=UTC).timestamp() * 1e6),
-    int(datetime(2200, 1, 1, tzinfo=UTC).timestamp() * 1e6),
+# A serving node's clock can be wrong: its times are kept as data, whatever they say, because partitions and
+# windows use the pipeline's own time (ingest_time, consumers/trace_batch.py). Only a time that no reader can
+# represent is refused: Spark's timestamps, Python's datetime and Delta's statistics end at years 1 and 9999.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+TIMESTAMP_RANGE_US = (
+    (datetime.min.replace(tzinfo=UTC) - _EPOCH) // _US,
+    (datetime.max.replace(tzinfo=UTC) - _EPOCH) // _US + 1,
 )
+TIMESTAMP_FIELDS = ("arrival_time", "first_token_time", "finish_time")
 
 
 @dataclass(frozen=True)
@@ -83,10 +88,14 @@ def _negative_token_id(b: pa.RecordBatch) -> np.ndarray:
     return _rows_with_negative(b["prompt_token_ids"]) | _rows_with_negative(b["output_token_ids"])
 
 
-def _finish_time_out_of_range(b: pa.RecordBatch) -> np.ndarray:
-    us = b["finish_time"].cast(pa.int64()).to_numpy()
-    lo, hi = FINISH_TIME_RANGE_US
-    return (us < lo) | (us >= hi)
+def _timestamp_out_of_range(b: pa.RecordBatch) -> np.ndarray:
+    lo, hi = TIMESTAMP_RANGE_US
+    out = np.zeros(b.num_rows, dtype=bool)
+    for name in TIMESTAMP_FIELDS:
+        col = b[name]
+        us = col.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)  # null: not out of range
+        out |= (us < lo) | (us >= hi)
+    return out
 
 
 RULES: tuple[Rule, ...] = (
@@ -99,7 +108,11 @@ RULES: tuple[Rule, ...] = (
         "accepted-exceeds-drafted", "a step accepted more tokens than it drafted", _accepted_exceeds_drafted
     ),
     Rule("negative-token-id", "a prompt or output token id is negative", _negative_token_id),
-    Rule("finish-time-out-of-range", "finish_time is not in [2000, 2200)", _finish_time_out_of_range),
+    Rule(
+        "timestamp-out-of-range",
+        "arrival_time, first_token_time or finish_time is outside the years 1-9999 (no reader represents it)",
+        _timestamp_out_of_range,
+    ),
 )
 
 

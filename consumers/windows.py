@@ -1,21 +1,26 @@
 """Windows of the ``traces`` table: what a flywheel cycle trains on, and the live figures the watchers read.
 
-A window is a snapshot version of the table narrowed to a finish-time range. Nothing here reads the wall
-clock: a window ends 1 µs after the newest trace of its table version, so the same version always yields
-the same window. Readers ask only for the columns they need.
+A window is a snapshot version of the table narrowed to a range of ``ingest_time``, the lake's trusted time
+(when the pipeline observed each event; the serving node's ``finish_time`` is data, its clock can be
+wrong): a trace is in the window of the time it arrived, whatever its node's clock said. Nothing here reads
+the wall clock: a window ends 1 µs after the newest trace of its table version, so the same version always
+yields the same window. Readers ask only for the columns they need. No table yet reads as an empty one.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 from pydantic import BaseModel, ConfigDict
 
 from core.settings import LakeSettings
 from core.tau import tau
+from schemas.arrow import TRUSTED_TIME_COLUMN, traces_table_schema
 
+TIME = TRUSTED_TIME_COLUMN  # the column every window, live figure and retention decision uses
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -38,8 +43,12 @@ def _micros(ts: datetime) -> int:
 
 
 def read_traces(lake: LakeSettings, columns: list[str], version: int | None = None):
-    """(table, rows) of the traces table at ``version`` (latest when None), only ``columns``."""
-    table = DeltaTable(lake.traces_uri, version=version, storage_options=lake.storage_options or None)
+    """(table, rows) of the traces table at ``version`` (latest when None), only ``columns``;
+    (None, no rows) while the table does not exist yet."""
+    options = lake.storage_options or None
+    if version is None and not DeltaTable.is_deltatable(lake.traces_uri, storage_options=options):
+        return None, pa.table({c: pa.array([], traces_table_schema().field(c).type) for c in columns})
+    table = DeltaTable(lake.traces_uri, version=version, storage_options=options)
     return table, table.to_pyarrow_dataset().to_table(columns=columns)
 
 
@@ -50,16 +59,15 @@ def pick_window(
     version: int | None = None,
     start: datetime | None = None,
 ) -> TraceWindow | None:
-    """``minutes`` of traces up to the newest one at table ``version`` (or from ``start``, when given).
-
-    None if the window holds fewer than ``min_rows`` traces.
+    """``minutes`` of traces (by ingest_time) up to the newest one at table ``version`` (or from ``start``,
+    when given). None if the window holds fewer than ``min_rows`` traces.
     """
-    table, rows = read_traces(lake, ["finish_time", "domain"], version)
+    table, rows = read_traces(lake, [TIME, "domain"], version)
     if rows.num_rows == 0:
         return None
-    end = pc.max(rows["finish_time"]).as_py() + timedelta(microseconds=1)
+    end = pc.max(rows[TIME]).as_py() + timedelta(microseconds=1)
     start = start.astimezone(UTC) if start is not None else end - timedelta(minutes=minutes)
-    in_window = rows.filter(pc.greater_equal(rows["finish_time"], start))
+    in_window = rows.filter(pc.greater_equal(rows[TIME], start))
     if in_window.num_rows < min_rows:
         return None
     counts = {
@@ -78,9 +86,11 @@ def pick_window(
 
 
 def rows_at(lake: LakeSettings, version: int) -> int:
-    """Rows of the table at ``version``; 0 when that version was vacuumed away (all rows count as new)."""
+    """Rows of the table at ``version``; 0 when that version was vacuumed away (all rows count as new).
+    Counts without reading a column, so a version from before a schema change counts too."""
     try:
-        return read_traces(lake, ["finish_time"], version)[1].num_rows
+        table = DeltaTable(lake.traces_uri, version=version, storage_options=lake.storage_options or None)
+        return table.to_pyarrow_dataset().count_rows()
     except Exception:
         return 0
 
@@ -89,7 +99,9 @@ def new_window(
     lake: LakeSettings, minutes: float, min_rows: int, announced_version: int | None
 ) -> TraceWindow | None:
     """A window worth training on, if ``min_rows`` traces arrived since the last announced table version."""
-    table, rows = read_traces(lake, ["finish_time"])
+    table, rows = read_traces(lake, [TIME])
+    if table is None:
+        return None
     if announced_version is not None and rows.num_rows - rows_at(lake, announced_version) < min_rows:
         return None
     return pick_window(lake, minutes, min_rows, table.version())
@@ -98,15 +110,15 @@ def new_window(
 def live_tau_by_domain(
     lake: LakeSettings, minutes: float, drafter_version: str
 ) -> tuple[datetime | None, dict[str, tuple[float | None, int]]]:
-    """(newest finish time, {domain: (tau, verify steps)}) of the last ``minutes`` of traces served by
-    ``drafter_version``."""
-    _, rows = read_traces(lake, ["finish_time", "domain", "drafter_version", "per_step_accepted"])
+    """(newest ingest_time, {domain: (tau, verify steps)}) of the last ``minutes`` of traces (by
+    ingest_time) served by ``drafter_version``."""
+    _, rows = read_traces(lake, [TIME, "domain", "drafter_version", "per_step_accepted"])
     if rows.num_rows == 0:
         return None, {}
-    end = pc.max(rows["finish_time"]).as_py()
+    end = pc.max(rows[TIME]).as_py()
     live = rows.filter(
         pc.and_(
-            pc.greater_equal(rows["finish_time"], end - timedelta(minutes=minutes)),
+            pc.greater_equal(rows[TIME], end - timedelta(minutes=minutes)),
             pc.equal(rows["drafter_version"], drafter_version),
         )
     )

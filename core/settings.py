@@ -37,6 +37,18 @@ class StackSettings(BaseSettings):
     mlflow_port: int = Field(5000, description="MLflow tracking server")
     airflow_port: int = Field(8080, description="Airflow standalone API server / UI")
     start_timeout_s: float = Field(300.0, description="how long `stack up` waits for a service to be healthy")
+    # Which flywheel DAGs run (unpaused). Airflow pauses new DAGs by default; the DAG files pass these as
+    # is_paused_upon_creation (so a deployment's scheduler honours them too) and every `flywheel stack up`
+    # applies them to the local Airflow; `flywheel stack status` shows the state of each.
+    trace_maintenance_active: bool = Field(
+        True, description="DAG trace_maintenance runs: daily retention, compaction and vacuum of `traces`"
+    )
+    trace_watch_active: bool = Field(
+        True, description="DAG trace_watch runs: announces new trace windows and drift to drafter_flywheel"
+    )
+    drafter_flywheel_active: bool = Field(
+        True, description="DAG drafter_flywheel runs: train, evaluate, gate and promote on new windows"
+    )
     cache_dir: Path = Field(
         default_factory=lambda data: Path(data.get("state_dir", ".flywheel")).resolve() / "cache",
         description="downloads that depend on nothing but their content (Kafka jars, Spark's Ivy home), "
@@ -51,6 +63,14 @@ class StackSettings(BaseSettings):
     @property
     def root(self) -> Path:
         return self.state_dir.resolve()
+
+    def dags_active(self) -> dict[str, bool]:
+        """DAG id -> whether it should run (unpaused), from the ``*_active`` settings."""
+        return {
+            "trace_maintenance": self.trace_maintenance_active,
+            "trace_watch": self.trace_watch_active,
+            "drafter_flywheel": self.drafter_flywheel_active,
+        }
 
 
 class KafkaSettings(BaseSettings):
@@ -111,6 +131,13 @@ class LakeSettings(BaseSettings):
     traces_table: str = "traces"
     storage_options: dict[str, str] = Field(default_factory=dict, description="delta-rs storage options")
     retention_days: int = Field(7, description="trace partitions older than this are deleted")
+    heldout_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="share of prompts (by hash of their token ids) held out of training: the traffic the "
+        "served evaluation replays to judge drafters (core/heldout.py)",
+    )
     app_id: str = Field("traces-ingest", description="Delta txn app id prefix (one per ingest pipeline)")
 
     @property
@@ -230,12 +257,23 @@ class CycleSettings(BaseSettings):
         "serving champion (a rejected challenger's steps are discarded)",
     )
     train_max_steps: int | None = Field(None, description="override the recipe's optimizer steps")
-    eval_requests_per_domain: int = Field(
-        4, description="served benchmark requests per domain, arm and round"
+    eval_prompts_per_domain: int = Field(
+        8, description="held-out prompts replayed per domain (per tenant for unlabelled traffic)"
     )
-    eval_rounds: int = Field(2, description="served benchmark rounds per concurrency level")
-    eval_concurrencies: list[int] = Field([1, 4], description="concurrency levels; the first decides")
-    eval_max_tokens: int = Field(96, description="max tokens per evaluation request")
+    eval_min_rounds: int = Field(2, description="rounds of every arm over every prompt before stopping early")
+    eval_max_requests: int = Field(
+        360, description="measured requests (all arms, all rounds) after which an undecided evaluation stops"
+    )
+    eval_warmup_requests: int = Field(
+        2, description="unmeasured requests before every arm's turn (after a swap, after idling)"
+    )
+    eval_concurrency: int = Field(
+        1, description="the decision concurrency: every measured request runs at it"
+    )
+    eval_confidence: float = Field(0.95, description="confidence of the paired speedup intervals")
+    eval_max_tokens: int = Field(
+        96, description="cap on a replayed request's output (its recorded length below)"
+    )
     eval_ports: tuple[int, int] = Field(
         (8031, 8032), description="loopback ports of the evaluation servers (no speculation, drafter)"
     )
@@ -244,12 +282,15 @@ class CycleSettings(BaseSettings):
         description='ServingSettings fields for the evaluation servers, e.g. {"enforce_eager": true} '
         "(the rest come from the environment of the task that starts them)",
     )
-    gate_min_speedup: float = Field(1.0, description="absolute floor on measured speedup")
+    gate_min_speedup: float = Field(
+        1.0,
+        description="floor on the lower bound of challenger ÷ no speculation (waived when the champion is below it)",
+    )
     gate_margin: float = Field(
-        0.02, description="challenger must beat the champion's speedup by this fraction"
+        0.02, description="the lower bound of challenger ÷ champion must clear 1 + this"
     )
     gate_domain_tau_tolerance: float = Field(0.05, description="allowed per-domain tau regression")
-    gate_min_samples: int = Field(24, description="minimum requests measured per arm")
+    gate_min_samples: int = Field(24, description="minimum paired prompts measured")
     drift_window_minutes: float = Field(10.0, description="live window the drift check looks at")
     drift_margin: float = Field(0.1, description="live tau this far below the evaluated tau is drift")
     drift_min_steps: int = Field(200, description="verify steps a domain needs before drift is judged")

@@ -14,7 +14,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
-from flywheel_assets import DRIFT, TRACES, run_settings
+from flywheel_assets import DRIFT, TRACES, paused_upon_creation, run_settings
 
 
 def _settings():
@@ -43,6 +43,7 @@ with DAG(
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    is_paused_upon_creation=paused_upon_creation("drafter_flywheel"),
     default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
     params={
         "cycle": Param({}, type="object", description="CycleSettings overrides for this run"),

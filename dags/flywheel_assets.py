@@ -1,4 +1,4 @@
-"""Assets shared by the flywheel DAGs (a plain module in the DAG folder: no tasks, no I/O)."""
+"""Assets and settings shared by the flywheel DAGs (a plain module in the DAG folder: no tasks, no I/O)."""
 
 from airflow.sdk import Asset
 
@@ -14,3 +14,11 @@ def run_settings(params: dict):
     from core.settings import CycleSettings, Settings
 
     return Settings(cycle=CycleSettings(**(params.get("cycle") or {})))
+
+
+def paused_upon_creation(dag_id: str) -> bool:
+    """Whether Airflow creates ``dag_id`` paused: not its ``FLYWHEEL_STACK_<DAG>_ACTIVE`` setting (Airflow
+    pauses new DAGs by default; these run unless a deployment says otherwise, see core/settings.py)."""
+    from core.settings import StackSettings
+
+    return not StackSettings().dags_active()[dag_id]

@@ -1,9 +1,11 @@
 """trace_maintenance: daily retention of the `traces` table (delete expired days, compact closed hours,
 vacuum, checkpoint and trim the log). Wiring only; keyed on the run's logical date (a manual run: its
-run_after), never on now()."""
+run_after), never on now(). Created unpaused (FLYWHEEL_STACK_TRACE_MAINTENANCE_ACTIVE): the documented
+retention only holds if this runs."""
 
 import pendulum
 from airflow.sdk import DAG, task
+from flywheel_assets import paused_upon_creation
 
 with DAG(
     dag_id="trace_maintenance",
@@ -11,6 +13,7 @@ with DAG(
     schedule="@daily",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
+    is_paused_upon_creation=paused_upon_creation("trace_maintenance"),  # active unless configured off
     max_active_runs=1,
     default_args={"retries": 2},
     tags=["flywheel", "lake"],

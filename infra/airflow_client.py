@@ -35,6 +35,13 @@ class AirflowClient:
     def is_paused(self, dag_id: str) -> bool:
         return bool(self._ok(self.http.get(f"/api/v2/dags/{dag_id}"))["is_paused"])
 
+    def paused_or_none(self, dag_id: str) -> bool | None:
+        """Whether the DAG is paused; None while Airflow has not parsed it yet (it is unknown)."""
+        resp = self.http.get(f"/api/v2/dags/{dag_id}")
+        if resp.status_code == 404:
+            return None
+        return bool(self._ok(resp)["is_paused"])
+
     def set_paused(self, dag_id: str, paused: bool) -> None:
         self._ok(self.http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": paused}))
 

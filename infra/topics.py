@@ -30,7 +30,9 @@ def project_topics(kafka: KafkaSettings) -> list[TopicSpec]:
                 "segment.ms": str(kafka.segment_ms),
                 "compression.type": "producer",  # keep the producer's zstd batches as they are
                 "max.message.bytes": str(4 * 1024 * 1024),
-                "message.timestamp.type": "CreateTime",
+                # the broker's clock stamps every message: the lake's trusted time (ingest_time), never
+                # the serving node's (a CreateTime topic makes the ingest fall back to its own clock)
+                "message.timestamp.type": "LogAppendTime",
             },
             "one TraceEvent per finished request (Avro), key = request id",
         ),

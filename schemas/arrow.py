@@ -28,7 +28,12 @@ _LOGICAL = {
     "date": pa.date32(),
 }
 
-# Columns the lake adds to every trace: where the row came from and the partition it lives in.
+# The lake's trusted time: when the pipeline observed the event (the broker's LogAppendTime of the message,
+# else the ingest's clock). Partitions, windows, drift checks and retention all use it; the node's own
+# times (arrival_time, first_token_time, finish_time) are kept as data. docs/data-contract.md says why.
+TRUSTED_TIME_COLUMN = "ingest_time"
+
+# Columns the lake adds to every trace: where the row came from, when it was observed, its partition.
 LAKE_COLUMNS = [
     pa.field(
         "kafka_partition", pa.int32(), nullable=False, metadata={"doc": "source partition of spec.traces.v1"}
@@ -40,9 +45,19 @@ LAKE_COLUMNS = [
         metadata={"doc": "source offset: (partition, offset) is unique"},
     ),
     pa.field(
-        "date", pa.string(), nullable=False, metadata={"doc": "partition: finish_time's UTC date, YYYY-MM-DD"}
+        TRUSTED_TIME_COLUMN,
+        pa.timestamp("us", tz="UTC"),
+        nullable=False,
+        metadata={
+            "doc": "when the pipeline observed the event: the broker's LogAppendTime of the message "
+            "(the ingest's clock if the message has none); partitions, windows and retention use this "
+            "time, never the serving node's clock"
+        },
     ),
-    pa.field("hour", pa.int32(), nullable=False, metadata={"doc": "partition: finish_time's UTC hour, 0-23"}),
+    pa.field(
+        "date", pa.string(), nullable=False, metadata={"doc": "partition: ingest_time's UTC date, YYYY-MM-DD"}
+    ),
+    pa.field("hour", pa.int32(), nullable=False, metadata={"doc": "partition: ingest_time's UTC hour, 0-23"}),
 ]
 PARTITION_COLUMNS = ["date", "hour"]
 

@@ -72,24 +72,39 @@ def poison_messages(good_payload: bytes) -> list[tuple[str, str, bytes]]:
         ("negative count", "negative-step-count", bad(5, per_step_accepted=[-1], per_step_drafted=[3])),
         ("negative token id", "negative-token-id", bad(3, prompt_token_ids=[1, -5, 3])),
         ("empty event id", "empty-event-id", bad(4, event_id="")),
-        ("finish time year 9999", "finish-time-out-of-range", bad(6, finish_time=253_402_000_000_000_000)),
+        ("finish time year 10000", "timestamp-out-of-range", bad(6, finish_time=253_402_300_800_000_000)),
     ]
 
 
-def produce(kafka: KafkaSettings, topic: str, values: list[bytes], keys: list[bytes] | None = None) -> None:
-    """Produce values (key = request id style, spread over partitions by key) and wait for acks."""
+def produce(
+    kafka: KafkaSettings,
+    topic: str,
+    values: list[bytes],
+    keys: list[bytes] | None = None,
+    timestamps_ms: list[int] | None = None,
+) -> None:
+    """Produce values (key = request id style, spread over partitions by key) and wait for acks; every
+    delivery must succeed. ``timestamps_ms``: the producer's CreateTime per message (0: its clock now)."""
     producer = Producer(
         kafka.client_config() | {"enable.idempotence": True, "linger.ms": 20, "compression.type": "zstd"}
     )
+    failed: list[str] = []
+
+    def delivered(err, _msg) -> None:
+        if err is not None:
+            failed.append(str(err))
+
     for i, value in enumerate(values):
         key = keys[i] if keys else str(uuid.uuid4()).encode()
+        stamp = {"timestamp": timestamps_ms[i]} if timestamps_ms and timestamps_ms[i] else {}
         while True:
             try:
-                producer.produce(topic, value=value, key=key)
+                producer.produce(topic, value=value, key=key, on_delivery=delivered, **stamp)
                 break
             except BufferError:
                 producer.poll(0.1)
     assert producer.flush(30) == 0
+    assert not failed, f"{len(failed)} deliveries failed: {failed[:3]}"
 
 
 def encoded(records: list[dict[str, Any]]) -> list[bytes]:

@@ -71,7 +71,7 @@ def replay_eval(
     table: Annotated[
         str | None, typer.Option("--table", help="traces Delta table (default: the lake's)")
     ] = None,
-    start: Annotated[datetime | None, typer.Option(help="window start (finish_time, UTC)")] = None,
+    start: Annotated[datetime | None, typer.Option(help="window start (ingest_time, UTC)")] = None,
     end: Annotated[datetime | None, typer.Option(help="window end (exclusive)")] = None,
     version: Annotated[int | None, typer.Option(help="table snapshot version")] = None,
     after_version: Annotated[int | None, typer.Option(help="only rows appended after this version")] = None,

@@ -24,12 +24,19 @@ class WindowConfig(_Strict):
     table: str | None = Field(
         None, description="Delta table URI of traces (default: the lake's traces table)"
     )
-    start: datetime | None = Field(None, description="first finish_time in the window (inclusive, UTC)")
+    start: datetime | None = Field(None, description="first ingest_time in the window (inclusive, UTC)")
     end: datetime | None = Field(None, description="end of the window (exclusive, UTC)")
     version: int | None = Field(None, description="table snapshot version to read (None = latest)")
     after_version: int | None = Field(None, description="only rows appended after this table version")
     holdout_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="newest fraction of rows held out for eval"
+        0.1, ge=0.0, lt=1.0, description="newest fraction of rows held out for the end-of-run replay tau"
+    )
+    heldout_prompt_fraction: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="prompts of the lake's held-out split (by hash) are never trained on "
+        "(default: FLYWHEEL_LAKE_HELDOUT_FRACTION; 0 reads every row)",
     )
 
 
@@ -143,8 +150,13 @@ class TrainRecipeConfig(_Strict):
         update: dict = {}
         if self.target is None:
             update["target"] = settings.serving.target_dir
+        window = {}
         if self.window.table is None:
-            update["window"] = self.window.model_copy(update={"table": settings.lake.traces_uri})
+            window["table"] = settings.lake.traces_uri
+        if self.window.heldout_prompt_fraction is None:
+            window["heldout_prompt_fraction"] = settings.lake.heldout_fraction
+        if window:
+            update["window"] = self.window.model_copy(update=window)
         if self.output_dir is None:
             update["output_dir"] = settings.training.output_dir / self.name
         if self.num_threads is None:

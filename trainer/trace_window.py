@@ -1,9 +1,9 @@
 """Training data from a window of the Delta table ``traces``: sequences, per-token labels, packs.
 
-A window is a snapshot version of the table (default: latest) narrowed by a finish-time range and/or to
+A window is a snapshot version of the table (default: latest) narrowed by an ingest-time range and/or to
 the rows appended after an earlier version. Rows stream in Arrow record batches through a bounded
 shuffle buffer into token-budget packs, so memory stays flat however long the window is. The newest
-``holdout_fraction`` of the window (by finish_time) is held out for offline evaluation.
+``holdout_fraction`` of the window (by ingest_time) is held out for offline evaluation.
 
 Labels of output positions (docs/architecture.md): output[0] is a plain target token (prefill); each recorded
 verify step s then emits ``per_step_accepted[s]`` accepted draft tokens and one target token, a
@@ -25,6 +25,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+
+from core.heldout import is_held_out
+from schemas.arrow import TRUSTED_TIME_COLUMN
+
+# Windows select rows by the lake's trusted time (when the pipeline observed them), never by the serving
+# node's finish_time, which is data (its clock can be wrong): docs/data-contract.md.
+WINDOW_TIME = TRUSTED_TIME_COLUMN
 
 SEQUENCE_COLUMNS = [
     "event_id",
@@ -135,7 +142,7 @@ def sequence_from_row(row: dict) -> TraceSequence:
 
 @dataclass(frozen=True)
 class Window:
-    """Which rows of the traces table: snapshot ``version`` (None = latest), finish_time in [start, end),
+    """Which rows of the traces table: snapshot ``version`` (None = latest), ingest_time in [start, end),
     and, if ``after_version`` is set, only rows appended by commits after that version."""
 
     uri: str
@@ -144,6 +151,9 @@ class Window:
     version: int | None = None
     after_version: int | None = None
     storage_options: dict[str, str] | None = None
+    # held-out traffic (core/heldout.py): "exclude" for training, "only" for measuring, None: every row
+    heldout_fraction: float = 0.0
+    heldout: str | None = None
 
 
 class WindowReader:
@@ -175,8 +185,8 @@ class WindowReader:
             adds = [a for a in adds if a["path"] not in before and a.get("data_change", True)]
         start, end = (_utc(t) if t is not None else None for t in (self.window.start, self.window.end))
         keep = []
-        for a in adds:  # prune files by their finish_time statistics when the writer recorded them
-            lo, hi = a.get("min.finish_time"), a.get("max.finish_time")
+        for a in adds:  # prune files by their WINDOW_TIME statistics when the writer recorded them
+            lo, hi = a.get(f"min.{WINDOW_TIME}"), a.get(f"max.{WINDOW_TIME}")
             # Delta statistics keep milliseconds: the true max can be up to 1 ms above ``hi``
             if start is not None and hi is not None and hi + timedelta(milliseconds=1) <= start:
                 continue
@@ -202,16 +212,30 @@ class WindowReader:
         expr = None
         for op, t in ((pc.greater_equal, lo), (pc.less, hi)):
             if t is not None:
-                e = op(pc.field("finish_time"), pa.scalar(_utc(t), pa.timestamp("us", tz="UTC")))
+                e = op(pc.field(WINDOW_TIME), pa.scalar(_utc(t), pa.timestamp("us", tz="UTC")))
                 expr = e if expr is None else expr & e
         return expr
 
     def batches(
         self, columns: list[str], start=None, end=None, batch_size: int = 256
     ) -> Iterator[pa.RecordBatch]:
-        yield from self.dataset().to_batches(
-            columns=columns, filter=self.time_filter(start, end), batch_size=batch_size
-        )
+        """The window's rows (time range, held-out split) as record batches of ``columns``."""
+        split = self.window.heldout
+        if split == "exclude" and self.window.heldout_fraction == 0:
+            split = None  # nothing is held out: every row, no hashing
+        read = columns if split is None or "prompt_token_ids" in columns else [*columns, "prompt_token_ids"]
+        for batch in self.dataset().to_batches(
+            columns=read, filter=self.time_filter(start, end), batch_size=batch_size
+        ):
+            if split is not None:
+                held = [
+                    is_held_out(p, self.window.heldout_fraction)
+                    for p in batch.column("prompt_token_ids").to_pylist()
+                ]
+                batch = batch.filter(pa.array(held) if split == "only" else pc.invert(pa.array(held)))
+                batch = batch.select(columns)
+            if batch.num_rows:
+                yield batch
 
     def rows(self, start=None, end=None) -> Iterator[dict]:
         for batch in self.batches(SEQUENCE_COLUMNS, start, end):
@@ -222,10 +246,10 @@ class WindowReader:
             yield sequence_from_row(row)
 
     def holdout_cutoff(self, fraction: float) -> datetime | None:
-        """finish_time at which the newest ``fraction`` of rows begins (None when nothing is held out)."""
+        """WINDOW_TIME at which the newest ``fraction`` of rows begins (None when nothing is held out)."""
         if fraction <= 0:
             return None
-        times = [b.column(0) for b in self.batches(["finish_time"], batch_size=65536)]
+        times = [b.column(0) for b in self.batches([WINDOW_TIME], batch_size=65536)]
         if not times:
             return None
         arr = np.sort(pa.concat_arrays(times).cast(pa.int64()).to_numpy())  # 8 bytes/row
@@ -243,6 +267,8 @@ class WindowReader:
         return counts
 
     def num_rows(self, start=None, end=None) -> int:
+        if self.window.heldout == "only" or (self.window.heldout and self.window.heldout_fraction > 0):
+            return sum(b.num_rows for b in self.batches(["finish_time"], start, end, batch_size=65536))
         return self.dataset().count_rows(filter=self.time_filter(start, end))
 
     def provenance(self) -> dict:
@@ -253,6 +279,8 @@ class WindowReader:
             "after_version": w.after_version,
             "start": w.start.isoformat() if w.start else None,
             "end": w.end.isoformat() if w.end else None,
+            "heldout": w.heldout,
+            "heldout_fraction": w.heldout_fraction,
             "files": len(self._files),
             "trace_bytes": self.trace_bytes,
         }
@@ -270,7 +298,7 @@ def _relative(path: str, table_uri: str) -> str:
 def version_order(reader: WindowReader) -> list[str]:
     """Drafter versions seen in the window, oldest first (by the first time each served a trace)."""
     first: dict[str, int] = {}
-    for b in reader.batches(["drafter_version", "finish_time"], batch_size=65536):
+    for b in reader.batches(["drafter_version", WINDOW_TIME], batch_size=65536):
         vs, ts = b.column(0).to_pylist(), b.column(1).cast(pa.int64()).to_pylist()
         for v, t in zip(vs, ts, strict=True):
             if v is not None and (v not in first or t < first[v]):

@@ -84,7 +84,18 @@ class DrafterTrainingRecipe:
         torch.manual_seed(cfg.init.seed)
         self.out_dir = cfg.resolved_output_dir()
         w = cfg.window
-        self.reader = WindowReader(Window(w.table, w.start, w.end, w.version, w.after_version))
+        # the lake's held-out prompts are the served evaluation's: never trained on
+        self.reader = WindowReader(
+            Window(
+                w.table,
+                w.start,
+                w.end,
+                w.version,
+                w.after_version,
+                heldout_fraction=w.heldout_prompt_fraction or 0.0,
+                heldout="exclude",
+            )
+        )
         self.cutoff = self.reader.holdout_cutoff(w.holdout_fraction)
         self.versions = version_order(self.reader)
         self.target = TargetModel(cfg.target, chunk_tokens=cfg.data.target_chunk_tokens)

@@ -16,8 +16,10 @@ class DemoPlan:
     max_tokens: int
     concurrency: int
     train_steps: int  # optimizer steps per flywheel cycle (CycleSettings.train_max_steps)
-    eval_requests_per_domain: int
-    eval_rounds: int
+    eval_prompts: int  # held-out prompts of the window replayed per evaluation (one domain per window)
+    eval_min_rounds: int
+    eval_max_requests: int
+    gate_min_samples: int  # paired prompts the gate needs (the window's held-out share bounds what exists)
     last_n: int  # requests pooled for tau before / after the shift
     window: int  # rolling window (requests) of the recovery criterion
     draft_vocab_size: int = 8192
@@ -37,20 +39,16 @@ class DemoPlan:
         """The static drafter gets the training budget the flywheel spent before the shift."""
         return self.train_steps * max(1, self.cycles_a)
 
-    @property
-    def eval_samples(self) -> int:
-        return self.eval_requests_per_domain * self.eval_rounds  # one domain per window, concurrency 1
-
     def cycle_conf(self, min_rows: int) -> dict[str, Any]:
         """The ``cycle`` parameter of a DAG run (CycleSettings overrides)."""
         return {
             "min_window_rows": min_rows,
             "train_max_steps": self.train_steps,
-            "eval_requests_per_domain": self.eval_requests_per_domain,
-            "eval_rounds": self.eval_rounds,
-            "eval_concurrencies": [1],
+            "eval_prompts_per_domain": self.eval_prompts,
+            "eval_min_rounds": self.eval_min_rounds,
+            "eval_max_requests": self.eval_max_requests,
             "eval_max_tokens": self.max_tokens,
-            "gate_min_samples": self.eval_samples,
+            "gate_min_samples": self.gate_min_samples,
             "eval_serving": self.serving_overrides,
         }
 
@@ -60,12 +58,42 @@ class DemoPlan:
         return {"enforce_eager": self.enforce_eager, "kv_cache_space_gib": self.kv_cache_gib}
 
 
-QUICK = DemoPlan("quick", (32, 16), (32, 16), 48, 8, 12, 4, 1, 16, 8, enforce_eager=True)
+# The evaluation replays the window's held-out prompts (about FLYWHEEL_LAKE_HELDOUT_FRACTION of its
+# traffic): a quick window holds only a handful, so its intervals are wide and the gate says so.
+QUICK = DemoPlan(
+    "quick",
+    segments_a=(32, 16),
+    segments_b=(32, 16),
+    max_tokens=48,
+    concurrency=8,
+    train_steps=12,
+    eval_prompts=8,
+    eval_min_rounds=1,
+    eval_max_requests=48,
+    gate_min_samples=3,
+    last_n=16,
+    window=8,
+    enforce_eager=True,
+)
 # one cycle before the shift (its 120-step head already clears the gate: 1.20x on code in the first timed
 # run), two after it; eager like QUICK so that F, S and the evaluation servers start in about a minute
 # instead of compiling for minutes on the cores the first training needs. Timed from a clean clone on 2
 # cores: 68 min (`make demo` wall, set-up included); three trainings of 120 steps take ~10 min each.
-FULL = DemoPlan("full", (160, 96), (128, 96, 96), 96, 4, 120, 8, 2, 96, 32, enforce_eager=True)
+FULL = DemoPlan(
+    "full",
+    segments_a=(160, 96),
+    segments_b=(128, 96, 96),
+    max_tokens=96,
+    concurrency=4,
+    train_steps=120,
+    eval_prompts=16,
+    eval_min_rounds=2,
+    eval_max_requests=288,
+    gate_min_samples=8,
+    last_n=96,
+    window=32,
+    enforce_eager=True,
+)
 
 
 def sized(quick: bool, train_steps: int | None = None, requests: int | None = None) -> DemoPlan:

@@ -154,27 +154,33 @@ def _table(lake: LakeSettings):
 
 
 def rows_from(lake: LakeSettings, node: str, since: datetime) -> tuple[int, datetime | None]:
-    """Traces of serving node ``node`` that finished at/after ``since``: count and newest finish_time."""
+    """Traces of serving node ``node`` that arrived at/after ``since`` (ingest_time, the time windows use):
+    count and newest ingest_time."""
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
+
+    from schemas.arrow import TRUSTED_TIME_COLUMN as TIME
 
     table = _table(lake)
     if table is None:
         return 0, None
-    flt = (ds.field("serving_node") == node) & (ds.field("finish_time") >= since)
-    rows = table.to_pyarrow_dataset().to_table(columns=["finish_time"], filter=flt)
-    newest = pc.max(rows["finish_time"]).as_py() if rows.num_rows else None
+    flt = (ds.field("serving_node") == node) & (ds.field(TIME) >= since)
+    rows = table.to_pyarrow_dataset().to_table(columns=[TIME], filter=flt)
+    newest = pc.max(rows[TIME]).as_py() if rows.num_rows else None
     return rows.num_rows, newest
 
 
-def newest_finish(lake: LakeSettings) -> datetime | None:
+def newest_arrival(lake: LakeSettings) -> datetime | None:
+    """The newest ingest_time in the lake (a window ending just after it holds every trace so far)."""
     import pyarrow.compute as pc
+
+    from schemas.arrow import TRUSTED_TIME_COLUMN as TIME
 
     table = _table(lake)
     if table is None:
         return None
-    rows = table.to_pyarrow_dataset().to_table(columns=["finish_time"])
-    return pc.max(rows["finish_time"]).as_py() if rows.num_rows else None
+    rows = table.to_pyarrow_dataset().to_table(columns=[TIME])
+    return pc.max(rows[TIME]).as_py() if rows.num_rows else None
 
 
 def lake_bytes_per_token(lake: LakeSettings) -> dict[str, Any]:

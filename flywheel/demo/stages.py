@@ -347,9 +347,12 @@ class Demo:
             "version": version,
             "parent": parent,
             "lineage_steps": earlier.get(parent, 0) + self.plan.train_steps if version else None,
-            "speedup": challenger.get("speedup"),
+            "speedup": (challenger.get("speedup") or {}).get("point"),
+            "speedup_interval": challenger.get("speedup"),
+            "vs_champion": challenger.get("vs_champion"),
             "tau": challenger.get("tau"),
-            "champion_speedup": (evaluation.get("champion") or {}).get("speedup"),
+            "champion_speedup": ((evaluation.get("champion") or {}).get("speedup") or {}).get("point"),
+            "traffic": evaluation.get("traffic"),
             "decision": ("promote" if gate.get("promote") else "reject") if gate else None,
             "gate": gate.get("summary"),
             "seconds": seconds,
@@ -370,7 +373,7 @@ class Demo:
             self._wait_ingested(phase_a_start, sent, st)
             out = self.state / "drafters" / "static"
             shutil.rmtree(out, ignore_errors=True)
-            window_end = svc.newest_finish(self.settings.lake) + timedelta(microseconds=1)  # end: exclusive
+            window_end = svc.newest_arrival(self.settings.lake) + timedelta(microseconds=1)  # end: exclusive
             overrides = [
                 f"window.start={phase_a_start.isoformat()}",
                 f"window.end={window_end.isoformat()}",

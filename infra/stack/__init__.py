@@ -8,11 +8,11 @@ from __future__ import annotations
 from core import process
 from core.process import ServiceSpec, ServiceStatus, StackError
 from core.settings import StackSettings
-from infra.stack.airflow_server import AirflowStandalone
+from infra.stack.airflow_server import AirflowStandalone, DagState
 from infra.stack.kafka_broker import KafkaBroker
 from infra.stack.mlflow_server import MlflowServer
 
-__all__ = ["StackError", "ServiceStatus", "services", "up", "down", "status", "service"]
+__all__ = ["StackError", "ServiceStatus", "DagState", "services", "up", "down", "status", "service", "dags"]
 
 
 def services(stack: StackSettings) -> list[ServiceSpec]:
@@ -40,3 +40,9 @@ def down(stack: StackSettings, only: list[str] | None = None) -> list[str]:
 
 def status(stack: StackSettings) -> list[ServiceStatus]:
     return [process.status(s) for s in services(stack)]
+
+
+def dags(stack: StackSettings) -> list[DagState]:
+    """The flywheel DAGs' paused state in the local Airflow vs their settings; empty while it is down."""
+    airflow = AirflowStandalone(stack)
+    return airflow.dag_states() if process.status(airflow).healthy else []

@@ -2,6 +2,11 @@
 
 DAGs come from the repo's ``dags/`` folder. Locally everyone is admin (loopback only, no login); the
 ``training`` pool (1 slot) serialises drafter fine-tunes as a GPU pool would at scale.
+
+Which DAGs run is a setting per DAG (``StackSettings.*_active``; Airflow itself pauses every new DAG): the
+standalone's processes get those settings in their environment, so the DAG files create each DAG in its
+state (``is_paused_upon_creation``), and every start (``flywheel stack up``) pauses or unpauses the DAGs
+Airflow already knows to match them.
 """
 
 from __future__ import annotations
@@ -9,12 +14,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from core.process import ServiceSpec, StackError
 from core.settings import StackSettings
+from infra.airflow_client import AirflowClient
 
 DAGS_DIR = Path(__file__).resolve().parents[2] / "dags"
 TRAINING_POOL = "training"
@@ -44,6 +51,17 @@ def airflow_env(
     }
 
 
+@dataclass(frozen=True)
+class DagState:
+    dag_id: str
+    paused: bool | None  # None: Airflow has not parsed the DAG yet
+    active: bool  # what the settings want
+
+    @property
+    def state(self) -> str:
+        return "not parsed yet" if self.paused is None else "paused" if self.paused else "active"
+
+
 class AirflowStandalone(ServiceSpec):
     name = "airflow"
     stop_timeout_s = 45.0
@@ -53,6 +71,7 @@ class AirflowStandalone(ServiceSpec):
         self.host = stack.host
         self.port = stack.airflow_port
         self.home = stack.root / "airflow"
+        self.dags_active = stack.dags_active()
 
     def prepare(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -61,7 +80,9 @@ class AirflowStandalone(ServiceSpec):
         return [str(Path(sys.executable).parent / "airflow"), "standalone"]
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, **airflow_env(self.home, self.port, self.host, self.state_dir)}
+        # the DAG processor reads the same *_active settings as this spec (is_paused_upon_creation)
+        active = {f"FLYWHEEL_STACK_{d.upper()}_ACTIVE": str(on).lower() for d, on in self.dags_active.items()}
+        return {**os.environ, **airflow_env(self.home, self.port, self.host, self.state_dir), **active}
 
     def healthy(self) -> bool:
         """Healthy = the API answers and scheduler, DAG processor and triggerer report healthy."""
@@ -86,3 +107,28 @@ class AirflowStandalone(ServiceSpec):
         result = subprocess.run(cmd, env=self.env(), capture_output=True, text=True)
         if result.returncode != 0:
             raise StackError(f"could not create the Airflow pool {TRAINING_POOL!r}: {result.stderr[-1000:]}")
+        self.apply_dag_states()
+
+    def client(self) -> AirflowClient:
+        return AirflowClient(f"http://{self.address}")
+
+    def dag_states(self) -> list[DagState]:
+        """Each flywheel DAG: paused or not in Airflow, and what its setting wants."""
+        client = self.client()
+        return [DagState(d, client.paused_or_none(d), on) for d, on in self.dags_active.items()]
+
+    def apply_dag_states(self) -> list[DagState]:
+        """Pause or unpause every DAG Airflow knows so it matches its setting; a DAG not parsed yet is
+        created in that state by its file (is_paused_upon_creation). Returns the states after."""
+        client, out = self.client(), []
+        for st in self.dag_states():
+            if st.paused is not None and st.paused == st.active:
+                try:
+                    client.set_paused(st.dag_id, not st.active)
+                except RuntimeError as e:
+                    raise StackError(
+                        f"could not {'un' if st.active else ''}pause DAG {st.dag_id}: {e}"
+                    ) from e
+                st = DagState(st.dag_id, not st.active, st.active)
+            out.append(st)
+        return out

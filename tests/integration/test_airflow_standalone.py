@@ -1,10 +1,13 @@
 """Airflow 3 standalone as `flywheel stack up` runs it, driven over its REST API the way the demo drives it.
 
-Every DAG in dags/ parses in the real DAG processor without import errors, and a manually triggered
-``trace_maintenance`` run is scheduled, executed by the standalone's executor on a real Delta table, and
-reports through XCom what it removed. The instance is this module's own: a fresh state dir, on the Airflow
-port of the suite's stack (18080, tests/user_state.py), so a running demo stack is never touched; it is
-stopped at the end. Other modules run DAGs with ``dag.test()``.
+Every DAG in dags/ parses in the real DAG processor without import errors; on this fresh stack each DAG is
+in the state its setting says without anyone touching it (``trace_maintenance`` active by default,
+``trace_watch`` and ``drafter_flywheel`` switched off here to show the settings work and to spare the two
+cores), `flywheel stack status` shows those states, and `stack up` on a running stack restores them. The
+scheduler's own ``trace_maintenance`` run applies retention to a real Delta table, and so does a manually
+triggered run, both reporting through XCom what they removed. The instance is this module's own: a fresh
+state dir, on the Airflow port of the suite's stack (18080, tests/user_state.py), so a running demo stack is
+never touched; it is stopped at the end. Other modules run DAGs with ``dag.test()``.
 """
 
 from __future__ import annotations
@@ -15,30 +18,47 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from deltalake import DeltaTable
 from trace_events import trace
+from typer.testing import CliRunner
 
 from bench.offline_traces import lake_rows, write_traces
 from core import process
 from core.settings import LakeSettings
 from infra.airflow_client import AirflowClient
+from infra.cli import stack_app
 from infra.stack.airflow_server import AirflowStandalone
 
 pytestmark = pytest.mark.integration
 DAG_IDS = {"drafter_flywheel", "trace_watch", "trace_maintenance"}
+WANT_PAUSED = {"trace_maintenance": False, "trace_watch": True, "drafter_flywheel": True}
+STARTED = datetime.now(UTC)
+EXPIRED, KEPT = 20, 30
 
 
 @pytest.fixture(scope="module")
 def airflow(stack_settings, tmp_path_factory):
-    stack = stack_settings.model_copy(update={"state_dir": tmp_path_factory.mktemp("airflow-stack")})
+    stack = stack_settings.model_copy(
+        update={
+            "state_dir": tmp_path_factory.mktemp("airflow-stack"),
+            "trace_watch_active": False,
+            "drafter_flywheel_active": False,
+        }
+    )
+    # traces before Airflow starts, as on a stack that has been serving: a month-old day and a recent one
+    lake = LakeSettings(root=str(stack.root / "lake"))  # what the standalone's tasks resolve
+    old, recent = STARTED - timedelta(days=30), STARTED - timedelta(minutes=5)
+    records = [trace(i, finish_time_s=old.timestamp() + i) for i in range(EXPIRED)]
+    records += [trace(100 + i, finish_time_s=recent.timestamp() + i) for i in range(KEPT)]
+    write_traces(lake.traces_uri, lake_rows(records))  # offline rows: ingest_time = finish_time
     spec = AirflowStandalone(stack)
     process.start(spec, timeout_s=600)
     try:
-        yield stack, AirflowClient(f"http://{spec.address}")
+        yield stack, spec, AirflowClient(f"http://{spec.address}")
     finally:
         process.stop(spec)
 
 
 def test_every_dag_parses_without_import_errors(airflow):
-    _, client = airflow
+    _, _, client = airflow
     for dag_id in DAG_IDS:
         client.wait_dag_parsed(dag_id, timeout_s=240)
     errors = client.get("/api/v2/importErrors")
@@ -47,17 +67,60 @@ def test_every_dag_parses_without_import_errors(airflow):
     assert pools["slots"] == 1  # drafter fine-tunes are serialised
 
 
-def test_triggered_maintenance_run_applies_retention(airflow):
-    stack, client = airflow
-    lake = LakeSettings(root=str(stack.root / "lake"))  # what the standalone's tasks resolve
-    now = datetime.now(UTC)
-    old, recent = now - timedelta(days=30), now - timedelta(minutes=5)
-    records = [trace(i, finish_time_s=old.timestamp() + i) for i in range(20)]
-    records += [trace(100 + i, finish_time_s=recent.timestamp() + i) for i in range(30)]
-    write_traces(lake.traces_uri, lake_rows(records))
+def test_a_fresh_stack_leaves_each_dag_as_its_setting_says(airflow):
+    stack, spec, client = airflow
+    for dag_id in DAG_IDS:
+        client.wait_dag_parsed(dag_id, timeout_s=240)
+    assert {d: client.is_paused(d) for d in DAG_IDS} == WANT_PAUSED  # nobody (un)paused anything
+    assert {s.dag_id: s.state for s in spec.dag_states()} == {
+        d: "paused" if p else "active" for d, p in WANT_PAUSED.items()
+    }
 
+    # `flywheel stack status` shows them (Kafka and MLflow of this state dir are down: exit code 1)
+    env = {
+        "FLYWHEEL_STACK_STATE_DIR": str(stack.root),
+        "FLYWHEEL_STACK_AIRFLOW_PORT": str(stack.airflow_port),
+        "FLYWHEEL_STACK_TRACE_WATCH_ACTIVE": "false",
+        "FLYWHEEL_STACK_DRAFTER_FLYWHEEL_ACTIVE": "false",
+        "COLUMNS": "160",
+    }
+    shown = CliRunner().invoke(stack_app, ["status"], env=env)
+    assert shown.exit_code == 1, shown.output
+    lines = {line.split()[1]: line for line in shown.output.splitlines() if line.split()[1:2] and "_" in line}
+    assert "active" in lines["trace_maintenance"] and "paused" not in lines["trace_maintenance"], shown.output
+    assert lines["trace_watch"].count("paused") == 2, shown.output  # state and setting
+
+    # someone pauses maintenance by hand: the next `flywheel stack up` (Airflow already running) undoes it
+    client.set_paused("trace_maintenance", True)
+    process.start(spec, timeout_s=60)
+    assert client.is_paused("trace_maintenance") is False
+
+
+def test_the_scheduled_maintenance_run_applies_retention(airflow):
+    stack, _, client = airflow
+    lake = LakeSettings(root=str(stack.root / "lake"))
     client.wait_dag_parsed("trace_maintenance", timeout_s=240)
-    client.set_paused("trace_maintenance", False)
+    # created active, the DAG gets today's run from the scheduler (catchup=False: the latest midnight)
+    deadline, run = time.monotonic() + 300, None
+    while run is None or run["state"] not in ("success", "failed"):
+        assert time.monotonic() < deadline, run
+        time.sleep(2)
+        runs = client.get("/api/v2/dags/trace_maintenance/dagRuns")["dag_runs"]
+        run = next((r for r in runs if r["run_type"] == "scheduled"), None)
+    assert run["state"] == "success", client.task_states("trace_maintenance", run["dag_run_id"])
+    report = client.xcom("trace_maintenance", run["dag_run_id"], "retention")
+    assert report["deleted_files"] >= 1, report
+    assert report["cutoff_date"] == str(
+        (datetime.fromisoformat(run["logical_date"]) - timedelta(days=7)).date()
+    )
+    assert DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id"]).num_rows == KEPT
+
+
+def test_triggered_maintenance_run_applies_retention(airflow):
+    stack, _, client = airflow
+    lake = LakeSettings(root=str(stack.root / "lake"))
+    now = STARTED
+    client.wait_dag_parsed("trace_maintenance", timeout_s=240)
     run_id = client.trigger("trace_maintenance", {}, f"test-{int(time.time())}")
     assert run_id in client.active_runs("trace_maintenance")  # what the demo checks before each cycle
     deadline = time.monotonic() + 300
@@ -67,11 +130,11 @@ def test_triggered_maintenance_run_applies_retention(airflow):
     assert state == "success", client.task_states("trace_maintenance", run_id)
     assert run_id not in client.active_runs("trace_maintenance")
 
-    # unpausing also lets the scheduler start today's scheduled run: whichever ran first deleted the day
+    # the scheduler's run and this one: whichever ran first deleted the expired day
     runs = client.get("/api/v2/dags/trace_maintenance/dagRuns")["dag_runs"]
     reports = [client.xcom("trace_maintenance", r["dag_run_id"], "retention") for r in runs]
     assert sum(r["deleted_files"] for r in reports if r) >= 1, reports
     report = client.xcom("trace_maintenance", run_id, "retention")
     assert report["cutoff_date"] in {str((now - timedelta(days=d)).date()) for d in (6, 7)}  # near midnight
     dt = DeltaTable(lake.traces_uri)
-    assert dt.to_pyarrow_table(columns=["event_id"]).num_rows == 30  # only the expired day went
+    assert dt.to_pyarrow_table(columns=["event_id"]).num_rows == KEPT  # only the expired day went

@@ -1,26 +1,33 @@
-"""Dead letters, the live table's schema and the commit guard, on the real broker and real Delta."""
+"""Dead letters, the live table's schema, its migration and the commit guard, on the real broker and real
+Delta."""
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
+
 import pyarrow as pa
 import pytest
-from deltalake import DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from trace_events import encoded, poison_messages, produce, read_all, read_dlq, trace
 
 from consumers.dead_letters import DeadLetterProducer, parse_headers
 from consumers.delta_commit import CommitJob, DeltaCommitter
 from consumers.delta_log import OffsetMismatchError, txn_app_id
 from consumers.delta_sink import IngestOptions, TraceIngest
+from consumers.retention import partitions_of
 from consumers.table import (
     TABLE_PROPERTIES,
     SchemaMismatchError,
+    is_legacy,
+    legacy_schema,
     open_or_create,
     table_filesystem,
     table_schema,
 )
 from consumers.trace_batch import MessageBatch, TraceBatchDecoder
 from core.settings import KafkaSettings, LakeSettings
-from schemas.arrow import traces_table_schema
+from schemas.arrow import PARTITION_COLUMNS, traces_table_schema
 
 pytestmark = pytest.mark.integration
 
@@ -94,3 +101,81 @@ def test_commits_refuse_replays_and_stale_offsets(tmp_path):
     dt = DeltaTable(lake.traces_uri)
     assert dt.to_pyarrow_table().num_rows == 20
     assert [dt.transaction_version(txn_app_id("app", p)) for p in (0, 1, 2)] == [19, 4, None]
+
+
+def test_a_table_from_before_ingest_time_is_migrated_once_and_keeps_its_offsets(tmp_path):
+    """A table the previous version wrote (no ingest_time, partitions from the node's finish_time) is
+    rewritten once when the ingest opens it: every row kept, ingest_time = finish_time clipped to when its
+    file was written, partitions by ingest_time, the Kafka offsets in the log intact."""
+    lake = LakeSettings(root=str(tmp_path / "lake"), app_id="app")
+    now = time.time()
+    records = [trace(i, finish_time_s=now - 3600 + i) for i in range(20)]  # healthy nodes
+    records += [trace(20 + i, finish_time_s=4_084_000_000.0 + i) for i in range(3)]  # a clock in 2099
+    records += [trace(30 + i, finish_time_s=990_000_000.0 + i) for i in range(3)]  # a clock in 2001
+    legacy_rows = []
+    for offset, r in enumerate(records):
+        finish = datetime.fromtimestamp(r["finish_time"] / 1e6, UTC)
+        legacy_rows.append(
+            r
+            | {
+                "kafka_partition": 0,
+                "kafka_offset": offset,
+                "date": f"{finish:%Y-%m-%d}",
+                "hour": finish.hour,
+            }
+        )
+    old_properties = TABLE_PROPERTIES | {
+        "delta.dataSkippingStatsColumns": "arrival_time,finish_time,kafka_partition,kafka_offset"
+    }
+    written_from = int(time.time() * 1e6)
+    write_deltalake(
+        lake.traces_uri,
+        pa.Table.from_pylist(legacy_rows, schema=legacy_schema()),
+        partition_by=PARTITION_COLUMNS,
+        configuration=old_properties,
+        commit_properties=CommitProperties(
+            app_transactions=[Transaction(txn_app_id("app", 0), len(records) - 1)]
+        ),
+    )
+    written_until = int(time.time() * 1e6)
+    legacy = DeltaTable(lake.traces_uri)
+    assert is_legacy(legacy) and any(p.date.startswith("2099-") for p in partitions_of(legacy))
+
+    dt = open_or_create(lake)  # what `flywheel ingest` does on start
+    assert table_schema(dt).equals(traces_table_schema())
+    assert dt.version() > legacy.version()
+    assert (
+        dt.metadata().configuration["delta.dataSkippingStatsColumns"]
+        == TABLE_PROPERTIES["delta.dataSkippingStatsColumns"]
+    )
+    assert any((c.get("flywheel.migration") or "") == "ingest_time" for c in dt.history())
+    table = dt.to_pyarrow_table()
+    assert sorted(table["event_id"].to_pylist()) == sorted(r["event_id"] for r in records)
+    ingest = dict(
+        zip(table["event_id"].to_pylist(), table["ingest_time"].cast(pa.int64()).to_pylist(), strict=True)
+    )
+    three_days = 3 * 86_400_000_000
+    for r in records:
+        got = ingest[r["event_id"]]
+        if r["finish_time"] > written_until:  # ahead of the time its file was written: that time
+            assert written_from - 1000 <= got <= written_until + 1000, r["event_id"]
+        elif r["finish_time"] < written_from - three_days:  # long before: the earliest the topic allows
+            assert written_from - three_days - 1000 <= got <= written_until - three_days + 1000, r["event_id"]
+        else:
+            assert got == r["finish_time"], r["event_id"]
+    for row in table.to_pylist():
+        assert (row["date"], row["hour"]) == (f"{row['ingest_time']:%Y-%m-%d}", row["ingest_time"].hour)
+    assert not [p for p in partitions_of(dt) if p.date < "2026-01-01" or p.date > "2030-01-01"]
+
+    # the offsets survived the rewrite: the ingest continues from them, and a second open changes nothing
+    assert dt.transaction_version(txn_app_id("app", 0)) == len(records) - 1
+    assert open_or_create(lake).version() == dt.version()
+    committer = DeltaCommitter(
+        DeltaTable(lake.traces_uri),
+        table_filesystem(lake),
+        DeadLetterProducer(KafkaSettings(), "unused"),
+        "app",
+    )
+    more = TraceBatchDecoder().decode(MessageBatch.from_values(encoded([trace(100)]), offsets=[len(records)]))
+    committer.commit(CommitJob([more.rows], [], txns={0: len(records)}, expected={0: len(records) - 1}))
+    assert DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id"]).num_rows == len(records) + 1

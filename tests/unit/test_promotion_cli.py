@@ -30,32 +30,38 @@ def test_cli_start_stays_light():
 
 
 def test_served_table_rows():
+    def iv(point, low, high):
+        return {"point": point, "low": low, "high": high, "n": 24}
+
     evaluation = {
         "version": "3",
         "champion_version": "2",
         "domains": ["code", "prose"],
+        "traffic": "lake",
+        "rounds": 2,
+        "requests_used": 144,
         "metrics": {
-            **{
-                f"speedup_c{c}_{a}": s
-                for c in (1, 4)
-                for a, s in (("baseline", 1.0), ("champion", 1.1), ("challenger", 1.2))
-            },
-            **{
-                f"tokens_per_s_c{c}_{a}": 10.0 * c
-                for c in (1, 4)
-                for a in ("baseline", "champion", "challenger")
-            },
-            "tau_champion": 1.5,
-            "tau_champion_code": 1.6,
-            "tau_champion_prose": 1.4,
-            "tau_challenger": 1.7,
-            "tau_challenger_code": 1.8,
-            "tau_challenger_prose": 1.6,
+            "tokens_per_s_baseline": 10.0,
+            "tokens_per_s_champion": 11.0,
+            "tokens_per_s_challenger": 12.0,
+        },
+        "champion": {
+            "speedup": iv(1.1, 1.05, 1.15),
+            "tau": 1.5,
+            "tau_by_domain": {"code": 1.6, "prose": 1.4},
+        },
+        "challenger": {
+            "speedup": iv(1.2, 1.12, 1.28),
+            "vs_champion": iv(1.09, 1.04, 1.14),
+            "tau": 1.7,
+            "tau_by_domain": {"code": 1.8, "prose": None},
+            "samples": 24,
         },
     }
     table = served_table(evaluation, "t")
-    assert table.row_count == 6  # 3 arms x 2 concurrency levels
+    assert table.row_count == 2  # champion and challenger
     console = Console(width=200, record=True)
     console.print(table)
     text = console.export_text()
-    assert "v3" in text and "v2" in text and "1.200" in text and "1.800" in text
+    assert "v3" in text and "v2" in text and "1.200 [1.120, 1.280]" in text and "1.090 [1.040, 1.140]" in text
+    assert "1.800" in text and "24 paired prompts (lake held-out traffic)" in text

@@ -1,16 +1,30 @@
+"""The gate decides on paired intervals: every case below is a hand-made measurement and its verdict."""
+
 from __future__ import annotations
 
 import pytest
 
-from evaluation.gate import ArmMeasurement, GatePolicy, decide
+from evaluation.gate import ArmMeasurement, GatePolicy, RatioInterval, decide
 
-POLICY = GatePolicy(min_speedup=1.0, margin=0.02, domain_tau_tolerance=0.05, min_samples=32)
-CHAMP = ArmMeasurement(speedup=1.30, tau=2.0, tau_by_domain={"code": 2.2, "prose": 1.8}, samples=64)
+POLICY = GatePolicy(min_speedup=1.0, margin=0.02, domain_tau_tolerance=0.05, min_samples=24)
 
 
-def arm(speedup=1.40, tau=2.1, code=2.3, prose=1.85, samples=64) -> ArmMeasurement:
+def iv(point: float, low: float, high: float, n: int = 24) -> RatioInterval:
+    return RatioInterval(point=point, low=low, high=high, n=n)
+
+
+CHAMP = ArmMeasurement(
+    speedup=iv(1.25, 1.2, 1.3), tau=2.0, tau_by_domain={"code": 2.2, "prose": 1.8}, samples=24
+)
+
+
+def arm(speedup=iv(1.3, 1.25, 1.35), vs=iv(1.06, 1.03, 1.10), code=2.3, prose=1.85, samples=24, tau=2.1):
     return ArmMeasurement(
-        speedup=speedup, tau=tau, tau_by_domain={"code": code, "prose": prose}, samples=samples
+        speedup=speedup,
+        tau=tau,
+        tau_by_domain={"code": code, "prose": prose},
+        samples=samples,
+        vs_champion=vs,
     )
 
 
@@ -18,51 +32,72 @@ def arm(speedup=1.40, tau=2.1, code=2.3, prose=1.85, samples=64) -> ArmMeasureme
     ("challenger", "champion", "promote", "failing"),
     [
         (arm(), CHAMP, True, []),
-        (arm(), None, True, []),  # first champion: floor and samples only
-        (arm(speedup=0.97), None, False, ["speedup floor"]),
-        (arm(speedup=1.00), None, True, []),  # the floor is inclusive
-        (arm(speedup=1.32), CHAMP, False, ["beats champion"]),  # 1.32 < 1.30 * 1.02 = 1.326
-        (arm(speedup=1.326), CHAMP, True, []),
-        (arm(prose=1.70), CHAMP, False, ["tau[prose]"]),  # 1.70 < 1.8 * 0.95 = 1.71
+        (arm(vs=None), None, True, []),  # first champion: the floor and the samples only
+        (arm(speedup=iv(0.94, 0.90, 0.98)), None, False, ["speedup floor"]),  # clearly below
+        (arm(speedup=iv(1.01, 0.97, 1.05)), None, False, ["speedup floor"]),  # inconclusive: contains 1.0
+        (arm(speedup=iv(1.05, 1.00, 1.10)), None, True, []),  # the floor is inclusive
+        (arm(vs=iv(1.04, 1.01, 1.08)), CHAMP, False, ["beats champion"]),  # 1.01 < 1.02: not sure enough
+        (arm(vs=iv(1.05, 1.02, 1.08)), CHAMP, True, []),  # the margin is inclusive
+        (arm(vs=iv(1.00, 0.97, 1.03)), CHAMP, False, ["beats champion"]),  # A/A: the interval holds 1.0
+        (arm(prose=1.70), CHAMP, False, ["tau[prose]"]),  # 1.70 < 1.8 x 0.95 = 1.71
         (arm(prose=1.71), CHAMP, True, []),
-        (arm(samples=31), CHAMP, False, ["samples"]),
-        (
-            arm(),
-            ArmMeasurement(speedup=1.3, tau=2.0, tau_by_domain={"code": 2.2}, samples=10),
-            False,
-            ["samples"],
-        ),
-        (
-            arm(speedup=0.9, prose=1.0, samples=5),
-            CHAMP,
-            False,
-            ["samples", "speedup floor", "beats champion", "tau[prose]"],
-        ),
+        (arm(samples=23), CHAMP, False, ["samples"]),
+        (arm(vs=None), CHAMP, False, ["beats champion"]),  # a champion but no paired comparison with it
     ],
 )
 def test_gate_table(challenger, champion, promote, failing):
     decision = decide(challenger, champion, POLICY)
-    assert decision.promote is promote
+    assert decision.promote is promote, decision.reasons
     failed = [r.split(" ", 1)[1] for r in decision.reasons if r.startswith("FAIL")]
     assert [next(f for f in failing if r.startswith(f)) for r in failed] == failing
     assert decision.summary().startswith("PROMOTE" if promote else "REJECT")
 
 
+def test_inconclusive_is_a_rejection_that_says_so():
+    decision = decide(arm(vs=iv(1.04, 1.01, 1.08)), CHAMP, POLICY)
+    assert any("inconclusive, the interval contains 1.020" in r for r in decision.reasons)
+
+
+def test_never_keeps_the_fleet_on_the_slower_of_two_drafters_below_the_floor():
+    """The champion serves at 0.79x of no speculation; a challenger at 0.93x that beats it with confidence
+    is promoted although it is below the floor, and one that does not clear the floor while the champion
+    does is not."""
+    slow_champion = CHAMP.model_copy(update={"speedup": iv(0.79, 0.75, 0.83)})
+    faster = arm(speedup=iv(0.93, 0.90, 0.96), vs=iv(1.17, 1.12, 1.22))
+    decision = decide(faster, slow_champion, POLICY)
+    assert decision.promote and any("waived" in r for r in decision.reasons)
+    fast_champion = CHAMP.model_copy(update={"speedup": iv(1.02, 0.98, 1.06)})  # its upper bound clears 1.0
+    assert not decide(faster, fast_champion, POLICY).promote
+
+
 def test_domains_only_compared_where_both_were_measured():
-    challenger = ArmMeasurement(speedup=1.5, tau=2.0, tau_by_domain={"code": 2.5, "docs": 1.0}, samples=64)
+    challenger = ArmMeasurement(
+        speedup=iv(1.5, 1.4, 1.6),
+        tau=2.0,
+        tau_by_domain={"code": 2.5, "docs": 1.0},
+        samples=24,
+        vs_champion=iv(1.2, 1.1, 1.3),
+    )
     decision = decide(challenger, CHAMP, POLICY)
     assert decision.promote and not any("docs" in r or "prose" in r for r in decision.reasons)
 
 
 def test_no_measured_tau_is_explicit_and_rejected():
     """A challenger with no verify step has no tau (None, not 1.0): the gate says so and rejects it."""
-    silent = ArmMeasurement(speedup=1.2, tau=None, tau_by_domain={"code": None, "prose": 1.9}, samples=64)
+    silent = arm(tau=None, code=None)
     decision = decide(silent, CHAMP, POLICY)
     assert not decision.promote
     failed = [r for r in decision.reasons if r.startswith("FAIL")]
     assert any("tau: no verify step" in r for r in failed) and any(
         "tau[code]: no verify step" in r for r in failed
     )
+
+
+def test_decisive_means_the_deciding_interval_is_on_one_side_of_its_threshold():
+    assert POLICY.decisive(iv(1.2, 1.1, 1.3), None) and POLICY.decisive(iv(0.9, 0.85, 0.95), None)
+    assert not POLICY.decisive(iv(1.0, 0.95, 1.05), None)
+    assert not POLICY.decisive(iv(1.2, 1.1, 1.3), iv(1.03, 1.01, 1.05))  # vs the champion decides
+    assert POLICY.decisive(iv(0.9, 0.85, 0.95), iv(1.05, 1.03, 1.07))
 
 
 def test_policy_defaults_are_the_cycle_settings():

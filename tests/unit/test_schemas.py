@@ -214,5 +214,13 @@ def test_arrow_schema_is_derived_field_by_field():
 
 def test_table_schema_appends_lake_columns():
     table = traces_table_schema()
-    assert table.names[-len(LAKE_COLUMNS) :] == ["kafka_partition", "kafka_offset", "date", "hour"]
+    assert table.names[-len(LAKE_COLUMNS) :] == [
+        "kafka_partition",
+        "kafka_offset",
+        "ingest_time",
+        "date",
+        "hour",
+    ]
+    assert table.field("ingest_time").type == pa.timestamp("us", tz="UTC")
+    assert not table.field("ingest_time").nullable
     assert table.names[: -len(LAKE_COLUMNS)] == arrow_schema(TRACE_EVENT).names

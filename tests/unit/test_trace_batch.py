@@ -49,15 +49,56 @@ def test_realistic_records_decode_like_fastavro_with_lake_columns(decoder):
     records = [trace(i) for i in range(200)]
     payloads = encoded(records)
     partitions, offsets = np.arange(200) % 3, np.arange(1000, 1200)
-    decoded = decoder.decode(MessageBatch.from_values(payloads, partitions, offsets))
+    # observed by the pipeline a day and a bit later, in steps of 17 min: several hours and two dates
+    observed = np.array(
+        [r["finish_time"] + 86_400_000_000 + i * 1_020_000_000 for i, r in enumerate(records)]
+    )
+    decoded = decoder.decode(MessageBatch.from_values(payloads, partitions, offsets, observed=observed))
     assert decoded.rejected == []
     assert decoded.rows.schema.equals(traces_table_schema(), check_metadata=True)
     assert_columns_equal(decoded.rows, fastavro_reference(payloads))
     assert decoded.rows["kafka_partition"].to_pylist() == partitions.tolist()
     assert decoded.rows["kafka_offset"].to_pylist() == offsets.tolist()
-    finish = [datetime.fromtimestamp(r["finish_time"] / 1e6, UTC) for r in records]
-    assert decoded.rows["date"].to_pylist() == [f"{t:%Y-%m-%d}" for t in finish]
-    assert decoded.rows["hour"].to_pylist() == [t.hour for t in finish]
+    assert decoded.rows["ingest_time"].cast(pa.int64()).to_pylist() == observed.tolist()
+    seen = [datetime.fromtimestamp(us / 1e6, UTC) for us in observed.tolist()]
+    assert decoded.rows["date"].to_pylist() == [f"{t:%Y-%m-%d}" for t in seen]
+    assert decoded.rows["hour"].to_pylist() == [t.hour for t in seen]
+    assert len(set(decoded.rows["date"].to_pylist())) >= 2
+
+
+class Stamped:
+    """The part of a confluent_kafka.Message that MessageBatch.from_messages reads."""
+
+    def __init__(self, value: bytes, offset: int, timestamp: tuple[int, int]):
+        self._value, self._offset, self._timestamp = value, offset, timestamp
+
+    def value(self) -> bytes:
+        return self._value
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def timestamp(self) -> tuple[int, int]:
+        return self._timestamp
+
+
+def test_ingest_time_is_the_brokers_append_time_else_the_ingests_clock_never_the_producers(decoder):
+    from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_LOG_APPEND_TIME, TIMESTAMP_NOT_AVAILABLE
+
+    payloads = encoded([trace(i, finish_time_s=4_084_000_000.0) for i in range(3)])  # the node says 2099
+    broker_ms, producer_ms, clock_us = 1_796_100_000_123, 4_084_000_000_000, 1_796_200_000_000_456
+    messages = [
+        Stamped(payloads[0], 0, (TIMESTAMP_LOG_APPEND_TIME, broker_ms)),
+        Stamped(payloads[1], 1, (TIMESTAMP_CREATE_TIME, producer_ms)),  # the node's own (wrong) clock
+        Stamped(payloads[2], 2, (TIMESTAMP_NOT_AVAILABLE, -1)),
+    ]
+    rows = decoder.decode(MessageBatch.from_messages(messages, clock_us)).rows
+    assert rows["ingest_time"].cast(pa.int64()).to_pylist() == [broker_ms * 1000, clock_us, clock_us]
+    assert rows["date"].to_pylist() == ["2026-12-01", "2026-12-02", "2026-12-02"]
+    assert rows["finish_time"].cast(pa.int64()).to_pylist() == [4_084_000_000_000_000] * 3  # kept as data
 
 
 def test_every_poison_kind_is_rejected_with_its_reason_and_neighbours_survive(decoder):

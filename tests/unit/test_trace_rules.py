@@ -32,8 +32,16 @@ def reasons(b: pa.RecordBatch) -> list[str | None]:
         ({"per_step_accepted": [1, 4], "per_step_drafted": [3, 3]}, "accepted-exceeds-drafted"),
         ({"prompt_token_ids": [1, 2, -1]}, "negative-token-id"),
         ({"output_token_ids": [-(2**31)]}, "negative-token-id"),
-        ({"finish_time": 0}, "finish-time-out-of-range"),
-        ({"finish_time": 7_258_118_400_000_000}, "finish-time-out-of-range"),  # 2200-01-01
+        # a node's wrong clock is data, not a reason: partitions use the pipeline's time (ingest_time)
+        ({"finish_time": 0}, None),  # 1970
+        ({"finish_time": 915_148_800_000_000}, None),  # 1999
+        ({"finish_time": 7_258_118_400_000_000}, None),  # 2200
+        ({"arrival_time": 4_070_908_800_000_000, "first_token_time": None}, None),  # 2099
+        # only what no reader can represent: years outside 1-9999
+        ({"finish_time": 253_402_300_800_000_000}, "timestamp-out-of-range"),  # 10000-01-01
+        ({"finish_time": 253_402_300_799_999_999}, None),  # the last microsecond of 9999
+        ({"arrival_time": -62_135_596_800_000_001}, "timestamp-out-of-range"),  # before 0001-01-01
+        ({"first_token_time": 2**62}, "timestamp-out-of-range"),
         ({"event_id": "", "prompt_token_ids": [-1]}, "empty-event-id"),  # first rule in RULES order wins
     ],
 )
