@@ -76,7 +76,6 @@ def run(settings: Settings, drafter: Path, table: str | None = None, on_step=Non
             )
             used = 0
             for name, challenger, champion in (("aa", drafter, drafter), ("ab", drafter, untrained)):
-                servers.loaded = None  # the same dir serves both arms in A/A: swap by label, not by path
                 report = paired_benchmark(
                     servers, held.prompts, challenger, champion, config, policy, on_step
                 )

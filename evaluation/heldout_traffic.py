@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 
 import httpx
@@ -72,13 +73,8 @@ def select(
             ),
         )
     columns = [[p for _, p in sorted(by_stratum[s].items())][:per_stratum] for s in sorted(by_stratum)]
-    interleaved = [p for row in _zip_longest(columns) for p in row]
+    interleaved = [p for row in zip_longest(*columns) for p in row if p is not None]
     return interleaved, dict(counts)
-
-
-def _zip_longest(columns: list[list[HeldoutPrompt]]) -> list[list[HeldoutPrompt]]:
-    depth = max((len(c) for c in columns), default=0)
-    return [[c[i] for c in columns if i < len(c)] for i in range(depth)]
 
 
 REPLAY_COLUMNS = [

@@ -141,7 +141,7 @@ class EvalServers:
         self.model = serving.target_model
         self.base = self.server(stack, serving, base_port, "none", None, num_spec_tokens)
         self.spec = self.server(stack, serving, spec_port, "eagle3", first_drafter, num_spec_tokens)
-        self.loaded: str | None = None
+        self.loaded: tuple[str, Path] | None = None  # (label, drafter dir) the speculative server serves
 
     @classmethod
     def for_config(
@@ -187,10 +187,10 @@ class EvalServers:
 
     def load(self, drafter: Path, label: str) -> bool:
         """Swap the speculative server's drafter (vLLM draft-weight update API over HTTP); True if it did."""
-        if self.loaded == label:
+        if self.loaded == (label, drafter):
             return False
         swap_server(f"http://{self.spec.address}", drafter, label)
-        self.loaded = label
+        self.loaded = (label, drafter)
         return True
 
 

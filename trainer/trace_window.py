@@ -216,13 +216,16 @@ class WindowReader:
                 expr = e if expr is None else expr & e
         return expr
 
+    def _split(self) -> str | None:
+        """The held-out filter rows go through: None when every row is read (no hashing needed)."""
+        w = self.window
+        return None if w.heldout == "exclude" and w.heldout_fraction == 0 else w.heldout
+
     def batches(
         self, columns: list[str], start=None, end=None, batch_size: int = 256
     ) -> Iterator[pa.RecordBatch]:
         """The window's rows (time range, held-out split) as record batches of ``columns``."""
-        split = self.window.heldout
-        if split == "exclude" and self.window.heldout_fraction == 0:
-            split = None  # nothing is held out: every row, no hashing
+        split = self._split()
         read = columns if split is None or "prompt_token_ids" in columns else [*columns, "prompt_token_ids"]
         for batch in self.dataset().to_batches(
             columns=read, filter=self.time_filter(start, end), batch_size=batch_size
@@ -267,7 +270,7 @@ class WindowReader:
         return counts
 
     def num_rows(self, start=None, end=None) -> int:
-        if self.window.heldout == "only" or (self.window.heldout and self.window.heldout_fraction > 0):
+        if self._split() is not None:
             return sum(b.num_rows for b in self.batches(["finish_time"], start, end, batch_size=65536))
         return self.dataset().count_rows(filter=self.time_filter(start, end))
 
