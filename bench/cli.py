@@ -166,6 +166,46 @@ def bench_gate(
     bench.emit("gate", result, json_path)
 
 
+def bench_objectives(
+    parent: Annotated[
+        Path | None,
+        typer.Option(help="drafter dir every objective starts from (default: from scratch, no KL anchor)"),
+    ] = None,
+    steps: Annotated[int, typer.Option(help="optimizer steps per objective")] = 60,
+    objectives: Annotated[
+        str, typer.Option(help="comma-separated objectives (recipes trainer/recipes/objective_<name>.yaml)")
+    ] = "kl,acceptance,rl",
+    table: Annotated[
+        str | None,
+        typer.Option("--table", help="traces table to train on and judge by (default: the lake's)"),
+    ] = None,
+    served: Annotated[bool, typer.Option(help="also measure served tau through a vLLM server")] = True,
+    per_domain: Annotated[int, typer.Option(help="held-out prompts per domain for served tau")] = 8,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the JSON here")] = None,
+) -> None:
+    """Which training objective makes the better drafter? The same window, parent, steps and seed once per
+    objective (distillation KL; KL + expected acceptance under the served verification rule; KL + RL on the
+    accepted length), each head judged on the window's held-out prompts: offline replay tau and served tau,
+    per domain. Starts one vLLM server (port 8064) unless --no-served."""
+    import bench
+    from bench.objectives import run
+    from core.settings import get_settings
+
+    settings = get_settings()
+    err = Console(stderr=True)
+    result = run(
+        settings,
+        table or settings.lake.traces_uri,
+        parent,
+        steps,
+        tuple(o.strip() for o in objectives.split(",") if o.strip()),
+        served=served,
+        per_domain=per_domain,
+        on_step=lambda line: err.print(line, style="dim"),
+    )
+    bench.emit("objectives", result, json_path)
+
+
 def register(bench: typer.Typer) -> None:
     """Add every benchmark to `flywheel bench`."""
     bench.command("capture")(bench_capture)
@@ -173,4 +213,5 @@ def register(bench: typer.Typer) -> None:
     bench.command("train")(bench_train)
     bench.command("drafters")(bench_drafters)
     bench.command("gate")(bench_gate)
+    bench.command("objectives")(bench_objectives)
     bench.command("all")(bench_all)

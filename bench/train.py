@@ -8,6 +8,19 @@ Keys (docs/architecture.md definitions):
 - ``trace_bytes``: bytes on disk of the Delta data files the window reads.
 - ``hidden_state_bytes``: what a hidden-state pipeline stores for the same tokens (prompt + output): 3 aux
   layers + the last layer, bf16 = 4 * H * 2 bytes per token.
+- ``head_step_ms``: drafter forward + backward (TTT unroll of ``ttt_steps``, a fixed gradient on every
+  step's logits, no loss) per attention kernel ("sdpa": flash per packed sequence + log-sum-exp merge, the default;
+  "dense": the (T, T) masked reference) on one real pack, median of ``KERNEL_REPEATS`` rounds with the
+  kernels interleaved round by round; ``train_step_ms`` the same for whole ``train_step`` calls (losses,
+  backward, optimizer) from in-memory features.
+- ``train_tokens_per_s``: pack slots / median ``train_step`` time per kernel (features in memory).
+- ``speedup_vs_dense``: dense time / fast ("sdpa") time, for ``head_step`` and ``train_step``. When the
+  recipe does not train on prompts, ``head_step`` is timed a third way, "sdpa+active": the fast kernel
+  given the trainer's ``active`` slots (``unroll_mask``: LM head only where a loss reads the logits, steps
+  >= 1 only on slots some later step trains), and ``speedup_vs_dense.head_step`` is dense (every slot)
+  / sdpa+active (``head_step_all_slots``: dense / sdpa, both on every slot). ``train_step`` passes
+  ``active`` under either kernel (dense computes every slot regardless); ``active_fraction``: the
+  fraction of slots active per step.
 - ``peak_rss_bytes``: trainer peak RSS (fresh process: setup's full-window scans, a few training steps,
   then one streamed pass over every train pack) for the window and for a window ``large_factor`` times
   longer (the window's real rows replicated with new ids/offsets and later finish times); the probes
@@ -23,11 +36,13 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -36,6 +51,7 @@ import pyarrow.compute as pc
 from core.settings import Settings
 
 PROBE_STEPS = 2
+KERNEL_REPEATS = 5
 
 
 def _recipe(table: str, target: Path, draft_vocab_size: int, pack_tokens: int, holdout: float = 0.0):
@@ -85,14 +101,89 @@ def measure_throughput(table: str, target: Path, steps: int, draft_vocab_size: i
         recompute_s += t2 - t0
         target_s += t1 - t0
         tokens += pf.num_slots
+    kernels = measure_kernels(recipe, pf)
     recipe.cleanup()
-    return {
+    return kernels | {
         "timed_steps": steps,
         "timed_tokens": tokens,
         "train_tokens_per_s_recompute": tokens / recompute_s,
         "train_tokens_per_s_precomputed": tokens / precomputed_s,
         "target_forward_tokens_per_s": tokens / target_s,
         "recompute_ratio": precomputed_s / recompute_s,
+    }
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each ``fn``: one untimed warm-up each, then ``repeats`` rounds that call every fn
+    once, in turn, so machine load drifts hit all of them alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def head_step(drafter, inputs: tuple, steps: int, bf16: bool = False, active=None) -> None:
+    """Drafter forward + backward of the TTT unroll, with a fixed upstream gradient on every step's logits
+    (what a loss hands back; the loss itself is not timed); ``active``: the drafter's (logits read)."""
+    import torch
+
+    drafter.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = drafter(*inputs, steps=steps, active=active)
+    g = torch.full_like(logits[0], 1e-4)
+    torch.autograd.backward(logits, [g] * len(logits))
+
+
+def measure_kernels(recipe, pf, repeats: int = KERNEL_REPEATS) -> dict:
+    """head_step_ms / train_step_ms / train_tokens_per_s per attention kernel on pack ``pf``, interleaved."""
+    from trainer.eagle3_drafter import ATTENTION_KERNELS
+    from trainer.unroll_batch import drafter_inputs
+
+    drafter, default = recipe.drafter, recipe.drafter.attention
+    inputs, steps, bf16 = drafter_inputs(pf), recipe.cfg.ttt_steps, recipe.cfg.precision == "bf16"
+    active = recipe.active_slots(pf, steps)  # what train_step passes (None when training on prompts)
+
+    def using(kernel: str, fn: Callable[[], object]) -> Callable[[], object]:
+        def run_it():
+            drafter.attention = kernel
+            try:
+                return fn()
+            finally:
+                drafter.attention = default
+
+        return run_it
+
+    fns = {}
+    for k in ATTENTION_KERNELS:
+        fns[f"head:{k}"] = using(k, lambda: head_step(recipe.model, inputs, steps, bf16))
+        fns[f"train:{k}"] = using(k, lambda: recipe.train_step(pf))
+    if active is not None:
+        fns["head:sdpa+active"] = using("sdpa", lambda: head_step(recipe.model, inputs, steps, bf16, active))
+    med = interleaved_medians(fns, repeats)
+    head = {k[5:]: v * 1e3 for k, v in med.items() if k.startswith("head:")}
+    train = {k: med[f"train:{k}"] * 1e3 for k in ATTENTION_KERNELS}
+    fast = "sdpa+active" if active is not None else "sdpa"
+    return {
+        "kernel_pack_slots": pf.num_slots,
+        "kernel_pack_sequences": len(pf.seqs),
+        "ttt_steps": steps,
+        "precision": recipe.cfg.precision,
+        "kernel_repeats": repeats,
+        "attention_kernel": default,
+        "head_step_ms": head,
+        "train_step_ms": train,
+        "train_tokens_per_s": {k: pf.num_slots / (ms / 1e3) for k, ms in train.items()},
+        "active_fraction": [float(a.float().mean()) for a in active] if active is not None else None,
+        "speedup_vs_dense": {
+            "head_step": head["dense"] / head[fast],
+            "head_step_all_slots": head["dense"] / head["sdpa"],
+            "train_step": train["dense"] / train["sdpa"],
+        },
     }
 
 
@@ -171,8 +262,11 @@ def default_table(settings: Settings, per_domain: int = 30) -> str:
     from bench.offline_traces import lake_rows, serve_to_records, write_traces
     from core.target_model import read_manifest
 
-    lake = settings.lake.traces_uri
-    if DeltaTable.is_deltatable(lake) and DeltaTable(lake).to_pyarrow_dataset().count_rows() > 0:
+    lake, options = settings.lake.traces_uri, settings.lake.storage_options or None
+    if (
+        DeltaTable.is_deltatable(lake, storage_options=options)
+        and DeltaTable(lake, storage_options=options).to_pyarrow_dataset().count_rows() > 0
+    ):
         return lake
     target = settings.serving.target_dir
     revision = (read_manifest(target) or {}).get("revision", "unknown")
@@ -208,7 +302,8 @@ def run(
     from trainer.trace_window import Window, WindowReader
 
     uri = table or default_table(settings)
-    reader = WindowReader(Window(uri))
+    options = (settings.lake.storage_options or None) if uri == settings.lake.traces_uri else None
+    reader = WindowReader(Window(uri, storage_options=options))
     rows, tokens = window_tokens(reader)
     target_dir = settings.serving.target_dir
     hidden = json.loads((target_dir / "config.json").read_text())["hidden_size"]

@@ -90,7 +90,9 @@ REPLAY_COLUMNS = [
 
 
 def from_lake(reader, per_stratum: int, max_tokens_cap: int) -> HeldoutTraffic:
-    """Held-out prompts of a window (a ``trainer.trace_window.WindowReader`` with ``heldout='only'``)."""
+    """Held-out prompts of a window (a ``trainer.trace_window.WindowReader`` with ``heldout='only'``, narrowed
+    to the served target's traces by its ``target_model_id``/``target_revision``, and opened with the lake's
+    ``storage_options``)."""
     rows = [r for b in reader.batches(REPLAY_COLUMNS, batch_size=1024) for r in b.to_pylist()]
     prompts, counts = select(rows, per_stratum, max_tokens_cap)
     return HeldoutTraffic(prompts, "lake", counts)

@@ -210,8 +210,10 @@ def heldout_traffic(settings: Settings, window: TraceWindow) -> HeldoutTraffic:
     """The window's held-out traces; the built-in prompt sets' held-out split only when it has none."""
     cycle, lake = settings.cycle, settings.lake
     if window.table is not None and lake.heldout_fraction > 0:
-        from trainer.trace_window import Window, WindowReader
+        from trainer.trace_window import Window, WindowReader, target_identity
 
+        # the served target's own traces only: another model's prompts and lengths are not its traffic
+        model_id, revision = target_identity(settings.serving.target_dir)
         reader = WindowReader(
             Window(
                 window.table,
@@ -221,6 +223,8 @@ def heldout_traffic(settings: Settings, window: TraceWindow) -> HeldoutTraffic:
                 storage_options=lake.storage_options or None,
                 heldout_fraction=lake.heldout_fraction,
                 heldout="only",
+                target_model_id=model_id,
+                target_revision=revision,
             )
         )
         traffic = from_lake(reader, cycle.eval_prompts_per_domain, cycle.eval_max_tokens)

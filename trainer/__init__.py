@@ -2,11 +2,11 @@
 
 | module              | what it is                                                                      |
 |---------------------|---------------------------------------------------------------------------------|
-| trace_window.py     | Delta window reader (time range / table versions), labels, streaming packs      |
+| trace_window.py     | Delta window reader (time, versions, target, held-out split), labels, packs      |
 | target_features.py  | frozen HF target forward -> aux hidden states, embeddings, log-probs, argmax     |
-| eagle3_drafter.py   | the EAGLE-3 head (one file), TTT unroll, vLLM eagle3 checkpoint format, d2t     |
-| unroll_batch.py     | one packed TTT batch: aligned targets, masks, regenerated rejected proposals     |
-| losses.py           | pure losses + registry + mixer: forward KL, expected acceptance, discard         |
+| eagle3_drafter.py   | the EAGLE-3 head, TTT unroll (flash attention per document), vLLM format, d2t   |
+| unroll_batch.py     | one packed TTT batch: targets, masks, rejected proposals, RL rollouts            |
+| losses.py           | pure losses + mixer: KL, acceptance per verification rule, RL, anchor, discard   |
 | drafter_store.py    | served drafter weights by version (for the discard term)                        |
 | train_loop.py       | the recipe: setup/train/cleanup, AdamW, checkpoints, MLflow, torchrun/DDP        |
 | replay_eval.py      | offline replay tau per domain (greedy chain drafting against the target)        |

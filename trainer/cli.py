@@ -95,14 +95,27 @@ def replay_eval(
     from trainer.eagle3_drafter import Eagle3Drafter
     from trainer.replay_eval import random_drafter_like, replay_sequences
     from trainer.target_features import TargetModel
-    from trainer.trace_window import Window, WindowReader
+    from trainer.trace_window import Window, WindowReader, target_identity
 
     settings = get_settings()
-    reader = WindowReader(Window(table or settings.lake.traces_uri, start, end, version, after_version))
+    target_dir = target or settings.serving.target_dir
+    model_id, revision = target_identity(target_dir)
+    reader = WindowReader(
+        Window(
+            table or settings.lake.traces_uri,
+            start,
+            end,
+            version,
+            after_version,
+            storage_options=settings.lake.storage_options or None,
+            target_model_id=model_id,
+            target_revision=revision,
+        )
+    )
     cutoff = reader.holdout_cutoff(newest_fraction) if newest_fraction < 1.0 else None
     total = reader.num_rows(start=cutoff)
     total = min(total, max_traces) if max_traces else total
-    tm = TargetModel(target or settings.serving.target_dir)
+    tm = TargetModel(target_dir)
     models = {"drafter": Eagle3Drafter.from_pretrained(drafter).eval()}
     if baseline:
         models["random head"] = random_drafter_like(models["drafter"])

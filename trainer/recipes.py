@@ -38,6 +38,12 @@ class WindowConfig(_Strict):
         description="prompts of the lake's held-out split (by hash) are never trained on "
         "(default: FLYWHEEL_LAKE_HELDOUT_FRACTION; 0 reads every row)",
     )
+    target_model_id: str | None = Field(
+        None, description="train on traces of this served target id (default: the target dir's name)"
+    )
+    target_revision: str | None = Field(
+        None, description="and of this target revision (default: the target dir's manifest revision)"
+    )
 
 
 class InitConfig(_Strict):
@@ -84,6 +90,21 @@ class OptimConfig(_Strict):
     min_lr_ratio: float = Field(0.1, description="cosine floor as a fraction of lr")
 
 
+class RLConfig(_Strict):
+    """Settings of the ``rl_acceptance`` term (trainer.losses): on-policy chains scored by accepted length."""
+
+    group_size: int = Field(
+        4, ge=2, description="draft chains sampled per slot; advantages are normalised within the group"
+    )
+    clip: float = Field(0.2, gt=0.0, description="PPO ratio clip of the policy-gradient surrogate")
+    rejected_weight: float = Field(
+        2.0,
+        ge=0.0,
+        description="weight of slots whose served draft chain the target rejected (times the staleness "
+        "weight; other slots weigh 1)",
+    )
+
+
 class MlflowConfig(_Strict):
     enabled: bool = Field(False, description="log params, metrics and the drafter to MLflow")
     tracking_uri: str | None = Field(
@@ -109,6 +130,7 @@ class TrainRecipeConfig(_Strict):
         default_factory=lambda: {"forward_kl": LossTerm(weight=1.0, step_decay=0.8)},
         description="loss terms by registry name (trainer.losses.LOSSES) and their weights",
     )
+    rl: RLConfig = Field(default_factory=RLConfig)
     staleness_half_life: float | None = Field(
         None, description="down-weight traces by drafter-version age: 0.5**(age/half_life); None = off"
     )
@@ -123,6 +145,11 @@ class TrainRecipeConfig(_Strict):
     log_every: int = Field(1, description="metric logging interval (steps)")
     checkpoint_every: int = Field(0, description="checkpoint interval (0 = only at the end)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="drafter compute: fp32 or bf16 autocast")
+    device: str | None = Field(
+        None,
+        description="drafter device: cpu or cuda (each rank on its LOCAL_RANK GPU, NCCL between ranks); "
+        "default FLYWHEEL_TRAINING_DEVICE",
+    )
     num_threads: int | None = Field(
         None, description="torch threads (default: FLYWHEEL_TRAINING_NUM_THREADS, else torch's)"
     )
@@ -145,8 +172,8 @@ class TrainRecipeConfig(_Strict):
         return v
 
     def with_defaults(self, settings: Settings) -> TrainRecipeConfig:
-        """Fill what the recipe leaves to the deployment (target, table, MLflow server, output dir, threads)
-        from ``settings``; a value the recipe sets is kept."""
+        """Fill what the recipe leaves to the deployment (target, table, MLflow server, output dir, threads,
+        device) from ``settings``; a value the recipe sets is kept."""
         update: dict = {}
         if self.target is None:
             update["target"] = settings.serving.target_dir
@@ -161,6 +188,8 @@ class TrainRecipeConfig(_Strict):
             update["output_dir"] = settings.training.output_dir / self.name
         if self.num_threads is None:
             update["num_threads"] = settings.training.num_threads
+        if self.device is None:
+            update["device"] = settings.training.device
         if self.mlflow.tracking_uri is None or self.mlflow.experiment is None:
             update["mlflow"] = self.mlflow.model_copy(
                 update={

@@ -6,7 +6,9 @@ is rooted at the last prompt slot (output[0] comes from prefill); step i of the 
 proposes x_{t+2+i} and is accepted iff it equals g_{t+1+i} and every earlier draft was accepted; the
 step then emits accepted+1 tokens and the next root is t + accepted + 1. tau = 1 + mean(accepted).
 Drafts are fed the recorded tokens, which equal the target's greedy tokens on greedy traffic (on sampled
-traffic this is greedy verification along the recorded path, an approximation).
+traffic this is greedy verification along the recorded path, an approximation: ``sampled`` counts those
+traces). Traces of another target than the replaying one (by revision, else by model id) are skipped and
+counted in ``other_target``: the target's greedy tokens say nothing about another model's traffic.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class DomainReplay:
     accepted: int = 0
     recorded_steps: int = 0
     recorded_accepted: int = 0
+    sampled: int = 0  # traces served at temperature > 0 (replayed with greedy verification)
 
     @property
     def tau(self) -> float | None:
@@ -72,12 +75,13 @@ class ReplayReport:
     per_trace: list[tuple[str, list[int], list[int]]] = field(
         default_factory=list
     )  # (event, replay, recorded)
+    other_target: int = 0  # sequences skipped: recorded on another target (model id / revision)
 
     @property
     def overall(self) -> DomainReplay:
         total = DomainReplay()
         for d in self.domains.values():
-            for f in ("traces", "steps", "accepted", "recorded_steps", "recorded_accepted"):
+            for f in ("traces", "steps", "accepted", "recorded_steps", "recorded_accepted", "sampled"):
                 setattr(total, f, getattr(total, f) + getattr(d, f))
         return total
 
@@ -90,7 +94,13 @@ class ReplayReport:
     def as_dict(self) -> dict:
         rows = {name: d for name, d in sorted(self.domains.items())} | {"all": self.overall}
         return {
-            name: {"traces": d.traces, "steps": d.steps, "tau": d.tau, "recorded_tau": d.recorded_tau}
+            name: {
+                "traces": d.traces,
+                "steps": d.steps,
+                "tau": d.tau,
+                "recorded_tau": d.recorded_tau,
+                "sampled": d.sampled,
+            }
             for name, d in rows.items()
         }
 
@@ -99,7 +109,11 @@ def replay_sequences(
     drafter: Eagle3Drafter, target: TargetModel, seqs: Iterable[TraceSequence], k: int, progress=None
 ) -> ReplayReport:
     report = ReplayReport(k)
+    identity = getattr(target, "model_id", None), getattr(target, "revision", None)
     for seq in seqs:
+        if not same_target(seq, *identity):
+            report.other_target += 1
+            continue
         if len(seq) - seq.prompt_len < 2:
             continue
         feats = target.features(torch.from_numpy(seq.tokens), drafter.draft_to_target)
@@ -108,6 +122,7 @@ def replay_sequences(
         d.traces += 1
         d.steps += len(accepts)
         d.accepted += sum(accepts)
+        d.sampled += bool(seq.temperature)
         if seq.per_step_accepted:
             d.recorded_steps += len(seq.per_step_accepted)
             d.recorded_accepted += sum(seq.per_step_accepted)
@@ -115,6 +130,17 @@ def replay_sequences(
         if progress is not None:
             progress()
     return report
+
+
+def same_target(seq: TraceSequence, model_id: str | None, revision: str | None) -> bool:
+    """Whether ``seq`` was served by the target (model_id, revision): revisions decide when both are known
+    (a content hash), else model ids when both are known; unknown identities never exclude a trace."""
+    known = lambda v: v not in (None, "unknown")  # noqa: E731  (capture writes 'unknown' without a manifest)
+    if known(seq.target_revision) and known(revision):
+        return seq.target_revision == revision
+    if seq.target_model_id is not None and model_id is not None:
+        return seq.target_model_id == model_id
+    return True
 
 
 def random_drafter_like(drafter: Eagle3Drafter, seed: int = 0) -> Eagle3Drafter:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.trace_window import target_identity
+
 
 @dataclass
 class TargetFeatures:
@@ -66,6 +68,7 @@ class TargetModel:
         from transformers import AutoModelForCausalLM
 
         self.path = Path(path)
+        self.model_id, self.revision = target_identity(self.path)  # which traces are this target's
         dtype = dtype or default_dtype()
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).eval()
         self.model.requires_grad_(False)

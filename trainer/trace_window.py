@@ -1,9 +1,11 @@
 """Training data from a window of the Delta table ``traces``: sequences, per-token labels, packs.
 
 A window is a snapshot version of the table (default: latest) narrowed by an ingest-time range and/or to
-the rows appended after an earlier version. Rows stream in Arrow record batches through a bounded
-shuffle buffer into token-budget packs, so memory stays flat however long the window is. The newest
-``holdout_fraction`` of the window (by ingest_time) is held out for offline evaluation.
+the rows appended after an earlier version, and to the traces of one served target (model id, revision: a
+shared table mixes targets, and traces are only comparable within one revision). Rows stream in Arrow
+record batches through a bounded shuffle buffer into token-budget packs, so memory stays flat however long
+the window is. The newest ``holdout_fraction`` of the window (by ingest_time) is held out for offline
+evaluation.
 
 Labels of output positions (docs/architecture.md): output[0] is a plain target token (prefill); each recorded
 verify step s then emits ``per_step_accepted[s]`` accepted draft tokens and one target token, a
@@ -15,11 +17,13 @@ their outputs align only when the lengths match exactly, otherwise positions are
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import IntEnum
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -45,8 +49,15 @@ SEQUENCE_COLUMNS = [
     "drafter_id",
     "drafter_version",
     "domain",
+    "temperature",
+    "target_model_id",
+    "target_revision",
 ]
+# the served target a trace belongs to: a shared table mixes targets, and traces are only comparable within
+# one revision (schemas/avro/trace_event/v1.avsc)
+TARGET_COLUMNS = ("target_model_id", "target_revision")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+log = logging.getLogger("flywheel.trainer")
 SKIPPING_METHODS = frozenset({"ngram", "ngram_gpu", "suffix"})  # steps without drafts go unrecorded
 
 
@@ -101,6 +112,9 @@ class TraceSequence:
     finish_time: datetime | None = None
     per_step_accepted: list[int] = field(default_factory=list)
     event_id: str = ""
+    temperature: float | None = None  # the request's sampling temperature (0 = greedy); None if unknown
+    target_model_id: str | None = None
+    target_revision: str | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -137,23 +151,33 @@ def sequence_from_row(row: dict) -> TraceSequence:
         finish_time=row.get("finish_time"),
         per_step_accepted=list(row["per_step_accepted"] or []),
         event_id=row.get("event_id", ""),
+        temperature=None if (t := row.get("temperature")) is None else round(float(t), 6),  # float32 column
+        target_model_id=row.get("target_model_id"),
+        target_revision=row.get("target_revision"),
     )
 
 
 @dataclass(frozen=True)
 class Window:
     """Which rows of the traces table: snapshot ``version`` (None = latest), ingest_time in [start, end),
-    and, if ``after_version`` is set, only rows appended by commits after that version."""
+    and, if ``after_version`` is set, only rows appended by commits after that version; if
+    ``target_model_id`` / ``target_revision`` are set, only traces of that served target.
+
+    ``storage_options`` are the lake's (``LakeSettings.storage_options``: object-store credentials), passed
+    to every ``DeltaTable`` the reader opens; they stay out of ``repr`` and ``provenance()``."""
 
     uri: str
     start: datetime | None = None
     end: datetime | None = None
     version: int | None = None
     after_version: int | None = None
-    storage_options: dict[str, str] | None = None
+    storage_options: dict[str, str] | None = field(default=None, repr=False)
     # held-out traffic (core/heldout.py): "exclude" for training, "only" for measuring, None: every row
     heldout_fraction: float = 0.0
     heldout: str | None = None
+    # the target whose traces are read (None: any); readers pass the target they serve or train (target_identity)
+    target_model_id: str | None = None
+    target_revision: str | None = None
 
 
 class WindowReader:
@@ -166,6 +190,7 @@ class WindowReader:
         self.table = DeltaTable(window.uri, version=window.version, storage_options=window.storage_options)
         self.version = self.table.version()
         self._files = self._select_files()
+        self._targets: dict[tuple[str, str], int] | None = None
 
     def _add_actions(self, version: int | None) -> pa.Table:
         from deltalake import DeltaTable
@@ -216,6 +241,69 @@ class WindowReader:
                 expr = e if expr is None else expr & e
         return expr
 
+    def target_filter(self) -> pc.Expression | None:
+        """The window's target as a scan predicate (None: every target)."""
+        w = self.window
+        return _all(
+            pc.field(col) == pa.scalar(value, pa.string())
+            for col, value in zip(TARGET_COLUMNS, (w.target_model_id, w.target_revision), strict=True)
+            if value is not None
+        )
+
+    def row_filter(self, start: datetime | None = None, end: datetime | None = None) -> pc.Expression | None:
+        """Time range and target, pushed into the Parquet scan (row groups pruned by their statistics)."""
+        return _all(e for e in (self.time_filter(start, end), self.target_filter()) if e is not None)
+
+    def is_window_target(self, model_id: str | None, revision: str | None) -> bool:
+        w = self.window
+        return (w.target_model_id is None or model_id == w.target_model_id) and (
+            w.target_revision is None or revision == w.target_revision
+        )
+
+    def targets(self) -> dict[tuple[str, str], int]:
+        """Rows per (target_model_id, target_revision) in the window's files and time range, whatever the
+        target filter and held-out split (cached: one scan of the two target columns)."""
+        if self._targets is None:
+            counts: dict[tuple[str, str], int] = {}
+            for batch in self.dataset().to_batches(
+                columns=list(TARGET_COLUMNS), filter=self.time_filter(), batch_size=65536
+            ):
+                grouped = (
+                    pa.Table.from_batches([batch])
+                    .group_by(list(TARGET_COLUMNS))
+                    .aggregate([([], "count_all")])
+                )
+                for row in grouped.to_pylist():
+                    key = (row["target_model_id"], row["target_revision"])
+                    counts[key] = counts.get(key, 0) + row["count_all"]
+            self._targets = counts
+            if len(counts) > 1 and self.target_filter() is None:
+                log.warning(
+                    "window of %s mixes %d targets and reads them all (set Window.target_model_id/"
+                    "target_revision): %s",
+                    self.window.uri,
+                    len(counts),
+                    _describe(counts),
+                )
+        return self._targets
+
+    def other_target_rows(self) -> int:
+        """Rows of the window (files, time range) that the target filter skips."""
+        if self.target_filter() is None:
+            return 0
+        return sum(n for (m, r), n in self.targets().items() if not self.is_window_target(m, r))
+
+    def require_target_rows(self) -> None:
+        """Fail clearly when the target filter leaves nothing although the window holds other targets'
+        traces (a trainer pointed at the wrong target, or a served name that differs from the dir name)."""
+        targets = self.targets()
+        if self.target_filter() is not None and not any(self.is_window_target(*k) for k in targets):
+            w = self.window
+            raise ValueError(
+                f"window of {w.uri} holds no traces of target {w.target_model_id or '*'}@"
+                f"{w.target_revision or '*'}; it holds {_describe(targets) or 'no traces'}"
+            )
+
     def _split(self) -> str | None:
         """The held-out filter rows go through: None when every row is read (no hashing needed)."""
         w = self.window
@@ -228,7 +316,7 @@ class WindowReader:
         split = self._split()
         read = columns if split is None or "prompt_token_ids" in columns else [*columns, "prompt_token_ids"]
         for batch in self.dataset().to_batches(
-            columns=read, filter=self.time_filter(start, end), batch_size=batch_size
+            columns=read, filter=self.row_filter(start, end), batch_size=batch_size
         ):
             if split is not None:
                 held = [
@@ -272,7 +360,7 @@ class WindowReader:
     def num_rows(self, start=None, end=None) -> int:
         if self._split() is not None:
             return sum(b.num_rows for b in self.batches(["finish_time"], start, end, batch_size=65536))
-        return self.dataset().count_rows(filter=self.time_filter(start, end))
+        return self.dataset().count_rows(filter=self.row_filter(start, end))
 
     def provenance(self) -> dict:
         w = self.window
@@ -286,7 +374,22 @@ class WindowReader:
             "heldout_fraction": w.heldout_fraction,
             "files": len(self._files),
             "trace_bytes": self.trace_bytes,
+            "target_model_id": w.target_model_id,
+            "target_revision": w.target_revision,
+            # rows of the window's files and time range that belong to other targets (0 without a filter)
+            "other_target_rows": self.other_target_rows(),
         }
+
+
+def _all(exprs: Iterable[pc.Expression]) -> pc.Expression | None:
+    out = None
+    for e in exprs:
+        out = e if out is None else out & e
+    return out
+
+
+def _describe(targets: dict[tuple[str, str], int]) -> str:
+    return ", ".join(f"{m}@{r}: {n} rows" for (m, r), n in sorted(targets.items()))
 
 
 def _utc(t: datetime) -> datetime:
@@ -296,6 +399,21 @@ def _utc(t: datetime) -> datetime:
 def _relative(path: str, table_uri: str) -> str:
     root = table_uri.removeprefix("file://").rstrip("/") + "/"
     return path.removeprefix("file://").removeprefix(root)
+
+
+def target_identity(path: Path | str) -> tuple[str, str | None]:
+    """(target_model_id, target_revision) that serving stamps on the traces of the target at ``path``.
+
+    The id is the dir's name (vLLM is served with ``--served-model-name`` = ServingSettings.target_model,
+    the dir under models_dir); the revision is the manifest's (core/target_model.py, as the capture plugin
+    reads it), None for a dir without one (its traces say 'unknown': the revision is then not checked).
+    Cheap (no weights or torch are loaded): a trainer narrows its window to these before loading the target.
+    """
+    from core.target_model import read_manifest
+
+    path = Path(path)
+    manifest = read_manifest(path) or {}
+    return path.name, manifest.get("revision")
 
 
 def version_order(reader: WindowReader) -> list[str]:

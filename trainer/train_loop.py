@@ -1,17 +1,19 @@
-"""Drafter training recipe: setup() / train() / cleanup(), torchrun-ready (DDP over gloo on CPU).
+"""Drafter training recipe: setup() / train() / cleanup(), torchrun-ready (DDP over gloo on CPU, NCCL on
+CUDA: ``device`` of the recipe, default FLYWHEEL_TRAINING_DEVICE).
 
     recipe = DrafterTrainingRecipe(load_recipe("trainer/recipes/scratch.yaml").with_defaults(settings))
     recipe.setup(); recipe.train(); recipe.cleanup()
 
 Each step: next pack of the streamed train window -> frozen target forward (features recomputed, never
 written to disk; ``data.feature_cache_gb`` memoises them in memory across epochs) -> TTT unroll of the
-drafter -> mixed loss -> AdamW with clipping. Rank r of W takes every W-th pack. Rank 0 shows progress,
-logs to MLflow, writes checkpoints (model config, step, optimizer, window, git SHA, argv, recipe) and
-exports the drafter in vLLM's eagle3 format.
+drafter on the training device -> mixed loss -> AdamW with clipping. Rank r of W takes every W-th pack.
+Rank 0 shows progress, logs to MLflow, writes checkpoints (model config, step, optimizer, window, git SHA,
+argv, recipe) and exports the drafter in vLLM's eagle3 format.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import os
@@ -20,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,10 +30,10 @@ import torch
 from core.settings import MlflowSettings, Settings
 from trainer.drafter_store import open_store
 from trainer.eagle3_drafter import Eagle3Config, Eagle3Drafter
-from trainer.losses import UnrollBatch, mix_losses
+from trainer.losses import UnrollBatch, mix_losses, needed_fields
 from trainer.recipes import TrainRecipeConfig
 from trainer.target_features import CachedTarget, TargetModel
-from trainer.trace_window import Window, WindowReader, packs, shuffled, version_order
+from trainer.trace_window import Window, WindowReader, packs, shuffled, target_identity, version_order
 from trainer.unroll_batch import (
     PackFeatures,
     accuracy_by_step,
@@ -39,7 +41,11 @@ from trainer.unroll_batch import (
     pack_features,
     position_weights,
     regenerate_rejected,
+    rejection_roots,
+    sample_rollout,
     shifted,
+    simulated_accept_length,
+    slot_temperature,
     target_index,
     unroll_mask,
 )
@@ -55,6 +61,28 @@ def git_sha() -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class DevicePlan:
+    device: torch.device  # where this rank's drafter and batches live
+    backend: str  # torch.distributed backend between ranks
+
+    @property
+    def autocast(self) -> str:
+        """``torch.autocast`` device type."""
+        return self.device.type
+
+
+def device_plan(device: str, local_rank: int = 0) -> DevicePlan:
+    """Where a rank trains: on CUDA the GPU of its LOCAL_RANK (an explicit ``cuda:N`` is kept) with NCCL
+    between ranks; on CPU gloo."""
+    d = torch.device(device)
+    if d.type == "cuda":
+        return DevicePlan(torch.device("cuda", local_rank if d.index is None else d.index), "nccl")
+    if d.type == "cpu":
+        return DevicePlan(torch.device("cpu"), "gloo")
+    raise ValueError(f"unsupported training device {device!r}: cpu or cuda[:N]")
+
+
 def top_token_ids(counts, k: int) -> torch.Tensor:
     """The k most frequent token ids (ties -> lower id), sorted ascending."""
     counts = torch.as_tensor(counts)
@@ -64,9 +92,15 @@ def top_token_ids(counts, k: int) -> torch.Tensor:
 
 class DrafterTrainingRecipe:
     def __init__(
-        self, cfg: TrainRecipeConfig, argv: list[str] | None = None, mlflow: MlflowSettings | None = None
+        self,
+        cfg: TrainRecipeConfig,
+        argv: list[str] | None = None,
+        mlflow: MlflowSettings | None = None,
+        storage_options: dict[str, str] | None = None,
     ):
         self.cfg = cfg
+        # the lake's object-store credentials: beside the recipe, never in it (recipes go to MLflow)
+        self.storage_options = storage_options
         self.mlflow_settings = mlflow  # the registry of served drafters (serving_drafters='registry')
         self.argv = argv if argv is not None else list(sys.argv)
         self.history: list[dict] = []
@@ -77,13 +111,18 @@ class DrafterTrainingRecipe:
         cfg = self.cfg
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        self.plan = device_plan(cfg.device or "cpu", int(os.environ.get("LOCAL_RANK", "0")))
+        self.device = self.plan.device
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo")
+            torch.distributed.init_process_group(self.plan.backend)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         torch.manual_seed(cfg.init.seed)
         self.out_dir = cfg.resolved_output_dir()
         w = cfg.window
+        model_id, revision = target_identity(cfg.target)
         # the lake's held-out prompts are the served evaluation's: never trained on
         self.reader = WindowReader(
             Window(
@@ -92,10 +131,15 @@ class DrafterTrainingRecipe:
                 w.end,
                 w.version,
                 w.after_version,
+                storage_options=self.storage_options,
                 heldout_fraction=w.heldout_prompt_fraction or 0.0,
                 heldout="exclude",
+                # a shared table mixes targets: train on the traces of the target being trained for
+                target_model_id=w.target_model_id or model_id,
+                target_revision=w.target_revision or revision,
             )
         )
+        self.reader.require_target_rows()
         self.cutoff = self.reader.holdout_cutoff(w.holdout_fraction)
         self.versions = version_order(self.reader)
         self.target = TargetModel(cfg.target, chunk_tokens=cfg.data.target_chunk_tokens)
@@ -104,8 +148,15 @@ class DrafterTrainingRecipe:
         if cfg.data.feature_cache_gb:
             self.features = CachedTarget(self.target, int(cfg.data.feature_cache_gb * 2**30))
         self.drafter = self._init_drafter()
+        # selects the target's logp columns: stays beside the target (CPU)
         self.draft_ids = self.drafter.draft_to_target.clone()
-        self.draft_index = target_index(self.draft_ids, self.drafter.config.vocab_size)
+        self.draft_index = target_index(self.draft_ids, self.drafter.config.vocab_size).to(self.device)
+        self.fields = needed_fields(cfg.losses)
+        # the KL anchor's reference: the drafter as it starts (the parent on a warm start), also on resume
+        self.reference = None
+        if "reference_logits" in self.fields:
+            self.reference = copy.deepcopy(self.drafter).eval().requires_grad_(False).to(self.device)
+        self.drafter.to(self.device)
         self.store = open_store(cfg.serving_drafters, Path(cfg.target).name, self.mlflow_settings)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
@@ -115,7 +166,10 @@ class DrafterTrainingRecipe:
             self._load_checkpoint(cfg.resume)
         self.model = self.drafter
         if self.world > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(self.drafter, broadcast_buffers=False)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.drafter, device_ids=ids, broadcast_buffers=False
+            )
         self.mlflow_run = self._start_mlflow() if cfg.mlflow.enabled and self.rank == 0 else None
 
     def _init_drafter(self) -> Eagle3Drafter:
@@ -160,7 +214,24 @@ class DrafterTrainingRecipe:
                     f"rank {self.rank}: the train window has no pack for this rank (epoch {epoch})"
                 )
 
-    def make_batch(self, pf: PackFeatures, logits: list[torch.Tensor]) -> tuple[UnrollBatch, torch.Tensor]:
+    def autocast(self):
+        """bf16 autocast on the training device when the recipe asks for it."""
+        return torch.autocast(self.plan.autocast, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    def active_slots(self, pf: PackFeatures, steps: int) -> torch.Tensor | None:
+        """(S, 1, N) the unroll's logits the losses read (``unroll_mask``) when prompts are not trained on:
+        the drafter then skips the LM head elsewhere and the steps of slots no later step trains
+        (their logits are zeros, read by no loss or metric: all of them mask). None: every logit."""
+        if self.cfg.data.train_on_prompt:
+            return None
+        return unroll_mask(pf, steps, False)[:, None]
+
+    def make_batch(
+        self, pf: PackFeatures, logits: list[torch.Tensor], active: torch.Tensor | None = None
+    ) -> UnrollBatch:
+        """The losses' view of the unroll; rollouts and the reference unroll only for the terms that read
+        them (other recipes pay nothing). ``pf`` is on the training device; ``active``: what the unroll
+        computed (``active_slots``)."""
         S = len(logits)
         mask = unroll_mask(pf, S, self.cfg.data.train_on_prompt)
         rejected, rejected_mask = regenerate_rejected(pf, S, self.store, self.draft_index)
@@ -171,16 +242,43 @@ class DrafterTrainingRecipe:
             rejected=rejected,
             rejected_mask=rejected_mask & mask,
             weight=position_weights(pf, self.versions, self.cfg.staleness_half_life),
+            target_argmax=self.draft_index[shifted(pf.feats.argmax, S)],
+            temperature=slot_temperature(pf),
         )
-        return batch, shifted(pf.feats.argmax, S)
+        if "rollout" in self.fields:
+            rl = self.cfg.rl
+            weight = torch.where(rejection_roots(pf), rl.rejected_weight, 1.0)
+            batch.rollout = sample_rollout(
+                batch.draft_logits,
+                batch.target_logp,
+                batch.target_argmax,
+                batch.temperature,
+                mask,
+                weight,
+                rl.group_size,
+                rl.clip,
+                self.rollout_generator(),
+            )
+        if "reference_logits" in self.fields:
+            with torch.no_grad(), self.autocast():
+                ref = self.reference(*drafter_inputs(pf), steps=S, active=active)
+            batch.reference_logits = torch.stack([lg[0] for lg in ref])
+        return batch
+
+    def rollout_generator(self) -> torch.Generator:
+        """The rollouts' sampler: seeded by (recipe seed, step, rank), so a rerun draws the same chains."""
+        seed = (self.cfg.init.seed * 1_000_003 + self.step) * 1_009 + self.rank
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     # -- train --------------------------------------------------------------------------------------
     def train_step(self, pf: PackFeatures) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            logits = self.model(*drafter_inputs(pf), steps=cfg.ttt_steps)
-        batch, argmax_next = self.make_batch(pf, logits)
+        pf = pf.to(self.device)
+        active = self.active_slots(pf, cfg.ttt_steps)
+        with self.autocast():
+            logits = self.model(*drafter_inputs(pf), steps=cfg.ttt_steps, active=active)
+        batch = self.make_batch(pf, logits, active)
         loss, parts = mix_losses(
             batch,
             {k: v.weight for k, v in cfg.losses.items()},
@@ -192,12 +290,13 @@ class DrafterTrainingRecipe:
         for g in self.optimizer.param_groups:
             g["lr"] = learning_rate(cfg, self.step)
         self.optimizer.step()
-        acc = accuracy_by_step(batch.draft_logits.detach(), self.draft_ids, argmax_next, batch.mask)
+        draft_logits = batch.draft_logits.detach()
+        acc = accuracy_by_step(draft_logits, batch.target_argmax, batch.mask)
         metrics = {
             "loss": float(loss.detach()),
             **{f"loss.{k}": v for k, v in parts.items()},
             **{f"acc.step{i}": float(a) for i, a in enumerate(acc)},
-            "sim_accept_len": float(torch.cumprod(acc, 0).sum()),
+            "sim_accept_len": float(simulated_accept_length(draft_logits, batch.target_argmax, batch.mask)),
             "grad_norm": float(gnorm),
             "lr": self.optimizer.param_groups[0]["lr"],
             "tokens": pf.num_slots,
@@ -206,6 +305,8 @@ class DrafterTrainingRecipe:
             # target mass the pruned draft vocabulary can reach (1.0 without pruning)
             "draft_vocab_mass": float(batch.target_logp[0][batch.mask[0]].exp().sum(-1).mean()),
         }
+        if batch.rollout is not None:  # mean accepted length of the sampled chains
+            metrics["rl.reward"] = float(batch.rollout.rewards[:, batch.mask[0]].mean())
         return metrics
 
     def train(self) -> list[dict]:
@@ -240,6 +341,7 @@ class DrafterTrainingRecipe:
                 self._log_step(m)
         self.replica_digests = self.gather_replica_digests()
         self.save_checkpoint()
+        self.drafter.cpu()  # export and the held-out replay run beside the target, on the CPU
         drafter_dir = self.export()
         if self.rank == 0 and cfg.eval.replay_at_end and self.cutoff is not None:
             self.final_replay = self.replay_heldout()
@@ -349,7 +451,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -373,7 +475,12 @@ def run_recipe(
         cfg = cfg.with_defaults(settings)
     if cfg.missing():
         raise ValueError(f"recipe {cfg.name!r} leaves {cfg.missing()} unset and no settings were given")
-    recipe = DrafterTrainingRecipe(cfg, argv, settings.mlflow if settings is not None else None)
+    recipe = DrafterTrainingRecipe(
+        cfg,
+        argv,
+        settings.mlflow if settings is not None else None,
+        storage_options=(settings.lake.storage_options or None) if settings is not None else None,
+    )
     recipe.setup()
     try:
         recipe.train()

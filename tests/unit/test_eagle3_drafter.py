@@ -3,14 +3,16 @@ save -> load round trip, draft vocabulary mapping, replay chain walking."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from trainer.eagle3_drafter import Eagle3Config, Eagle3Drafter, rope
+from trainer.eagle3_drafter import Eagle3Config, Eagle3Drafter, doc_mask, doc_spans, rope
 from trainer.replay_eval import chain_accepts
 from trainer.train_loop import top_token_ids
 from trainer.unroll_batch import shifted, target_index
@@ -85,9 +87,10 @@ def _chain_reference(d: Eagle3Drafter, embeds, aux, root: int, steps: int) -> li
     return outs
 
 
-def test_ttt_unroll_equals_chain_drafting_with_a_kv_cache():
+@pytest.mark.parametrize("attention", ["sdpa", "dense"])
+def test_ttt_unroll_equals_chain_drafting_with_a_kv_cache(attention):
     torch.manual_seed(0)
-    d = Eagle3Drafter(Eagle3Config(**TINY)).eval()
+    d = Eagle3Drafter(Eagle3Config(**TINY), attention=attention).eval()
     for p in d.parameters():  # non-trivial norms too
         p.data.normal_(0, 0.3)
     T, S = 9, 3
@@ -240,3 +243,178 @@ def test_attention_scores_ignore_future_slots():
     for i in range(2):
         torch.testing.assert_close(a[i][0, :6], b[i][0, :6])
     assert not torch.allclose(F.softmax(a[0][0, 6], -1), F.softmax(b[0][0, 6], -1))
+
+
+def _packed_inputs(lens: list[int], batch: int = 2, hidden: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lens)
+    seg = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])[None].repeat(batch, 1)
+    pos = torch.cat([torch.arange(n) for n in lens])[None].repeat(batch, 1)
+    return (
+        torch.randn(batch, T, hidden, generator=g),
+        torch.randn(batch, T, 3 * hidden, generator=g),
+        pos,
+        seg,
+    )
+
+
+def _logits_and_grads(d: Eagle3Drafter, inputs, steps: int, bf16: bool = False):
+    d.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = d(*inputs, steps)
+    w = torch.linspace(-1, 1, logits[0].shape[-1])
+    sum((lg.float() * w).sin().sum() * (0.7**i) for i, lg in enumerate(logits)).backward()
+    return [lg.detach().float() for lg in logits], {k: p.grad.clone() for k, p in d.named_parameters()}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("lens", [[5, 17, 1, 40, 9], [64], [1, 2, 3]])
+def test_sdpa_attention_equals_dense_outputs_and_gradients(lens):
+    """The fast kernel (flash per packed sequence + log-sum-exp merge of the unroll's diagonal keys) is the
+    dense reference's function: logits and every parameter gradient, fp32 and under bf16 autocast."""
+    torch.manual_seed(0)
+    dense = Eagle3Drafter(Eagle3Config(**TINY), attention="dense")
+    for p in dense.parameters():  # non-trivial norms, peaked attention
+        p.data.normal_(0, 0.3)
+    fast = copy.deepcopy(dense)
+    fast.attention = "sdpa"
+    inputs = _packed_inputs(lens)
+    ref_logits, ref_grads = _logits_and_grads(dense, inputs, 3)
+    logits, grads = _logits_and_grads(fast, inputs, 3)
+    for a, b in zip(logits, ref_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for k, g in ref_grads.items():
+        assert _rel(grads[k], g) < 1e-5, k
+    # bf16 autocast: both kernels round differently; the fast one is no further from fp32 than dense is
+    dense_bf, dense_bf_grads = _logits_and_grads(dense, inputs, 3, bf16=True)
+    fast_bf, fast_bf_grads = _logits_and_grads(fast, inputs, 3, bf16=True)
+    for a, b, r in zip(fast_bf, dense_bf, ref_logits, strict=True):
+        assert _rel(a, b) < 0.03 and _rel(a, r) < 2 * _rel(b, r) + 0.01
+    for k, g in ref_grads.items():
+        assert _rel(fast_bf_grads[k], dense_bf_grads[k]) < 0.05, k
+        assert _rel(fast_bf_grads[k], g) < 2 * _rel(dense_bf_grads[k], g) + 0.01, k
+
+
+def test_doc_spans_and_non_contiguous_sequence_ids_fall_back_to_dense():
+    seg = torch.tensor([[0, 0, 1, 1, 1, 2], [3, 4, 4, 4, 4, 4]])
+    assert doc_spans(seg) == [(0, 0, 2), (0, 2, 5), (0, 5, 6), (1, 0, 1), (1, 1, 6)]
+    split = torch.tensor([[0, 0, 1, 1, 0, 0]])  # sequence 0 in two runs: only the dense mask says that
+    assert doc_spans(split) is None
+    torch.manual_seed(0)
+    dense = Eagle3Drafter(Eagle3Config(**TINY), attention="dense").eval()
+    fast = copy.deepcopy(dense)
+    fast.attention = "sdpa"
+    emb, aux, pos = torch.randn(1, 6, 16), torch.randn(1, 6, 48), torch.arange(6)[None]
+    with torch.no_grad():
+        for a, b in zip(fast(emb, aux, pos, split, 2), dense(emb, aux, pos, split, 2), strict=True):
+            torch.testing.assert_close(a, b)
+    assert doc_mask(split)[0, 0, 5].tolist() == [True, True, False, False, True, True]
+
+
+def test_attention_kernel_is_not_in_the_checkpoint(tmp_path):
+    with pytest.raises(ValueError):
+        Eagle3Drafter(Eagle3Config(**TINY), attention="flex")
+    d = Eagle3Drafter(Eagle3Config(**TINY), attention="dense")
+    d.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg == Eagle3Config(**TINY).to_vllm_config() and "dense" not in json.dumps(cfg)
+    assert Eagle3Drafter.from_pretrained(tmp_path).attention == "sdpa"
+    assert Eagle3Drafter.from_pretrained(tmp_path, attention="dense").attention == "dense"
+
+
+def test_bench_kernel_timing_helpers():
+    from bench.train import head_step, interleaved_medians
+
+    d = Eagle3Drafter(Eagle3Config(**TINY))
+    inputs = _packed_inputs([3, 6], batch=1)
+
+    def step(kernel):
+        def fn():
+            d.attention = kernel
+            head_step(d, inputs, 3)
+
+        return fn
+
+    med = interleaved_medians({"sdpa": step("sdpa"), "dense": step("dense")}, repeats=2)
+    assert set(med) == {"sdpa", "dense"} and all(v > 0 for v in med.values())
+    assert d.fc.weight.grad is not None
+
+
+def _prompt_output_active(lens: list[int], prompts: list[int], steps: int, batch: int = 2) -> torch.Tensor:
+    """(S, B, T) the trainer's mask (``unroll_mask``, train_on_prompt=False) for packed sequences."""
+    pos = torch.cat([torch.arange(n) for n in lens])
+    length = torch.cat([torch.full((n,), n) for n in lens])
+    prompt = torch.cat([torch.full((n,), p) for n, p in zip(lens, prompts, strict=True)])
+    pred = pos[None] + 2 + torch.arange(steps)[:, None]
+    return ((pred < length) & (pred >= prompt))[:, None].repeat(1, batch, 1)
+
+
+@pytest.mark.parametrize(
+    "lens,prompts,holes",
+    [
+        ([5, 17, 1, 40, 9], [2, 8, 1, 20, 9], False),  # last sequence: all prompt (no loss anywhere)
+        ([64], [40], False),
+        ([30, 34], [0, 33], False),
+        ([12, 20, 16], [3, 10, 4], True),  # arbitrary active sets: gaps inside sequences, rows differ
+    ],
+)
+def test_active_skip_equals_dense_on_the_active_logits_and_gradients(lens, prompts, holes):
+    """fast + ``active`` (LM head on active entries only, steps >= 1 on slots active then or later) is the
+    dense reference without ``active``: logits at active entries, zeros elsewhere, and every parameter
+    gradient of a loss over the active entries; fp32 and under bf16 autocast."""
+    torch.manual_seed(0)
+    S = 3
+    dense = Eagle3Drafter(Eagle3Config(**TINY), attention="dense")
+    for p in dense.parameters():
+        p.data.normal_(0, 0.3)
+    fast = copy.deepcopy(dense)
+    fast.attention = "sdpa"
+    inputs = _packed_inputs(lens)
+    active = _prompt_output_active(lens, prompts, S)
+    if holes:
+        g = torch.Generator().manual_seed(1)
+        active = active & (torch.rand(active.shape, generator=g) < 0.6)
+        active[:, 1, :5] = True
+    assert 0 < active.sum() < active.numel()
+
+    def run(d, act, bf16=False):
+        d.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = d(*inputs, S, active=act)
+        w = torch.linspace(-1, 1, logits[0].shape[-1])
+        loss = sum(
+            torch.where(active[i, ..., None], (lg.float() * w).sin(), 0).sum() * 0.7**i
+            for i, lg in enumerate(logits)
+        )
+        loss.backward()
+        return [lg.detach().float() for lg in logits], {k: p.grad.clone() for k, p in d.named_parameters()}
+
+    ref_logits, ref_grads = run(dense, None)
+    for d in (fast, dense):  # dense with active: the reference computed everywhere, zeros outside
+        logits, grads = run(d, active)
+        for i, (a, b) in enumerate(zip(logits, ref_logits, strict=True)):
+            torch.testing.assert_close(a[active[i]], b[active[i]], rtol=1e-5, atol=1e-5)
+            assert not a[~active[i]].any()
+        for k, g in ref_grads.items():
+            assert _rel(grads[k], g) < 1e-5, k
+    dense_bf, dense_bf_grads = run(dense, None, bf16=True)
+    fast_bf, fast_bf_grads = run(fast, active, bf16=True)
+    for i, (a, b, r) in enumerate(zip(fast_bf, dense_bf, ref_logits, strict=True)):
+        a, b, r = a[active[i]], b[active[i]], r[active[i]]
+        if len(r):
+            assert _rel(a, b) < 0.03 and _rel(a, r) < 2 * _rel(b, r) + 0.01
+    for k, g in ref_grads.items():
+        assert _rel(fast_bf_grads[k], dense_bf_grads[k]) < 0.05, k
+        assert _rel(fast_bf_grads[k], g) < 2 * _rel(dense_bf_grads[k], g) + 0.01, k
+
+
+def test_active_with_nothing_to_train_still_backpropagates():
+    d = Eagle3Drafter(Eagle3Config(**TINY))
+    inputs = _packed_inputs([6, 7])
+    logits = d(*inputs, 3, active=torch.zeros(2, 13, dtype=torch.bool))
+    assert all(lg.shape == (2, 13, 40) and not lg.any() for lg in logits)
+    sum(lg.sum() for lg in logits).backward()
+    assert d.fc.weight.grad is not None

@@ -10,12 +10,15 @@ import torch
 from trainer.losses import (
     LOSSES,
     UnrollBatch,
+    acceptance,
     acceptance_probability,
     discard,
     expected_acceptance,
     forward_kl,
     get_loss,
+    greedy_acceptance,
     mix_losses,
+    needed_fields,
     staleness_weight,
     step_weights,
     version_ages,
@@ -89,6 +92,40 @@ def test_expected_acceptance_perfect_draft_reaches_unroll_length():
     ).sum().item() == pytest.approx(-3.0)
 
 
+def test_greedy_acceptance_uses_the_draft_probability_of_the_target_argmax():
+    # q = softmax([ln3, 0, 0]) = [.6, .2, .2] at every (step, slot)
+    # slot 0: argmax p = 0 then 2 -> a = .6, .2 -> entries -.6, -.6 * .2 = -.12
+    # slot 1: argmax p outside the draft vocabulary (-1) at step 0 -> a0 = 0 ends the chain: 0, 0
+    logits = _t([[[LN3, 0.0, 0.0]] * 2] * 2)  # (S=2, N=2, V=3)
+    argmax = torch.tensor([[0, -1], [2, 0]])
+    out = greedy_acceptance(logits, argmax, torch.ones(2, 2, dtype=torch.bool))
+    assert out[:, 0].tolist() == pytest.approx([-0.6, -0.12], abs=1e-6)
+    assert out[:, 1].tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    # a masked step ends the chain
+    cut = greedy_acceptance(logits, argmax, torch.tensor([[True, True], [False, True]]))
+    assert cut[:, 0].tolist() == pytest.approx([-0.6, 0.0], abs=1e-6)
+
+
+def test_greedy_acceptance_gradient_raises_only_the_argmax_logit():
+    # d(-q_a)/dz_v = -q_a (1[v=a] - q_v): q = [.6, .2, .2], a = 1 -> [.6*.2, -.2*.8, .2*.2] = [.12, -.16, .04]
+    logits = _t([[[LN3, 0.0, 0.0]]]).requires_grad_()
+    greedy_acceptance(logits, torch.tensor([[1]]), torch.ones(1, 1, dtype=torch.bool)).sum().backward()
+    assert logits.grad[0, 0].tolist() == pytest.approx([0.12, -0.16, 0.04], abs=1e-6)
+
+
+def test_acceptance_follows_each_traces_verification_rule():
+    # both slots: step 0 q = [.5, .5], p = [.75, .25], argmax 0; step 1 q = softmax([ln3, 0]) = [.75, .25],
+    # p = [.5, .5] with the target's argmax given as 1.
+    # slot 0 greedy (T = 0): a = q(argmax) = .5, .25 -> -.5, -.125
+    # slot 1 sampled (T = .7): alpha = sum min = .75, .75 -> -.75, -.5625
+    logits = _t([[[0.0, 0.0], [0.0, 0.0]], [[LN3, 0.0], [LN3, 0.0]]])  # (S=2, N=2, V=2)
+    logp = _t([[[0.75, 0.25]] * 2, [[0.5, 0.5]] * 2]).log()
+    argmax = torch.tensor([[0, 0], [1, 1]])
+    out = acceptance(logits, logp, argmax, _t([0.0, 0.7]), torch.ones(2, 2, dtype=torch.bool))
+    assert out[:, 0].tolist() == pytest.approx([-0.5, -0.125], abs=1e-6)
+    assert out[:, 1].tolist() == pytest.approx([-0.75, -0.5625], abs=1e-6)
+
+
 def test_discard_pushes_down_the_rejected_token():
     # q = softmax([ln3, 0, 0]) = [.6, .2, .2]; rejected token 0 -> -ln(1 - .6) = -ln .4 = 0.916291
     # rejected token 2 -> -ln(1 - .2) = -ln .8 = 0.223144; -1 (no proposal) -> 0
@@ -139,6 +176,33 @@ def test_mix_losses_weights_steps_positions_and_terms():
     assert parts["forward_kl"] == pytest.approx(0.261624, abs=1e-5)
     assert parts["expected_acceptance"] == pytest.approx(-3.0, abs=1e-5)
     assert total.item() == pytest.approx(-1.238376, abs=1e-5)
+
+
+def test_mix_losses_passes_each_loss_its_fields_and_names_a_missing_one():
+    # greedy_acceptance reads target_argmax: q = [.5, .5], argmax 0 -> -.5 at the one valid slot
+    batch = UnrollBatch(
+        draft_logits=torch.zeros(1, 1, 2),
+        target_logp=_t([[[0.75, 0.25]]]).log(),
+        mask=torch.ones(1, 1, dtype=torch.bool),
+        rejected=torch.full((1, 1), -1),
+        rejected_mask=torch.zeros(1, 1, dtype=torch.bool),
+        weight=_t([1.0]),
+        target_argmax=torch.tensor([[0]]),
+    )
+    total, parts = mix_losses(batch, {"greedy_acceptance": 1.0}, {})
+    assert parts["greedy_acceptance"] == pytest.approx(-0.5) and total.item() == pytest.approx(-0.5)
+    with pytest.raises(ValueError, match="acceptance.*temperature"):
+        mix_losses(batch, {"acceptance": 1.0}, {})
+
+
+def test_needed_fields_are_the_union_of_the_losses_arguments():
+    assert needed_fields(["forward_kl"]) == {"target_logp", "mask"}
+    assert needed_fields(["forward_kl", "rl_acceptance", "reference_kl"]) == {
+        "target_logp",
+        "mask",
+        "rollout",
+        "reference_logits",
+    }
 
 
 def test_step_weights_decay():

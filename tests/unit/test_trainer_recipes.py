@@ -1,16 +1,20 @@
-"""Recipes: the shipped YAML files validate, overrides apply, bad loss names are rejected; LR schedule."""
+"""Recipes: the shipped YAML files validate, overrides apply, bad loss names are rejected; LR schedule;
+where a rank trains (device, process-group backend)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
+from trainer.losses import needed_fields
 from trainer.recipes import TrainRecipeConfig, apply_overrides, load_recipe
-from trainer.train_loop import learning_rate
+from trainer.train_loop import device_plan, learning_rate
 
-RECIPES = sorted((Path(__file__).resolve().parents[2] / "trainer" / "recipes").glob("*.yaml"))
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "trainer" / "recipes"
+RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
@@ -29,10 +33,38 @@ def test_overrides_are_dotted_yaml_values():
 
 
 def test_unknown_loss_and_unknown_field_are_rejected():
-    with pytest.raises(ValidationError, match="valid: discard, expected_acceptance, forward_kl"):
+    with pytest.raises(ValidationError, match="valid: acceptance, discard, expected_acceptance, forward_kl"):
         TrainRecipeConfig(name="x", losses={"reverse_kl": {}})
     with pytest.raises(ValidationError, match="extra"):
         TrainRecipeConfig(name="x", optim={"learning_rate": 1.0})
+
+
+def test_objective_recipes_differ_only_in_their_losses():
+    """objective_{kl,acceptance,rl}.yaml: one per objective, for a benchmark to compare like with like."""
+    kl, acc, rl = (load_recipe(RECIPE_DIR / f"objective_{o}.yaml") for o in ("kl", "acceptance", "rl"))
+    assert list(kl.losses) == ["forward_kl"]
+    assert list(acc.losses) == ["forward_kl", "acceptance"]
+    assert list(rl.losses) == ["forward_kl", "rl_acceptance", "reference_kl"]
+    same = {"name", "losses"}
+    assert kl.model_dump(exclude=same) == acc.model_dump(exclude=same) == rl.model_dump(exclude=same)
+    # only the RL recipe pays for rollouts and the reference head's unroll
+    assert {"rollout", "reference_logits"} <= needed_fields(rl.losses)
+    assert not {"rollout", "reference_logits"} & (needed_fields(kl.losses) | needed_fields(acc.losses))
+
+
+def test_rl_group_needs_two_chains():
+    with pytest.raises(ValidationError, match="group_size"):
+        TrainRecipeConfig(name="x", rl={"group_size": 1})
+
+
+def test_device_plan_picks_backend_and_autocast_per_device():
+    cpu = device_plan("cpu", local_rank=3)
+    assert (cpu.device, cpu.backend, cpu.autocast) == (torch.device("cpu"), "gloo", "cpu")
+    gpu = device_plan("cuda", local_rank=1)  # each rank on its LOCAL_RANK GPU
+    assert (gpu.device, gpu.backend, gpu.autocast) == (torch.device("cuda", 1), "nccl", "cuda")
+    assert device_plan("cuda:0", local_rank=1).device == torch.device("cuda", 0)  # an explicit index is kept
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        device_plan("mps")
 
 
 def test_learning_rate_warmup_then_cosine():
@@ -70,6 +102,7 @@ def test_what_a_recipe_leaves_open_comes_from_the_injected_settings(tmp_path):
     assert resolved.missing() == []
     assert resolved.window.table == str((tmp_path / "lake" / "traces").resolve())
     assert resolved.output_dir == tmp_path / "out" / cfg.name and resolved.num_threads == 3
+    assert resolved.device == "cpu"  # TrainingSettings.device
     assert (resolved.mlflow.tracking_uri, resolved.mlflow.experiment) == ("http://127.0.0.1:1", "e")
-    pinned = cfg.model_copy(update={"num_threads": 1}).with_defaults(settings)
-    assert pinned.num_threads == 1  # what the recipe sets is kept
+    pinned = cfg.model_copy(update={"num_threads": 1, "device": "cuda"}).with_defaults(settings)
+    assert pinned.num_threads == 1 and pinned.device == "cuda"  # what the recipe sets is kept
