@@ -32,14 +32,22 @@ def traffic(settings: Settings, table: str | None) -> HeldoutTraffic:
     from deltalake import DeltaTable
 
     from core.prompts import DOMAINS
-    from trainer.trace_window import Window, WindowReader
+    from trainer.trace_window import Window, WindowReader, target_identity
 
     cycle, lake = settings.cycle, settings.lake
     uri = table or lake.traces_uri
     options = lake.storage_options or None
     if lake.heldout_fraction > 0 and DeltaTable.is_deltatable(uri, storage_options=options):
+        model_id, revision = target_identity(settings.serving.target_dir)  # the served target's traces
         reader = WindowReader(
-            Window(uri, storage_options=options, heldout_fraction=lake.heldout_fraction, heldout="only")
+            Window(
+                uri,
+                storage_options=options,
+                heldout_fraction=lake.heldout_fraction,
+                heldout="only",
+                target_model_id=model_id,
+                target_revision=revision,
+            )
         )
         held = from_lake(reader, cycle.eval_prompts_per_domain, cycle.eval_max_tokens)
         if held.prompts:
@@ -49,7 +57,16 @@ def traffic(settings: Settings, table: str | None) -> HeldoutTraffic:
     )
 
 
-def run(settings: Settings, drafter: Path, table: str | None = None, on_step=None) -> dict[str, Any]:
+def run(
+    settings: Settings,
+    drafter: Path,
+    table: str | None = None,
+    on_step=None,
+    ports: tuple[int, int] = (BASE_PORT, SPEC_PORT),
+    keep_servers: bool = False,
+) -> dict[str, Any]:
+    """A/A then A/B through evaluation servers on ``ports`` (running ones are reused); stopped at the end
+    unless ``keep_servers``."""
     from trainer.eagle3_drafter import Eagle3Drafter
     from trainer.replay_eval import random_drafter_like
 
@@ -61,8 +78,8 @@ def run(settings: Settings, drafter: Path, table: str | None = None, on_step=Non
         max_requests=cycle.eval_max_requests,
         warmup_requests=cycle.eval_warmup_requests,
         confidence=cycle.eval_confidence,
-        base_port=BASE_PORT,
-        spec_port=SPEC_PORT,
+        base_port=ports[0],
+        spec_port=ports[1],
         serving=cycle.eval_serving,
     )
     policy = GatePolicy.from_settings(cycle)
@@ -95,6 +112,9 @@ def run(settings: Settings, drafter: Path, table: str | None = None, on_step=Non
                     f"{name}_ratios": per_prompt_ratios(report.rates, CHALLENGER, CHAMPION),
                 }
                 used += report.requests_used
+            if keep_servers:  # the untrained head's files go with this run: leave the drafter served
+                servers.load(drafter, CHALLENGER)
     finally:
-        servers.stop()
+        if not keep_servers:
+            servers.stop()
     return result | {"requests_used": used, "wall_s": round(time.monotonic() - started, 1)}

@@ -84,6 +84,21 @@ def session_services() -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="session")
+def eval_ports(local_stack: StackSettings) -> Iterator[tuple[int, int]]:
+    """Ports of the evaluation servers every served evaluation of the suite shares (the flywheel cycle's
+    and `bench gate`'s; not the default 8031/8032 a running demo or cycle may hold): the first evaluation
+    starts them, later ones reuse them as a deployment's DAG does (each still warms them up before
+    timing anything), and the session stops them at its end."""
+    from core import process
+    from evaluation.served import EvalServers
+
+    ports = (8041, 8042)
+    yield ports
+    for port in ports:
+        process.stop(EvalServers.server(local_stack, ServingSettings(), port, "none", None, 3))
+
+
+@pytest.fixture(scope="session")
 def kafka_settings(local_stack: StackSettings) -> KafkaSettings:
     return KafkaSettings(bootstrap_servers=f"{local_stack.host}:{local_stack.kafka_port}")
 
