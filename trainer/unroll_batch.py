@@ -101,12 +101,22 @@ def target_index(draft_to_target: torch.Tensor, vocab_size: int) -> torch.Tensor
 
 
 @torch.no_grad()
+def corrections(seq: TraceSequence) -> list[tuple[int, int, int]]:
+    """(j, d, u) per correction of ``seq``: its output index j, depth d (the verify step's accepted count)
+    and the slot u = prompt_len + j - 2 - d whose unroll step d replays the rejected proposal, the slot the
+    served chain was rooted at (step d of a chain rooted at u drafts token u + 2 + d = prompt_len + j)."""
+    return [
+        (j, int(d), seq.prompt_len + j - 2 - int(d))
+        for j, (lab, d) in enumerate(zip(seq.labels, seq.depth, strict=True))
+        if lab == Label.CORRECTION
+    ]
+
+
 def regenerate_rejected(
     pf: PackFeatures, steps: int, store: DrafterStore | None, draft_index: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rejected (S, N) draft ids or -1, mask (S, N)): at each correction the serving drafter's proposal,
-    rerun from its stored version. A correction at output index j with depth i (= the step's accepted
-    count) was proposed by unroll step i at slot prompt_len + j - 2 - i.
+    rerun from its stored version at the slot and step ``corrections`` gives.
 
     Only greedy traces: there a rejection proves the proposal is not the target's token. Under rejection
     sampling (T > 0) the target's own sample decides, and a rejected proposal may be its likeliest token."""
@@ -117,11 +127,7 @@ def regenerate_rejected(
     for s, off in zip(pf.seqs, pf.offsets, strict=True):
         if trace_temperature(s) > 0:
             continue
-        where = [
-            (j, int(d))
-            for j, (lab, d) in enumerate(zip(s.labels, s.depth, strict=True))
-            if lab == Label.CORRECTION and d < steps
-        ]
+        where = [(j, d, u) for j, d, u in corrections(s) if d < steps]
         drafter = store.load(s.drafter_id, s.drafter_version) if where and s.spec_method == "eagle3" else None
         if drafter is None:
             continue
@@ -134,10 +140,9 @@ def regenerate_rejected(
             f.aux[sl][None],
             torch.arange(T, device=dev)[None],
             torch.zeros(1, T, dtype=torch.long, device=dev),
-            1 + max(d for _, d in where),
+            1 + max(d for _, d, _ in where),
         )
-        for j, i in where:
-            u = s.prompt_len + j - 2 - i
+        for j, i, u in where:
             proposal = int(drafter.draft_to_target[logits[i][0, u].argmax()])
             if proposal != int(
                 s.tokens[s.prompt_len + j]
@@ -153,13 +158,10 @@ def position_weights(pf: PackFeatures, order: list[str], half_life: float | None
 
 
 def rejection_roots(pf: PackFeatures) -> torch.Tensor:
-    """(N,) bool: slots where a served draft chain was rooted and then rejected. The verify step whose
-    correction sits at output index j with depth d drafted its first token for output index j - d, i.e.
-    from slot prompt_len + j - d - 2, the slot whose unroll replays that chain."""
+    """(N,) bool: slots where a served draft chain was rooted and then rejected (``corrections``)."""
     roots = torch.zeros(pf.num_slots, dtype=torch.bool)
     for s, off in zip(pf.seqs, pf.offsets, strict=True):
-        for j in (s.labels == Label.CORRECTION).nonzero()[0]:
-            u = s.prompt_len + int(j) - int(s.depth[j]) - 2
+        for _, _, u in corrections(s):
             if 0 <= u < len(s):
                 roots[off + u] = True
     return roots.to(pf.seg.device)
