@@ -84,23 +84,6 @@ def session_services() -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="session")
-def eval_ports(local_stack: StackSettings) -> Iterator[tuple[int, int]]:
-    """Ports of the evaluation servers of the suite's served evaluations (the flywheel cycle's and `bench
-    gate`'s; not the default 8031/8032 a running demo or cycle may hold): an evaluation starts them or
-    reuses running ones (the DAG module's `flywheel evaluate` reuses the cycle's, then stops them), and
-    the session stops whatever is left at its end. (`bench gate` reusing the pair `flywheel evaluate` left
-    up measured an A/A of 0.936 with every arm at ~14 tok/s instead of ~25, not understood yet: the gate
-    test starts its own pair.)"""
-    from core import process
-    from evaluation.served import EvalServers
-
-    ports = (8041, 8042)
-    yield ports
-    for port in ports:
-        process.stop(EvalServers.server(local_stack, ServingSettings(), port, "none", None, 3))
-
-
-@pytest.fixture(scope="session")
 def kafka_settings(local_stack: StackSettings) -> KafkaSettings:
     return KafkaSettings(bootstrap_servers=f"{local_stack.host}:{local_stack.kafka_port}")
 

@@ -52,6 +52,7 @@ SMALL_CYCLE = {
     "eval_concurrency": 1,
     "eval_max_tokens": 32,
     "gate_min_samples": 2,
+    "eval_ports": [8041, 8042],  # not the default 8031/8032 a running demo or cycle may hold
 }
 # The scratch recipe at test size: the trained champion's vocabulary size (4096), so one evaluation
 # server can hot-swap between every drafter of this module.
@@ -78,9 +79,7 @@ print("DAG_TEST_RESULT " + json.dumps({"run_id": run.run_id, "state": state(run.
 
 
 @pytest.fixture(scope="module")
-def cycle_env(
-    local_stack, kafka_settings, mlflow_settings, trace_table, target_model, eval_ports, tmp_path_factory
-):
+def cycle_env(local_stack, kafka_settings, mlflow_settings, trace_table, target_model, tmp_path_factory):
     """FLYWHEEL_* settings of this module: its own registered model, promotions topic, lake and outputs."""
     from infra.topics import TopicSpec, admin_client, delete_topics, ensure_topics
 
@@ -97,12 +96,17 @@ def cycle_env(
         "FLYWHEEL_LAKE_ROOT": str(Path(trace_table.uri).parent),
         "FLYWHEEL_TRAINING_OUTPUT_DIR": str(tmp / "drafters"),
         "FLYWHEEL_STACK_STATE_DIR": str(local_stack.root),
-        "FLYWHEEL_CYCLE_EVAL_PORTS": json.dumps(eval_ports),  # the suite's shared evaluation servers
+        "FLYWHEEL_CYCLE_EVAL_PORTS": json.dumps(SMALL_CYCLE["eval_ports"]),  # `flywheel evaluate` too
     }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
         yield env
+        from core.settings import CycleSettings, Settings
+        from flywheel.cycle import eval_servers
+
+        settings = Settings(cycle=CycleSettings(eval_ports=SMALL_CYCLE["eval_ports"]))
+        eval_servers(settings, trace_table.store).stop()
     delete_topics(admin, [topic])
 
 

@@ -16,19 +16,17 @@ from evaluation.paired import ratio_interval
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
 
-def test_aa_is_not_promoted_and_ab_is(trace_table, trained_drafter, target_model, eval_ports):
+def test_aa_is_not_promoted_and_ab_is(trace_table, trained_drafter, target_model):
     from bench.gate import run
 
     cycle = CycleSettings(
         eval_prompts_per_domain=2,
         eval_min_rounds=2,
         eval_max_requests=36,
-        eval_max_tokens=24,
+        eval_max_tokens=32,
         gate_min_samples=3,
     )
-    # the suite's shared evaluation servers (the flywheel DAG test's, if it ran first): reused, kept
-    settings = Settings(cycle=cycle)
-    result = run(settings, trained_drafter, trace_table.uri, print, ports=eval_ports, keep_servers=True)
+    result = run(Settings(cycle=cycle), trained_drafter, table=trace_table.uri, on_step=print)
     print({k: v for k, v in result.items() if not isinstance(v, dict | list)})
     assert result["traffic"] == "lake" and result["prompts"] >= 3  # the window's own held-out traces
     assert result["aa_promoted"] is False, result["aa_reasons"]
