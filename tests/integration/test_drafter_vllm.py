@@ -62,6 +62,19 @@ def test_trained_drafter_serves_in_vllm(trace_table, trained_drafter, target_mod
     overall = report.overall
     assert overall.recorded_tau > 1.05  # vLLM accepted drafts: the comparison below is not 0 == 0
     assert overall.tau == pytest.approx(overall.recorded_tau, abs=0.05)
-    # per trace, replay and vLLM agree step by step until a bf16-vs-fp32 near-tie flips one proposal
-    exact = sum(replay == recorded for _, replay, recorded in report.per_trace)
-    assert exact >= len(report.per_trace) // 2
+    # step by step, replay reproduces vLLM's verification: the same steps start at the same positions with
+    # the same accepted count, except where a bf16-vs-fp32 near-tie flips a proposal (the chains re-join
+    # at the next common step start). Whole traces are not compared: one flip in 60 steps would fail one.
+    same = sum(len(steps(replay) & steps(recorded)) for _, replay, recorded in report.per_trace)
+    total = sum(len(recorded) for _, _, recorded in report.per_trace)
+    print(f"steps reproduced: {same}/{total}")
+    assert same >= 0.75 * total
+
+
+def steps(accepts: list[int]) -> set[tuple[int, int]]:
+    """(start offset in the generated tokens, accepted count) of each verification step of a chain."""
+    out, t = set(), 0
+    for a in accepts:
+        out.add((t, a))
+        t += a + 1
+    return out
