@@ -8,6 +8,12 @@ A challenger becomes champion only if, at the decision concurrency, on held-out 
    confidence is already an improvement: the gate never keeps the fleet on the slower of two drafters);
 4. no domain's acceptance length tau drops more than ``domain_tau_tolerance`` below the champion's.
 An interval that contains its threshold is *inconclusive*: a rejection that says so.
+
+The gate never leaves the fleet slower than no speculation: when the champion *and* the challenger both
+measure below 1.0x with confidence (upper bounds < 1), the decision adds "no drafter"
+(``disable_speculation``): the nodes stop speculating until a challenger clears the floor. The better of the
+two still becomes (or stays) the champion, kept loaded, and the next challengers are measured against it. While speculation
+is off, a challenger is judged like the first one: against no speculation, on the floor.
 """
 
 from __future__ import annotations
@@ -72,10 +78,13 @@ class GatePolicy(_Frozen):
 class GateDecision(_Frozen):
     promote: bool
     reasons: tuple[str, ...]
+    disable_speculation: bool = False  # "no drafter": every measured drafter serves slower than none
 
     def summary(self) -> str:
-        verdict = "PROMOTE" if self.promote else "REJECT"
-        failed = [r for r in self.reasons if r.startswith("FAIL")]
+        verdict = ("PROMOTE" if self.promote else "REJECT") + (
+            ", SPECULATION OFF" if self.disable_speculation else ""
+        )
+        failed = [r for r in self.reasons if r.startswith(("FAIL", "NO DRAFTER"))]
         return f"{verdict}: " + ("; ".join(failed) if failed else "all checks passed")
 
 
@@ -86,6 +95,7 @@ class GateResult(_Frozen):
     promote: bool
     summary: str
     reasons: list[str]
+    disable_speculation: bool = False
 
 
 def _check(ok: bool, text: str) -> str:
@@ -101,7 +111,26 @@ def _bound(name: str, interval: RatioInterval, threshold: float) -> str:
     return _check(False, f"{name}: inconclusive, the interval contains {threshold:.3f} ({interval})")
 
 
-def decide(challenger: ArmMeasurement, champion: ArmMeasurement | None, policy: GatePolicy) -> GateDecision:
+def decide(
+    challenger: ArmMeasurement,
+    champion: ArmMeasurement | None,
+    policy: GatePolicy,
+    speculation_off: bool = False,
+) -> GateDecision:
+    """The decision on ``challenger``; ``speculation_off``: the fleet serves no drafter now (a disable)."""
+    decision = _decide(challenger, None if speculation_off else champion, policy, speculation_off)
+    if speculation_off or champion is None:
+        return decision
+    arms = (("champion", champion.speedup), ("challenger", challenger.speedup))
+    if all(iv.high < 1.0 for _, iv in arms):  # whichever is champion, no drafter beats none
+        note = "NO DRAFTER: slower than no speculation: " + " and ".join(f"{name} {iv}" for name, iv in arms)
+        return decision.model_copy(update={"reasons": (*decision.reasons, note), "disable_speculation": True})
+    return decision
+
+
+def _decide(
+    challenger: ArmMeasurement, champion: ArmMeasurement | None, policy: GatePolicy, speculation_off: bool
+) -> GateDecision:
     reasons = [
         _check(
             challenger.samples >= policy.min_samples,
@@ -114,7 +143,14 @@ def decide(challenger: ArmMeasurement, champion: ArmMeasurement | None, policy: 
         reasons.append(
             _bound("speedup floor (challenger ÷ no speculation)", challenger.speedup, policy.min_speedup)
         )
-        reasons.append(_check(True, "no champion yet: margin and per-domain checks do not apply"))
+        reasons.append(
+            _check(
+                True,
+                "speculation is off: judged against no speculation, as the first drafter is"
+                if speculation_off
+                else "no champion yet: margin and per-domain checks do not apply",
+            )
+        )
         return GateDecision(promote=all(r.startswith("PASS") for r in reasons), reasons=tuple(reasons))
     if challenger.vs_champion is None:
         reasons.append(_check(False, "beats champion: no paired measurement against the champion"))

@@ -57,12 +57,14 @@ class Promoted(_Frozen):
     promoted: str
     previous: str | None
     event_id: str
+    speculation_off: bool = False  # promoted as the better drafter, but no drafter is served (gate)
 
 
 class Rejected(_Frozen):
     rejected: str
     champion: str | None
     reasons: list[str]
+    speculation_off: bool = False  # the gate's "no drafter" decision was published
 
 
 class Drift(_Frozen):
@@ -360,19 +362,25 @@ def interval_figure(evaluation: Evaluation):
 
 
 def gate_challenger(settings: Settings, evaluation: Evaluation) -> GateResult:
-    decision = decide(evaluation.challenger, evaluation.champion, GatePolicy.from_settings(settings.cycle))
+    reg = registry(settings)
+    decision = decide(
+        evaluation.challenger,
+        evaluation.champion,
+        GatePolicy.from_settings(settings.cycle),
+        speculation_off=reg.speculation_off(),
+    )
     result = GateResult(
         version=evaluation.version,
         promote=decision.promote,
         summary=decision.summary(),
         reasons=list(decision.reasons),
+        disable_speculation=decision.disable_speculation,
     )
     tags = {
         "gate_decision": "promote" if result.promote else "reject",
         "gate_summary": result.summary,
         "gate_reasons": json.dumps(result.reasons),
     }
-    reg = registry(settings)
     reg.tag(evaluation.version, tags)
     if evaluation.eval_run_id:
         for key, value in tags.items():
@@ -381,16 +389,29 @@ def gate_challenger(settings: Settings, evaluation: Evaluation) -> GateResult:
 
 
 def promote_challenger(settings: Settings, decision: GateResult) -> Promoted:
-    event = registry(settings).promote(decision.version, reason=decision.summary)
-    return Promoted(promoted=decision.version, previous=event["previous_version"], event_id=event["event_id"])
+    reg = registry(settings)
+    event = reg.promote(decision.version, reason=decision.summary)
+    if decision.disable_speculation:  # the better drafter is champion, yet slower than none: stop drafting
+        event = reg.disable(reason=decision.summary) | {"previous_version": event["previous_version"]}
+    return Promoted(
+        promoted=decision.version,
+        previous=event["previous_version"],
+        event_id=event["event_id"],
+        speculation_off=decision.disable_speculation,
+    )
 
 
 def reject_challenger(settings: Settings, decision: GateResult) -> Rejected:
     reg = registry(settings)
     reg.tag(decision.version, {"rejected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     champion = reg.by_alias("champion")
+    if decision.disable_speculation:  # every measured drafter is slower than none: the nodes stop drafting
+        reg.disable(reason=decision.summary)
     return Rejected(
-        rejected=decision.version, champion=champion.version if champion else None, reasons=decision.reasons
+        rejected=decision.version,
+        champion=champion.version if champion else None,
+        reasons=decision.reasons,
+        speculation_off=decision.disable_speculation,
     )
 
 

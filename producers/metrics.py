@@ -8,7 +8,7 @@ from functools import cache
 
 @cache
 def _counters():
-    from prometheus_client import Counter
+    from prometheus_client import Counter, Gauge
 
     events = Counter(
         "flywheel_trace_events",
@@ -16,9 +16,16 @@ def _counters():
         ["outcome"],
     )
     swaps = Counter(
-        "flywheel_drafter_swaps", "Drafter hot-swaps by outcome: ok, failed, ignored", ["outcome"]
+        "flywheel_drafter_swaps",
+        "Drafter hot-swaps and speculation switches by outcome: ok, failed, ignored",
+        ["outcome"],
     )
-    return events, swaps
+    speculating = Gauge(
+        "flywheel_speculation_enabled",
+        "1 while this node speculates, 0 after a disable event (every measured drafter was slower)",
+    )
+    speculating.set(1)
+    return events, swaps, speculating
 
 
 def count_event(outcome: str, n: int = 1) -> None:
@@ -27,3 +34,7 @@ def count_event(outcome: str, n: int = 1) -> None:
 
 def count_swap(outcome: str) -> None:
     _counters()[1].labels(outcome=outcome).inc()
+
+
+def set_speculating(enabled: bool) -> None:
+    _counters()[2].set(int(enabled))

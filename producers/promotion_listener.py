@@ -8,6 +8,10 @@ each new one. Promotions for another target or another speculative method are ig
 A swap pauses scheduling (in-flight requests are kept, not aborted), runs vLLM's draft-weight update API
 with the ``flywheel_file`` backend, stamps the new weight version, and resumes. If anything fails the
 engine keeps serving the previous drafter and the error is logged and counted.
+
+A ``disable`` event (the gate measured every drafter slower than no speculation) switches speculation off
+in the engine (``producers.speculation``) and keeps the drafter loaded; the next promote or rollback
+switches it on again before swapping.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from core.drafter_artifacts import fetch
 from producers import metrics
 from producers.hot_swap import EngineSwap, swap_drafter_async
+from producers.speculation import switch_engine
 from schemas import codec
 from schemas.registry import DRAFTER_PROMOTION
 
@@ -130,6 +135,10 @@ class PromotionListener:
         return promotion
 
     def apply(self, promotion: dict[str, Any]) -> bool:
+        if promotion["action"] == "disable":
+            return self.switch(False, promotion)
+        if not self.runtime.speculating and not self.switch(True, promotion):
+            return False
         version = promotion["drafter_version"]
         current = self.runtime.drafter_version_label(self._engine_version())
         if version == current:
@@ -162,6 +171,30 @@ class PromotionListener:
             version,
             promotion["action"],
             time.monotonic() - started,
+        )
+        return True
+
+    def switch(self, enabled: bool, promotion: dict[str, Any]) -> bool:
+        """Speculation on or off in the engine; the capture labels later traces accordingly."""
+        if self.runtime.speculating == enabled:
+            return True
+        try:
+            future = asyncio.run_coroutine_threadsafe(
+                switch_engine(self.runtime.engine, enabled), self.runtime.loop
+            )
+            future.result(timeout=SWAP_TIMEOUT_S)
+        except Exception as e:
+            metrics.count_swap("failed")
+            log.error("switching speculation %s FAILED: %s", "on" if enabled else "off", e)
+            return False
+        self.runtime.speculating = enabled
+        metrics.count_swap("ok")
+        metrics.set_speculating(enabled)
+        log.warning(
+            "speculation %s (%s: %s)",
+            "ON" if enabled else "OFF",
+            promotion["action"],
+            promotion.get("reason") or "-",
         )
         return True
 

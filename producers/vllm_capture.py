@@ -64,6 +64,7 @@ class CaptureRuntime:
         self.identity: ServingIdentity | None = None
         self.initial_version = INITIAL_DRAFTER_VERSION
         self.drafter_ids: dict[str, str] = {}  # engine weight version -> drafter id
+        self.speculating = True  # False after a disable event: traces are labelled as served without one
         self.engine: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._emitter: TraceEmitter | None = None
@@ -162,7 +163,12 @@ class CaptureRuntime:
             request_id = f"{request_id}#{state.request_index}"
         identity = self.identity
         drafter_id = self.drafter_id_for(label)
-        if drafter_id != identity.drafter_id:
+        if not self.speculating:  # speculation switched off: no drafter served this request
+            identity = ServingIdentity(
+                **{**identity.__dict__, "spec_method": "none", "num_spec_tokens": 0, "drafter_id": None}
+            )
+            spec = None
+        elif drafter_id != identity.drafter_id:
             identity = ServingIdentity(**{**identity.__dict__, "drafter_id": drafter_id})
         record = build_trace_record(
             identity,

@@ -50,6 +50,7 @@ def register() -> None:
         return
     _share_vllm_log_handlers()
     _register_weight_transfer_backend()
+    _install_speculation_switch()
     _install_capture()
 
 
@@ -72,6 +73,12 @@ def _register_weight_transfer_backend() -> None:
         )
     except ValueError:  # already registered in this process
         pass
+
+
+def _install_speculation_switch() -> None:
+    from producers.speculation import install_engine_core_utility
+
+    install_engine_core_utility()
 
 
 def _install_capture() -> None:

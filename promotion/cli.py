@@ -1,8 +1,9 @@
-"""`flywheel promote | rollback | drafters`: the drafter registry and promotion events. Light top-level imports."""
+"""`flywheel promote | rollback | speculation | drafters`: the drafter registry and promotion events. Light top-level imports."""
 
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -85,6 +86,48 @@ def rollback(
     console.print(f"champion: v{event['drafter_version']} (rolled back from v{event['previous_version']})")
 
 
+class Switch(StrEnum):
+    on = "on"
+    off = "off"
+    status = "status"
+
+
+def speculation(
+    state: Annotated[Switch, typer.Argument(help="off: stop speculating; on: serve the champion again")],
+    reason: Annotated[str | None, typer.Option(help="why (stored in the event)")] = None,
+) -> None:
+    """Switch speculative decoding off or on across the fleet, without a restart.
+
+    off: publish a DrafterPromotion with action=disable; every node stops drafting and keeps the champion.
+
+    on: re-publish the champion (action=promote). status: what the registry last told the fleet.
+
+    The gate switches it off itself when champion and challenger both serve slower than no speculation.
+    """
+    from promotion.drafter_registry import RegistryError
+
+    registry = _registry()
+    champion = registry.by_alias("champion")
+    if state is Switch.status:
+        off = registry.speculation_off()
+        served = "no drafter (speculation off)" if off else f"v{champion.version}" if champion else "-"
+        console.print(f"{registry.name}: serving {served}; champion v{champion.version if champion else '-'}")
+        return
+    try:
+        if state is Switch.off:
+            event = registry.disable(reason=reason or "switched off by hand")
+        elif champion is None:
+            raise RegistryError(f"{registry.name}: no champion to serve")
+        else:
+            event = registry.promote(champion.version, reason=reason or "speculation switched on by hand")
+    except RegistryError as e:
+        _fail(str(e))
+    except RuntimeError as e:  # the registry changed, the event did not reach Kafka
+        _fail(f"{e}; re-run this command to publish it")
+    _print_event(event)
+    console.print(f"speculation {state.value}; champion v{event['drafter_version']}")
+
+
 def drafters(
     limit: Annotated[int, typer.Option(help="show the newest N versions")] = 20,
 ) -> None:
@@ -138,4 +181,5 @@ def register(app: typer.Typer) -> None:
     """Add this stage's commands to the main app."""
     app.command("promote")(promote)
     app.command("rollback")(rollback)
+    app.command("speculation")(speculation)
     app.command("drafters")(drafters)

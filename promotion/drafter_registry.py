@@ -6,6 +6,9 @@ version ever served stays loadable: ``models:/<name>/<version>``.
 
 The promotion order is kept in the registered model's ``champion_history`` tag, so ``promote`` and
 ``rollback`` are single commands that move aliases and publish a DrafterPromotion for the serving nodes.
+``disable`` (the gate's "no drafter" decision, or `flywheel speculation off`) keeps the champion alias and
+marks the registered model ``speculation=off``; the nodes stop speculating until the next promote or
+rollback, which marks it ``on`` again.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from promotion.promotion_events import build_promotion, publish_promotion
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 HISTORY_TAG = "champion_history"
+SPECULATION_TAG = "speculation"  # "off" while the fleet serves without a drafter (a disable event)
 
 
 class RegistryError(RuntimeError):
@@ -153,6 +157,21 @@ class DrafterRegistry:
         previous = history[-2] if len(history) >= 2 else None
         return self._publish("promote", drafter, previous, reason)
 
+    def speculation_off(self) -> bool:
+        """Whether the fleet was told to serve without a drafter (the last event was a disable)."""
+        try:
+            return self.client.get_registered_model(self.name).tags.get(SPECULATION_TAG) == "off"
+        except MlflowException:
+            return False
+
+    def disable(self, reason: str | None = None) -> dict[str, Any]:
+        """Tell the serving nodes to stop speculating (the champion stays the champion and stays loaded)."""
+        champion = self.by_alias(CHAMPION)
+        if champion is None:
+            raise RegistryError(f"{self.name}: no champion, so the flywheel serves no drafter to switch off")
+        self.client.set_registered_model_tag(self.name, SPECULATION_TAG, "off")
+        return self._publish("disable", champion, champion.version, reason or "speculation switched off")
+
     def rollback(self, reason: str | None = None) -> dict[str, Any]:
         """Restore the previous champion (one step back in the promotion history) and publish it."""
         history = self.history()
@@ -166,6 +185,8 @@ class DrafterRegistry:
     def _publish(
         self, action: str, drafter: DrafterVersion, previous: str | None, reason: str | None
     ) -> dict[str, Any]:
+        if action != "disable":  # promote and rollback serve a drafter again
+            self.client.set_registered_model_tag(self.name, SPECULATION_TAG, "on")
         event = build_promotion(
             action=action,
             target_model_id=self.target_model_id,

@@ -1,6 +1,6 @@
-"""DrafterPromotion events: built and published by the registry side (`flywheel promote` / `rollback`),
-followed by every serving node (``producers.promotion_listener``). Key = target model id on a compacted
-topic, so the newest event per target is the drafter every node should serve."""
+"""DrafterPromotion events: built and published by the registry side (`flywheel promote`, `rollback`,
+`speculation off`), followed by every serving node (``producers.promotion_listener``). Key = target model id
+on a compacted topic, so the newest event per target says what every node should serve."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from confluent_kafka import Producer
 from core.settings import KafkaSettings
 from schemas import codec
 from schemas.registry import DRAFTER_PROMOTION, current
+
+# promote: serve this drafter; rollback: serve this earlier champion again; disable: stop speculating (the
+# gate measured every drafter slower than no speculation), keeping this champion loaded for the next event
+ACTIONS = ("promote", "rollback", "disable")
 
 
 def build_promotion(
@@ -29,8 +33,8 @@ def build_promotion(
     previous_version: str | None = None,
     reason: str | None = None,
 ) -> dict[str, Any]:
-    if action not in ("promote", "rollback"):
-        raise ValueError(f"action must be promote or rollback, not {action!r}")
+    if action not in ACTIONS:
+        raise ValueError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}")
     return {
         "schema_version": current(DRAFTER_PROMOTION).version,
         "event_id": str(uuid.uuid4()),

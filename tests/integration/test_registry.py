@@ -59,6 +59,8 @@ def test_register_promote_rollback(tmp_path, mlflow_settings, kafka_settings, to
     assert registry.by_alias("challenger").version == v2.version and registry.by_alias("champion") is None
     with pytest.raises(RegistryError, match="no previous champion"):
         registry.rollback()
+    with pytest.raises(RegistryError, match="no champion"):
+        registry.disable()
 
     registry.promote(v1.version, reason="first")
     registry.promote(v2.version, reason="gate passed")
@@ -67,14 +69,20 @@ def test_register_promote_rollback(tmp_path, mlflow_settings, kafka_settings, to
         v1.version,
     )
 
-    registry.rollback(reason="bad drafter")
-    assert registry.by_alias("champion").version == v1.version and registry.by_alias("previous") is None
-    assert "rolled_back_at" in registry.get(v2.version).tags
+    # the gate's "no drafter": the champion stays champion, the fleet is told to stop speculating
+    assert registry.speculation_off() is False
+    registry.disable(reason="every drafter slower than none")
+    assert registry.speculation_off() is True and registry.by_alias("champion").version == v2.version
 
-    events = _promotions(kafka, 3)
+    registry.rollback(reason="bad drafter")  # serving a drafter again switches speculation back on
+    assert registry.by_alias("champion").version == v1.version and registry.by_alias("previous") is None
+    assert "rolled_back_at" in registry.get(v2.version).tags and registry.speculation_off() is False
+
+    events = _promotions(kafka, 4)
     assert [(e["action"], e["drafter_version"], e["previous_version"]) for _, e in events] == [
         ("promote", v1.version, None),
         ("promote", v2.version, v1.version),
+        ("disable", v2.version, v2.version),
         ("rollback", v1.version, v2.version),
     ]
     assert all(key == target for key, _ in events)

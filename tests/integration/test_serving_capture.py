@@ -2,7 +2,9 @@
 
 One server for the module (an engine start costs minutes on 2 cores): traces land on the real broker and
 decode, per-step arrays account for every output token, opt-out is honoured, a broker outage fails no
-request and loses no trace, and a promotion event hot-swaps the drafter without a restart.
+request and loses no trace, a promotion event hot-swaps the drafter without a restart, a disable event
+switches speculation off and the next promotion on again, and a drafter trained here, promoted into the
+server, drafts what our offline replay of the same weights says it drafts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ import httpx
 import pytest
 import torch
 from confluent_kafka import Consumer
+from trainer_data import (
+    trace_table_fixture,  # noqa: F401  (registers the session fixture `trace_table`)
+    trained_drafter_fixture,  # noqa: F401  (registers the session fixture `trained_drafter`)
+)
 
+from bench.offline_traces import lake_rows, pick_prompts, write_traces
 from core import process
 from core.settings import KafkaSettings, ServingSettings, StackSettings
 from infra import stack
@@ -27,6 +34,10 @@ from promotion.promotion_events import build_promotion, publish_promotion
 from schemas import codec
 from schemas.registry import TRACE_EVENT
 from trainer.eagle3_drafter import Eagle3Config, Eagle3Drafter
+from trainer.recipes import TrainRecipeConfig
+from trainer.replay_eval import replay_sequences
+from trainer.trace_window import Label, Window, WindowReader
+from trainer.train_loop import run_recipe
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 PORT = 8011
@@ -256,3 +267,119 @@ def test_promotion_hot_swaps_the_drafter_without_restart(server):
     assert _traces(server.kafka, {resp["id"]})[resp["id"]][0]["drafter_version"] == "2"
     assert 'flywheel_drafter_swaps_total{outcome="ignored"}' in metrics
     assert process.read_pid(server.spec) == pid, "the server was not restarted"
+
+
+def _metric(server: Server, name: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} is not exported")
+
+
+def _wait_metric(server: Server, name: str, value: float, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _metric(server, name) != value:
+        assert time.monotonic() < deadline, f"{name} never became {value}"
+        time.sleep(1)
+
+
+def test_disable_switches_speculation_off_and_the_next_promotion_on(server):
+    pid = process.read_pid(server.spec)
+    promo = dict(
+        target_model_id=server.model, drafter_id="test-drafter", spec_method="eagle3", num_spec_tokens=K
+    )
+    served = _weight_version(server)
+    drafts = "vllm:spec_decode_num_drafts_total"
+    publish_promotion(
+        server.kafka,
+        build_promotion(
+            action="disable", **promo, drafter_version=served, drafter_uri=str(server.drafters["b"])
+        ),
+    )
+    _wait_metric(server, "flywheel_speculation_enabled", 0)
+    before = _metric(server, drafts)
+    resp = _chat(server, "Name three rivers.", "prose", max_tokens=32)
+    rec = _traces(server.kafka, {resp["id"]})[resp["id"]][0]
+    assert _metric(server, drafts) == before, "the engine still drafted"
+    assert (rec["spec_method"], rec["num_spec_tokens"], rec["drafter_id"]) == ("none", 0, None)
+    assert rec["per_step_accepted"] == [] and len(rec["output_token_ids"]) == 32
+
+    publish_promotion(  # the same drafter promoted again: speculation back on, no swap needed
+        server.kafka,
+        build_promotion(
+            action="promote", **promo, drafter_version=served, drafter_uri=str(server.drafters["b"])
+        ),
+    )
+    _wait_metric(server, "flywheel_speculation_enabled", 1)
+    resp = _chat(server, "Name three rivers.", "prose", max_tokens=32)
+    rec = _traces(server.kafka, {resp["id"]})[resp["id"]][0]
+    assert _metric(server, drafts) > before
+    assert (rec["spec_method"], rec["drafter_version"]) == ("eagle3", served) and rec["per_step_accepted"]
+    assert process.read_pid(server.spec) == pid, "the server was not restarted"
+
+
+def test_a_trained_drafter_drafts_in_vllm_what_replay_says(
+    server, trace_table, trained_drafter, target_model, tmp_path
+):
+    """Promoted into the running server, a drafter trained here serves held-out prompts; our offline replay
+    of the same weights on the captured traces reproduces what vLLM accepted (same aux layers, rope
+    positions, residual/norm wiring and d2t mapping)."""
+    cfg = TrainRecipeConfig.model_validate(  # warm start from the head trained on the test traffic, export
+        {
+            "name": "vllm-load",
+            "target": str(target_model.path),
+            "window": {"table": trace_table.uri, "holdout_fraction": 0.0},
+            "init": {"from_dir": str(trained_drafter)},
+            "optim": {"lr": 1e-4, "warmup_steps": 1},
+            "max_steps": 2,
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+    recipe = run_recipe(cfg)
+    assert recipe.drafter.config.draft_vocab_size == 4096  # the champion's vocabulary is kept
+    publish_promotion(
+        server.kafka,
+        build_promotion(
+            action="promote",
+            target_model_id=server.model,
+            drafter_id="test-drafter",
+            drafter_version="trained",
+            drafter_uri=str(tmp_path / "run" / "drafter"),
+            num_spec_tokens=K,
+        ),
+    )
+    _wait_version(server, "trained")
+    prompts = pick_prompts(["code", "prose", "docs"], 2, held_out=True)
+    responses = [_chat(server, p.text, p.domain, max_tokens=64) for p in prompts]
+    traces = _traces(server.kafka, {r["id"] for r in responses})
+    records = [traces[r["id"]][0] for r in responses]
+    assert sorted(r["domain"] for r in records) == ["code", "code", "docs", "docs", "prose", "prose"]
+    for r in records:
+        assert r["drafter_version"] == "trained" and r["output_token_ids"]
+        assert r["per_step_accepted"] and set(r["per_step_drafted"]) <= {1, 2, 3}
+
+    uri = str(tmp_path / "served-traces")
+    write_traces(uri, lake_rows(sorted(records, key=lambda r: r["finish_time"])))
+    seqs = list(WindowReader(Window(uri)).sequences())
+    assert len(seqs) == 6 and all((s.labels != Label.UNKNOWN).all() for s in seqs)
+
+    report = replay_sequences(recipe.drafter.eval(), recipe.target, seqs, k=K)
+    overall = report.overall
+    assert overall.recorded_tau > 1.05  # vLLM accepted drafts: the comparison below is not 0 == 0
+    assert overall.tau == pytest.approx(overall.recorded_tau, abs=0.05)
+    # step by step, replay reproduces vLLM's verification: the same steps start at the same positions with
+    # the same accepted count, except where a bf16-vs-fp32 near-tie flips a proposal (the chains re-join
+    # at the next common step start). Whole traces are not compared: one flip in 60 steps would fail one.
+    same = sum(len(_steps(replay) & _steps(recorded)) for _, replay, recorded in report.per_trace)
+    total = sum(len(recorded) for _, _, recorded in report.per_trace)
+    print(f"steps reproduced: {same}/{total}")
+    assert same >= 0.75 * total
+
+
+def _steps(accepts: list[int]) -> set[tuple[int, int]]:
+    """(start offset in the generated tokens, accepted count) of each verification step of a chain."""
+    out, t = set(), 0
+    for a in accepts:
+        out.add((t, a))
+        t += a + 1
+    return out

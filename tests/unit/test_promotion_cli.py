@@ -14,7 +14,7 @@ from flywheel.cli import app
 from flywheel.evaluate_cli import served_table
 
 
-@pytest.mark.parametrize("command", ["evaluate", "promote", "rollback", "drafters"])
+@pytest.mark.parametrize("command", ["evaluate", "promote", "rollback", "speculation", "drafters"])
 def test_commands_have_help(command):
     result = CliRunner().invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output

@@ -110,3 +110,46 @@ def test_policy_defaults_are_the_cycle_settings():
         cycle.gate_margin,
         cycle.gate_min_samples,
     )
+
+
+SLOW_CHAMP = ArmMeasurement(speedup=iv(0.79, 0.75, 0.83), tau=1.1, tau_by_domain={"prose": 1.1}, samples=24)
+
+
+@pytest.mark.parametrize(
+    ("challenger_speedup", "off"),
+    [
+        # both confidently slower than no speculation: the better one is champion, and no drafter is served
+        (iv(0.85, 0.80, 0.90), True),
+        (iv(0.95, 0.90, 1.01), False),  # it might reach 1.0: served, it beats the slower champion
+        (iv(1.10, 1.05, 1.15), False),  # served: it beats the champion and clears the floor
+    ],
+)
+def test_no_drafter_when_every_measured_drafter_is_slower_than_none(challenger_speedup, off):
+    challenger = arm(speedup=challenger_speedup, vs=iv(1.08, 1.04, 1.12), prose=1.2)
+    decision = decide(challenger, SLOW_CHAMP, POLICY)
+    assert decision.promote and decision.disable_speculation is off
+    if off:
+        assert decision.summary() == (
+            "PROMOTE, SPECULATION OFF: NO DRAFTER: slower than no speculation: "
+            "champion 0.790 [0.750, 0.830], n=24 and challenger 0.850 [0.800, 0.900], n=24"
+        )
+    behind = challenger.model_copy(update={"vs_champion": iv(0.97, 0.94, 1.0)})
+    decision = decide(behind, SLOW_CHAMP, POLICY)  # the champion stays, and is not served either
+    assert not decision.promote and decision.disable_speculation is off
+
+
+def test_no_drafter_needs_a_champion_measured_below_one():
+    slow = arm(speedup=iv(0.85, 0.80, 0.90), vs=iv(0.7, 0.65, 0.75))
+    assert decide(slow, None, POLICY).disable_speculation is False  # nothing served by the flywheel yet
+    assert decide(slow, CHAMP, POLICY).disable_speculation is False  # the champion is faster than none
+
+
+def test_with_speculation_off_a_challenger_is_judged_on_the_floor_alone():
+    # the fleet serves no drafter: beating the (unserved) champion is not the question, the floor is
+    behind = arm(speedup=iv(1.05, 1.02, 1.08), vs=iv(0.95, 0.92, 0.98))
+    assert decide(behind, CHAMP, POLICY).promote is False
+    decision = decide(behind, CHAMP, POLICY, speculation_off=True)
+    assert decision.promote is True and any("speculation is off" in r for r in decision.reasons)
+    slower = arm(speedup=iv(0.9, 0.85, 0.95))
+    decision = decide(slower, SLOW_CHAMP, POLICY, speculation_off=True)
+    assert decision.promote is False and decision.disable_speculation is False  # already off
