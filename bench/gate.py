@@ -77,6 +77,7 @@ def run(
         min_rounds=cycle.eval_min_rounds,
         max_requests=cycle.eval_max_requests,
         warmup_requests=cycle.eval_warmup_requests,
+        block_prompts=cycle.eval_block_prompts,
         confidence=cycle.eval_confidence,
         base_port=ports[0],
         spec_port=ports[1],

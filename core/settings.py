@@ -265,7 +265,10 @@ class CycleSettings(BaseSettings):
         360, description="measured requests (all arms, all rounds) after which an undecided evaluation stops"
     )
     eval_warmup_requests: int = Field(
-        2, description="unmeasured requests before every arm's turn (after a swap, after idling)"
+        1, description="unmeasured requests before every arm's turn (after a swap, after idling)"
+    )
+    eval_block_prompts: int = Field(
+        1, description="prompts every arm serves back to back before the next arm's turn (1: one prompt)"
     )
     eval_concurrency: int = Field(
         1, description="the decision concurrency: every measured request runs at it"

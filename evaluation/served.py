@@ -13,6 +13,7 @@ the per-request spec-decode metrics of the responses.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +42,10 @@ class ServedEvalConfig:
     concurrency: int  # the decision concurrency: every measured request runs at it
     min_rounds: int
     max_requests: int  # measured requests over all arms and rounds (warm-ups not counted)
-    warmup_requests: int  # before every arm's turn in every round (after a swap, after idling), not measured
+    warmup_requests: int  # before every arm's turn in every block (after a swap, after idling), not measured
+    # prompts per block: every arm serves a block's prompts back to back, so a slow or fast spell of the
+    # machine hits both sides of a prompt's pair and no other prompt (1: the per-prompt interval holds it)
+    block_prompts: int = 1
     confidence: float
     base_port: int
     spec_port: int
@@ -212,6 +216,37 @@ class EvalServers:
         return True
 
 
+@dataclass(frozen=True)
+class Block:
+    """One block of a round: the prompts (indices) every arm serves, in ``order``, each turn after the
+    ``warmup`` prompts (unmeasured)."""
+
+    round: int
+    measured: tuple[int, ...]
+    warmup: tuple[int, ...]
+    order: tuple[str, ...]
+
+
+def block_schedule(n_prompts: int, arms: list[str], rounds: int, block: int, warmup: int) -> list[Block]:
+    """Every round goes through the prompts in blocks of ``block``; the arm order of consecutive blocks
+    follows a Williams design (evaluation/paired.py), so over the blocks every arm runs in every position
+    and after every other arm equally often. The warm-up prompts are the ones after the block (another
+    prompt's tokens, nothing of the measured one cached)."""
+    block = max(1, block)
+    starts = range(0, n_prompts, block)
+    orders = iter(latin_square(arms, rounds * len(starts)))
+    return [
+        Block(
+            r,
+            tuple(range(s, min(s + block, n_prompts))),
+            tuple((s + block + i) % n_prompts for i in range(warmup)),
+            tuple(next(orders)),
+        )
+        for r in range(rounds)
+        for s in starts
+    ]
+
+
 def paired_benchmark(
     servers: EvalServers,
     prompts: list[HeldoutPrompt],
@@ -221,7 +256,15 @@ def paired_benchmark(
     policy: GatePolicy,
     on_step: Callable[[str], None] | None = None,
 ) -> PairedReport:
-    """Rounds of every arm over every prompt until ``policy`` can decide, or the request budget is spent."""
+    """Rounds of every arm over every prompt until ``policy`` can decide, or the request budget is spent.
+
+    A round goes through the prompts in blocks of ``config.block_prompts``; within a block every arm
+    serves the block's prompts in turn (the order balanced across blocks), each turn after unmeasured
+    warm-up requests. A prompt's pair is thus measured minutes or seconds apart, never a whole round apart:
+    a turn that ran in a slow spell of a shared machine moves one prompt's ratio, which the per-prompt
+    interval accounts for, instead of every prompt's ratio alike, which it cannot (an A/A run with one
+    turn per arm per round measured 1.040 [1.027, 1.054] at 99 % on a busy machine).
+    """
     if not prompts:
         raise ValueError("no held-out prompt to measure on")
     # no speculation between the two drafters: with the order reversed every other round, challenger and
@@ -235,24 +278,31 @@ def paired_benchmark(
     servers.start()
     if (warmed := servers.warm_up(prompts, config.concurrency)) and on_step is not None:
         on_step(f"warm-up: {warmed} unmeasured requests on fresh engines")
-    for r, order in enumerate(latin_square(arms, max_rounds)):
-        for arm in order:
-            server = servers.base if arm == BASELINE else servers.spec
-            if arm != BASELINE:
-                servers.load(drafters[arm], arm)
-            # every arm, every round: after a swap, and after its server sat idle while the other one ran,
-            # caches and threads settle before anything is timed (an A/A run without this measured the arm
-            # that followed the idle spell 3 % slower)
-            replay_prompts(f"http://{server.address}", servers.model, prompts[: config.warmup_requests])
-            results = replay_prompts(
-                f"http://{server.address}", servers.model, prompts, concurrency=config.concurrency
+    schedule = block_schedule(len(prompts), arms, max_rounds, config.block_prompts, config.warmup_requests)
+    for r, blocks in itertools.groupby(schedule, key=lambda block: block.round):
+        for block in blocks:
+            measured, warmup = [prompts[i] for i in block.measured], [prompts[i] for i in block.warmup]
+            for arm in block.order:
+                server = servers.base if arm == BASELINE else servers.spec
+                if arm != BASELINE:
+                    servers.load(drafters[arm], arm)
+                # every arm, every block: after a swap, and after its server sat idle while the other one
+                # ran, caches and threads settle before anything is timed (an A/A run without this measured
+                # the arm that followed the idle spell 3 % slower)
+                replay_prompts(f"http://{server.address}", servers.model, warmup)
+                results = replay_prompts(
+                    f"http://{server.address}", servers.model, measured, concurrency=config.concurrency
+                )
+                failed = [x for x in results if not x.ok]
+                if failed:
+                    raise RuntimeError(f"{arm}: {len(failed)} requests failed, e.g. {failed[0].error}")
+                report.record(r, arm, results)
+        if on_step is not None:
+            done = [t for t in report.rounds if t["round"] == r]
+            rates = {a: [t["mean_tokens_per_s"] for t in done if t["arm"] == a] for a in arms}
+            on_step(
+                f"round {r + 1}: " + ", ".join(f"{a} {sum(v) / len(v):.1f} tok/s" for a, v in rates.items())
             )
-            failed = [x for x in results if not x.ok]
-            if failed:
-                raise RuntimeError(f"{arm}: {len(failed)} requests failed, e.g. {failed[0].error}")
-            report.record(r, arm, results)
-            if on_step is not None:
-                on_step(f"round {r + 1} {arm}: {report.rounds[-1]['mean_tokens_per_s']:.1f} tok/s")
         if r + 1 < config.min_rounds:
             continue
         vs_champion = report.ratio(CHALLENGER, CHAMPION) if champion is not None else None

@@ -106,7 +106,8 @@ def demo(
     except Exception as e:  # the stage board already shows which stage failed
         _fail(f"demo stopped: {e}")
     keys = ("tau_before_shift", "tau_after_shift_static", "tau_after_shift_flywheel", "recovery_requests")
-    keys += ("speedup_champion", "promotions", "rejections")
+    keys += ("speedup_champion", "speedup_champion_interval", "static_steps", "flywheel_trained_steps")
+    keys += ("promotions", "rejections")
     console.print_json(json.dumps({k: report[k] for k in keys} | {"verdict": report["verdict"]}))
     console.print(f"report: [bold]{out.resolve() / 'report.md'}[/] (+ report.json, PNG plots)")
 

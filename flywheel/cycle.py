@@ -194,6 +194,7 @@ def eval_config(cycle: CycleSettings) -> ServedEvalConfig:
         min_rounds=cycle.eval_min_rounds,
         max_requests=cycle.eval_max_requests,
         warmup_requests=cycle.eval_warmup_requests,
+        block_prompts=cycle.eval_block_prompts,
         confidence=cycle.eval_confidence,
         base_port=cycle.eval_ports[0],
         spec_port=cycle.eval_ports[1],

@@ -20,8 +20,9 @@ class DemoPlan:
     eval_min_rounds: int
     eval_max_requests: int
     gate_min_samples: int  # paired prompts the gate needs (the window's held-out share bounds what exists)
-    last_n: int  # requests pooled for tau before / after the shift
+    last_n: int  # traffic requests pooled for the rolling tau before the shift (recovery's bar)
     window: int  # rolling window (requests) of the recovery criterion
+    probe_prompts: int  # held-out prompts no server has seen, sent to F and S before and after the shift
     draft_vocab_size: int = 8192
     k: int = 3
     kv_cache_gib: int = 1
@@ -35,9 +36,14 @@ class DemoPlan:
         return len(self.segments_a) - 1
 
     @property
+    def cycles_b(self) -> int:
+        return len(self.segments_b) - 1
+
+    @property
     def static_steps(self) -> int:
-        """The static drafter gets the training budget the flywheel spent before the shift."""
-        return self.train_steps * max(1, self.cycles_a)
+        """The static drafter gets the training budget of F's lineage when F and S are last measured (after
+        the shift): every cycle continues the newest trained head, so that is every cycle's steps."""
+        return self.train_steps * max(1, self.cycles_a + self.cycles_b)
 
     def cycle_conf(self, min_rows: int) -> dict[str, Any]:
         """The ``cycle`` parameter of a DAG run (CycleSettings overrides)."""
@@ -73,6 +79,7 @@ QUICK = DemoPlan(
     gate_min_samples=3,
     last_n=16,
     window=8,
+    probe_prompts=16,
     enforce_eager=True,
 )
 # one cycle before the shift (its 120-step head already clears the gate: 1.20x on code in the first timed
@@ -92,6 +99,7 @@ FULL = DemoPlan(
     gate_min_samples=8,
     last_n=96,
     window=32,
+    probe_prompts=24,
     enforce_eager=True,
 )
 

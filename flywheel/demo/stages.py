@@ -9,11 +9,14 @@ Storyline (every number in the report is measured here, none is assumed):
    gates and promotes; F hot-swaps every promoted drafter. Each cycle continues the newest trained head
    (promoted or not), so training accumulates across cycles while the gate decides what F serves.
 3. The static baseline S: a drafter trained once with `flywheel train` on phase A's code traces (same
-   recipe and as many steps as the flywheel spent before the shift), served with capture off.
+   recipe, as many steps as F's lineage will have trained when both are last measured), served with
+   capture off. Then F and S both serve the same held-out code prompts (a split no traffic ever uses).
 4. Phase B (abrupt shift to prose): the same prose prompts to F and S; the flywheel keeps cycling on the
-   post-shift window; S stays as it is.
-5. Report: tau before/after the shift, recovery, measured speedup of the final champion, bytes/token,
-   promotions/rejections, stage times (flywheel/demo/report.py).
+   post-shift window; S stays as it is. At the end F and S serve the same held-out prose prompts.
+5. The final champion against no speculation in its own paired run on held-out prose prompts (the
+   evaluation servers, the gate's code path), with its interval.
+6. Report: tau before/after the shift on the held-out prompts, recovery, the champion's speedup,
+   bytes/token, promotions/rejections, stage times (flywheel/demo/report.py).
 
 The demo is a client of the APIs a user has: the registry (register, promote, archive), the DAG and its
 run parameters over Airflow's REST API, the CLI's `ingest` and `train`. Its settings are built once by
@@ -37,7 +40,8 @@ from typing import Any
 import httpx
 from rich.console import Console
 
-from core.settings import Settings
+from core.settings import CycleSettings, Settings
+from evaluation.gate import GatePolicy
 from flywheel.cycle import eval_servers, registry
 from flywheel.demo import report as rep
 from flywheel.demo import services as svc
@@ -73,6 +77,8 @@ class Demo:
         self.active_run: str | None = None
         self.background: svc.BackgroundStarts | None = None
         self.evals = None  # the Airflow evaluate task's two servers (evaluation.served.EvalServers)
+        self.probe_steps: dict[str, dict[str, int]] = {}  # phase -> training steps behind F's and S's drafter
+        self.final_speedup: dict[str, Any] | None = None  # the champion's own paired run at the end
         self.serving = serving
         self.registry = registry(self.settings)
 
@@ -88,8 +94,11 @@ class Demo:
                 phase_a_start = svc.utc_now()
                 self._phase("A", "code", self.plan.segments_a, phase_a_start)
                 self._stage_static(phase_a_start)
+                self._probe("A", "code")
                 shift = svc.utc_now()
                 self._phase("B", "prose", self.plan.segments_b, shift)
+                self._probe("B", "prose")
+                self._stage_champion_speedup()
                 with self.board.stage("report") as st:
                     st.info("registry, lake, plots")
                     report = self._report()
@@ -204,7 +213,63 @@ class Demo:
             if i < len(segments) - 1:
                 self._cycle(phase, i + 1, window_start)
 
-    def _traffic(self, phase: str, domain: str, n: int, servers: list[str], seed: int) -> None:
+    def _probe(self, phase: str, domain: str) -> None:
+        """F and S serve the same held-out prompts, a split that phase traffic never sends (so no drafter
+        trained on them): the tau figures of the report, with the steps behind each server's drafter."""
+        self._traffic(
+            f"{phase}-heldout",
+            domain,
+            self.plan.probe_prompts,
+            ["flywheel", "static"],
+            seed=900,
+            subset="heldout",
+        )
+        self.probe_steps[phase] = {"flywheel": self._lineage_steps(), "static": self.plan.static_steps}
+
+    def _lineage_steps(self) -> int:
+        """Steps the flywheel has trained so far along its lineage (the newest trained head's)."""
+        return max((c["lineage_steps"] or 0 for c in self.cycles), default=0)
+
+    def _stage_champion_speedup(self) -> None:
+        """The final champion against no speculation in its own paired run: held-out prose prompts, the
+        evaluation servers with the cycles' flags, rounds until the interval is clear or the budget spent."""
+        from evaluation.heldout_traffic import from_builtin
+        from evaluation.served import CHALLENGER, EvalServers, paired_benchmark
+        from flywheel.cycle import eval_config
+
+        with self.board.stage("final champion vs no speculation: own paired run") as st:
+            champion = self.registry.by_alias("champion")
+            if champion is None:
+                return
+            # F and S are done: their engines would only hold memory the evaluation servers need
+            svc.stop_servers([s.spec for s in self.servers.values()])
+            cycle = CycleSettings(**self.settings.cycle.model_dump() | self.plan.cycle_conf(1))
+            config = eval_config(cycle)
+            drafter = self.registry.download(champion.version)
+            traffic = from_builtin(
+                self.serving.target_dir, ["prose"], self.plan.eval_prompts, self.plan.max_tokens
+            )
+            servers = EvalServers.for_config(config, drafter, self.stack, self.serving)
+            st.info(f"v{champion.version} on {len(traffic.prompts)} held-out prose prompts")
+            try:
+                report = paired_benchmark(
+                    servers, traffic.prompts, drafter, None, config, GatePolicy.from_settings(cycle), st.info
+                )
+            finally:
+                servers.stop()
+            measured = report.measurement(CHALLENGER)
+            self.final_speedup = {
+                "version": champion.version,
+                "speedup": measured.speedup.model_dump(),
+                "tau": measured.tau,
+                "rounds": len({r["round"] for r in report.rounds}),
+                "requests": report.requests_used,
+            }
+            st.info(f"v{champion.version}: {measured.speedup} x no speculation, tau {measured.tau or 0:.2f}")
+
+    def _traffic(
+        self, phase: str, domain: str, n: int, servers: list[str], seed: int, subset: str = "train"
+    ) -> None:
         from producers.traffic import Phase, replay
 
         names = " + ".join(servers)
@@ -248,7 +313,7 @@ class Demo:
                             [Phase(domain, n)],
                             concurrency=self.plan.concurrency,
                             max_tokens=self.plan.max_tokens,
-                            subset="train",  # the served evaluation measures on the held-out prompts
+                            subset=subset,  # phases: train; probes: held-out prompts
                             seed=seed,
                             on_result=on_result(s),
                         )
@@ -412,7 +477,12 @@ class Demo:
         decisions = [c["decision"] for c in self.cycles]
         report = {
             **figures,
-            "speedup_champion": rep.champion_speedup(champion, self.cycles),
+            "speedup_champion": (self.final_speedup or {}).get("speedup", {}).get("point"),
+            "speedup_champion_interval": (self.final_speedup or {}).get("speedup"),
+            "speedup_champion_run": self.final_speedup,
+            "static_steps": self.plan.static_steps,
+            "flywheel_trained_steps": self._lineage_steps(),
+            "probe_steps": self.probe_steps,
             "trace_bytes_per_token": lake["trace_bytes_per_token"],
             "hidden_state_bytes_per_token": 4 * hidden * 2,  # 3 aux layers + last, bf16 (bench/train.py)
             "promotions": decisions.count("promote"),
@@ -446,6 +516,7 @@ class Demo:
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
             "last_n": self.plan.last_n,
             "window": self.plan.window,
+            "probe_prompts": self.plan.probe_prompts,
             "cycles": self.cycles,
             "notes": self.notes + rep.explain(report, self.plan) + rep.lake_notes(lake),
             "settings": asdict(self.plan) | {"static_steps": self.plan.static_steps},

@@ -48,15 +48,27 @@ def _series() -> rep.DemoSeries:
     for i, steps in enumerate([[1, 0], [0, 0], [1, 0], [0, 1]]):  # static after
         s.records.append(rep.RequestRecord("static", "B", "prose", i, steps, 8, 0.1))
     s.records.append(rep.RequestRecord("static", "B", "prose", 4, [], 0, 0.1, ok=False))
+    for phase, server, steps in (  # the held-out probes, the same prompts to F and S
+        ("A-heldout", "flywheel", [[2, 1], [3]]),
+        ("A-heldout", "static", [[3, 3], [3]]),
+        ("B-heldout", "flywheel", [[1, 2], [0]]),
+        ("B-heldout", "static", [[0, 0], [1]]),
+    ):
+        for i, st in enumerate(steps):
+            s.records.append(
+                rep.RequestRecord(server, phase, "code" if phase[0] == "A" else "prose", i, st, 8, 0.1)
+            )
     return s
 
 
-def test_compute_figures_pools_the_last_requests_of_each_phase():
+def test_tau_figures_come_from_the_heldout_probes_and_recovery_from_the_traffic():
     figures = rep.compute_figures(_series(), last_n=2, window=1)
-    assert figures["tau_before_shift"] == pytest.approx(3.0)
-    assert figures["tau_after_shift_flywheel"] == pytest.approx(1 + 7 / 4)
-    assert figures["tau_after_shift_static"] == pytest.approx(1 + 2 / 4)
-    # bar 2.7: rolling-1 taus after the shift are 1, 1.5, 2.5, 3 -> the 4th request
+    assert figures["tau_before_shift"] == pytest.approx(1 + 6 / 3)
+    assert figures["tau_before_shift_static"] == pytest.approx(1 + 9 / 3)
+    assert figures["tau_after_shift_flywheel"] == pytest.approx(1 + 3 / 3)
+    assert figures["tau_after_shift_static"] == pytest.approx(1 + 1 / 3)
+    # bar: 90 % of the last 2 pre-shift traffic requests' tau 3.0 = 2.7; rolling-1 taus of the post-shift
+    # traffic are 1, 1.5, 2.5, 3 -> the 4th request
     assert figures["recovery_requests"] == 4
 
 
@@ -79,7 +91,10 @@ def test_verdict_against_the_issue_targets():
 def test_report_outputs(tmp_path):
     series = _series()
     report = rep.compute_figures(series, 2, 1) | {
-        "speedup_champion": None,
+        "speedup_champion": 1.1,
+        "speedup_champion_interval": {"point": 1.1, "low": 1.02, "high": 1.19, "n": 8},
+        "static_steps": 24,
+        "flywheel_trained_steps": 24,
         "trace_bytes_per_token": 1.5,
         "hidden_state_bytes_per_token": 4608,
         "promotions": 1,
@@ -105,6 +120,7 @@ def test_report_outputs(tmp_path):
     }
     md = rep.render_markdown(report, context)
     assert "| promotions | 1 |" in md and "a note" in md and "n/a" in md
+    assert "1.100 [1.020, 1.190] (95 %, n=8)" in md and "| 24 / 24 | equal |" in md
 
 
 def test_stage_board_logs_plain_lines_without_a_terminal():

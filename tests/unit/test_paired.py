@@ -85,3 +85,17 @@ def test_held_out_prompts_are_distinct_capped_and_stratified():
     first = next(p for p in prompts if p.prompt_token_ids == (1, 2))
     assert first.max_tokens == 96  # the recorded output length, capped
     assert len(select(rows, per_stratum=1, max_tokens_cap=96)[0]) == 3  # one per stratum
+
+
+def test_blocks_pair_every_arm_on_one_prompt_back_to_back_with_balanced_order():
+    from evaluation.served import block_schedule
+
+    arms = ["challenger", "baseline", "champion"]
+    schedule = block_schedule(4, arms, rounds=3, block=1, warmup=1)
+    assert [(b.round, b.measured) for b in schedule] == [(r, (p,)) for r in range(3) for p in range(4)]
+    assert all(b.warmup == ((b.measured[0] + 1) % 4,) for b in schedule)  # another prompt, never itself
+    # 12 blocks = two full Williams squares of 3 arms: each arm first, second, third equally often
+    for position in range(3):
+        assert sorted(b.order[position] for b in schedule) == sorted(arms * 4)
+    pairs = [block_schedule(5, arms, 1, 2, 2)[i] for i in range(3)]
+    assert [(b.measured, b.warmup) for b in pairs] == [((0, 1), (2, 3)), ((2, 3), (4, 0)), ((4,), (1, 2))]
