@@ -93,16 +93,24 @@ def tail(requests: Sequence[Sequence[int]], n: int) -> Sequence[Sequence[int]]:
     return requests[-n:] if n > 0 else requests
 
 
+def served_tau(requests: Sequence[Sequence[int]]) -> float | None:
+    """Pooled tau of a server's requests; 1.0 when they ran without a single verify step (speculation off:
+    one token per target forward), None without requests."""
+    if requests and not any(requests):
+        return 1.0
+    return pooled_tau(requests)
+
+
 def compute_figures(series: DemoSeries, last_n: int, window: int) -> dict[str, Any]:
     """The tau keys of report.json: F and S on the held-out probes before (``A-heldout``) and after
     (``B-heldout``) the shift; recovery from F's rolling tau over the post-shift traffic against its tau
     over the last ``last_n`` pre-shift traffic requests."""
     after_f = series.steps("flywheel", "B")
     return {
-        "tau_before_shift": pooled_tau(series.steps("flywheel", "A-heldout")),
-        "tau_before_shift_static": pooled_tau(series.steps("static", "A-heldout")),
-        "tau_after_shift_static": pooled_tau(series.steps("static", "B-heldout")),
-        "tau_after_shift_flywheel": pooled_tau(series.steps("flywheel", "B-heldout")),
+        "tau_before_shift": served_tau(series.steps("flywheel", "A-heldout")),
+        "tau_before_shift_static": served_tau(series.steps("static", "A-heldout")),
+        "tau_after_shift_static": served_tau(series.steps("static", "B-heldout")),
+        "tau_after_shift_flywheel": served_tau(series.steps("flywheel", "B-heldout")),
         "recovery_requests": recovery_requests(
             after_f, pooled_tau(tail(series.steps("flywheel", "A"), last_n)), window
         ),
@@ -277,6 +285,14 @@ def explain(report: dict[str, Any], plan) -> list[str]:
     """Plain statements of what the numbers mean, derived from them (no targets are assumed met)."""
     notes = []
     v = report["verdict"]
+    off = [c for c in report.get("cycles", []) if c.get("speculation_off")]
+    if off:
+        notes.append(
+            f"The gate's no-drafter decision in cycle {off[0]['phase']} (run {off[0]['run_id']}): the champion "
+            "and the challenger both served slower than no speculation, so F stopped speculating (its tau "
+            "is 1.0: one token per target forward) until a challenger clears the floor. "
+            + off[0].get("gate", "")
+        )
     if report["promotions"] == 0:
         notes.append(
             "No challenger passed the gate, so the flywheel server kept serving its randomly initialised "

@@ -420,6 +420,7 @@ class Demo:
             "traffic": evaluation.get("traffic"),
             "decision": ("promote" if gate.get("promote") else "reject") if gate else None,
             "gate": gate.get("summary"),
+            "speculation_off": bool(gate.get("disable_speculation")),
             "seconds": seconds,
         }
 

@@ -61,6 +61,11 @@ def _series() -> rep.DemoSeries:
     return s
 
 
+def test_a_server_that_never_drafted_has_tau_one():
+    assert rep.served_tau([[], []]) == 1.0  # speculation off: one token per target forward
+    assert rep.served_tau([]) is None and rep.served_tau([[1], []]) == 2.0
+
+
 def test_tau_figures_come_from_the_heldout_probes_and_recovery_from_the_traffic():
     figures = rep.compute_figures(_series(), last_n=2, window=1)
     assert figures["tau_before_shift"] == pytest.approx(1 + 6 / 3)
