@@ -45,7 +45,7 @@ class ServedEvalConfig:
     warmup_requests: int  # before every arm's turn in every block (after a swap, after idling), not measured
     # prompts per block: every arm serves a block's prompts back to back, so a slow or fast spell of the
     # machine hits both sides of a prompt's pair and no other prompt (1: the per-prompt interval holds it)
-    block_prompts: int = 1
+    block_prompts: int
     confidence: float
     base_port: int
     spec_port: int

@@ -210,11 +210,15 @@ def _weight_version(server: Server) -> str:
     return httpx.get(f"{server.url}/weight_info", timeout=10).json()["weight_version"]
 
 
-def _wait_version(server: Server, version: str, timeout_s: float = 180) -> None:
+def _wait_until(read, want, what: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while _weight_version(server) != version:
-        assert time.monotonic() < deadline, f"weight version never became {version!r}"
+    while read() != want:
+        assert time.monotonic() < deadline, f"{what} never became {want!r}"
         time.sleep(1)
+
+
+def _wait_version(server: Server, version: str, timeout_s: float = 180) -> None:
+    _wait_until(lambda: _weight_version(server), version, "weight version", timeout_s)
 
 
 def test_promotion_hot_swaps_the_drafter_without_restart(server):
@@ -277,10 +281,7 @@ def _metric(server: Server, name: str) -> float:
 
 
 def _wait_metric(server: Server, name: str, value: float, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _metric(server, name) != value:
-        assert time.monotonic() < deadline, f"{name} never became {value}"
-        time.sleep(1)
+    _wait_until(lambda: _metric(server, name), value, name, timeout_s)
 
 
 def test_disable_switches_speculation_off_and_the_next_promotion_on(server):
