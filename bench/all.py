@@ -28,7 +28,7 @@ DEFINITIONS = {
 
 # benchmark -> (full-size arguments, --quick arguments)
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
-    "capture": ([], ["--rounds", "1", "--requests", "8"]),
+    "capture": ([], ["--rounds", "2", "--levels", "1,8"]),
     "ingest": ([], ["--events", "30000", "--pool", "10000"]),
     "train": ([], ["--steps", "2"]),
 }

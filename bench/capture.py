@@ -1,29 +1,68 @@
 """Capture overhead: serving throughput of stock vLLM with the spec-flywheel plugin vs without it.
 
-Two servers with identical vLLM flags (ngram speculation, detailed per-request metrics) run side by side;
-one has the plugin disabled (``VLLM_PLUGINS=""``). Traffic alternates between them in rounds, so both see
-the same machine state; the ratio is the median over rounds, per concurrency level.
-Also: wire bytes per token (the broker's log segments of a fresh topic ÷ captured tokens), the emitter's
-own capacity in events/s, and the API-server RSS of both servers.
+Two servers with identical vLLM flags (ngram speculation, detailed per-request metrics) are started; one
+has our plugin left out of ``VLLM_PLUGINS`` (an allow-list naming every other installed plugin: stock vLLM
+as installed). They are measured **one at a time**: while one
+serves a round, the other's whole process group is frozen with SIGSTOP (an idle vLLM engine core polls and
+would otherwise take CPU from the one being measured), then thawed for its own round. Rounds alternate in
+ABBA order (with, without, without, with, ...) on the same prompts (same seed), after a discarded warm-up
+pair, at each concurrency level; the highest level saturates the CPU server.
+
+Per level: the ratio tokens/s with ÷ without of every round pair, their geometric mean with a 95 % t
+interval (``evaluation.paired.ratio_interval``), the per-round figures, and p50/p99 request-latency ratios
+(pooled over rounds; > 1 means slower with the plugin). After each plugin round (outside the timed window)
+the bench reads the plugin's counters at ``/metrics``: events sent and dropped, and the emitter queue's
+peak depth. Also: wire bytes per token, the emitter's own capacity in events/s, API-server RSS.
+
+``profile_dir``: after the timed rounds, each server (alone, same load at the highest level) is sampled
+with py-spy; the collapsed stacks are written there and summarised: API-server samples with and without
+the plugin, and the share of the plugin server's samples in spec-flywheel code, by function.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import os
+import re
+import signal
 import statistics
+import subprocess
+import sys
 import time
 import uuid
+from collections import Counter
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 from confluent_kafka import Consumer
 
 from core import process
 from core.settings import KafkaSettings, ServingSettings, Settings, StackSettings
+from evaluation.paired import ratio_interval
 from infra.topics import TopicSpec, admin_client, delete_topics, ensure_topics
-from producers.traffic import Phase, replay
+from producers.traffic import Phase, TrafficReport, replay
 from producers.vllm_server import VllmServer, cpu_environment, serve_args
+
+LEVELS = (1, 8, 32)
+MAX_TOKENS = 96
+OUR_PACKAGES = ("producers", "core", "schemas")  # what the plugin runs in the API server
+
+
+def requests_for(concurrency: int) -> int:
+    """Requests per round: enough to keep every slot busy for several turns."""
+    return max(6, 2 * concurrency)
+
+
+def stock_plugins() -> list[str]:
+    """The general plugins vLLM would load here, less spec-flywheel's (VLLM_PLUGINS is an allow-list)."""
+    from importlib.metadata import entry_points
+
+    return sorted(e.name for e in entry_points(group="vllm.general_plugins") if e.name != "spec_flywheel")
 
 
 def _server(
@@ -38,7 +77,7 @@ def _server(
         "FLYWHEEL_SERVING_FOLLOW_PROMOTIONS": "false",
     }
     if not plugin:
-        env["VLLM_PLUGINS"] = ""  # an allow-list naming no plugin: stock vLLM
+        env["VLLM_PLUGINS"] = ",".join(stock_plugins())  # every installed vLLM plugin but ours
     spec = VllmServer(
         stack.model_copy(update={"state_dir": state / f"server-{port}"}),
         serving,
@@ -49,13 +88,193 @@ def _server(
     return spec
 
 
-async def _round(url: str, model: str, domain: str, requests: int, concurrency: int, seed: int) -> float:
-    report = await replay(
-        url, model, [Phase(domain, requests)], concurrency=concurrency, max_tokens=96, seed=seed
+def _signal(spec: VllmServer, sig: signal.Signals) -> None:
+    pid = process.read_pid(spec)
+    if pid is not None:
+        os.killpg(os.getpgid(pid), sig)
+
+
+@contextmanager
+def alone(active: VllmServer, others: list[VllmServer]):
+    """Run with ``others`` frozen (SIGSTOP on their process groups); everything is thawed on the way out."""
+    for spec in others:
+        _signal(spec, signal.SIGSTOP)
+    _signal(active, signal.SIGCONT)
+    time.sleep(0.2)  # let the thawed server's threads settle
+    try:
+        yield
+    finally:
+        for spec in others:
+            _signal(spec, signal.SIGCONT)
+
+
+def _round(url: str, model: str, requests: int, concurrency: int, seed: int) -> TrafficReport:
+    report = asyncio.run(
+        replay(
+            url, model, [Phase("code", requests)], concurrency=concurrency, max_tokens=MAX_TOKENS, seed=seed
+        )
     )
     if any(not r.ok for r in report.results):
-        raise RuntimeError(f"requests failed against {url}")
-    return report.output_tokens_per_s
+        raise RuntimeError(
+            f"requests failed against {url}: {[r.error for r in report.results if not r.ok][:3]}"
+        )
+    return report
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100])."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def plugin_counters(url: str) -> dict[str, float]:
+    """The plugin's own series at /metrics: events by outcome, emitter queue depth and its peak."""
+    out: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        m = re.match(r'^(flywheel_trace_\w+?)(?:_total)?(?:\{outcome="(\w+)"\})? ([0-9.e+-]+)$', line)
+        if m:
+            out[m.group(1) + (f"_{m.group(2)}" if m.group(2) else "")] = float(m.group(3))
+    return out
+
+
+def summarise_level(on: list[TrafficReport], off: list[TrafficReport]) -> dict[str, Any]:
+    """Paired ratios of one concurrency level (round i of ``on`` pairs with round i of ``off``)."""
+    tps_on = [r.output_tokens_per_s for r in on]
+    tps_off = [r.output_tokens_per_s for r in off]
+    interval = ratio_interval([a / b for a, b in zip(tps_on, tps_off, strict=True)])
+    lat_on = [x.latency_s for r in on for x in r.results]
+    lat_off = [x.latency_s for r in off for x in r.results]
+    return {
+        "throughput_ratio": interval.point,
+        "throughput_ratio_ci_low": interval.low,
+        "throughput_ratio_ci_high": interval.high,
+        "pairs": interval.n,
+        "tokens_per_s_with_plugin": statistics.median(tps_on),
+        "tokens_per_s_without_plugin": statistics.median(tps_off),
+        "latency_p50_ratio": percentile(lat_on, 50) / percentile(lat_off, 50),
+        "latency_p99_ratio": percentile(lat_on, 99) / percentile(lat_off, 99),
+        "latency_p50_s_with_plugin": percentile(lat_on, 50),
+        "latency_p99_s_with_plugin": percentile(lat_on, 99),
+        "rounds_tokens_per_s_with_plugin": [round(x, 2) for x in tps_on],
+        "rounds_tokens_per_s_without_plugin": [round(x, 2) for x in tps_off],
+    }
+
+
+def measure_level(
+    with_plugin: VllmServer,
+    without: VllmServer,
+    model: str,
+    concurrency: int,
+    rounds: int,
+    requests: int,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    on: list[TrafficReport] = []
+    off: list[TrafficReport] = []
+    peak = dropped = 0.0
+    before = plugin_counters(f"http://{with_plugin.address}")
+    for r in range(-1, rounds):  # round -1: warm-up pair, discarded
+        order = ((with_plugin, on), (without, off))
+        if r % 2 == 1:
+            order = order[::-1]
+        for spec, sink in order:
+            with alone(spec, [s for s in (with_plugin, without) if s is not spec]):
+                report = _round(
+                    f"http://{spec.address}", model, requests, concurrency, seed=1000 * concurrency + r
+                )
+                if spec is with_plugin:
+                    counters = plugin_counters(f"http://{spec.address}")
+                    peak = max(peak, counters.get("flywheel_trace_queue_peak", 0.0))
+            if r >= 0:
+                sink.append(report)
+        if r >= 0:
+            progress(
+                f"c={concurrency} round {r + 1}/{rounds}: "
+                f"{on[-1].output_tokens_per_s:.1f} vs {off[-1].output_tokens_per_s:.1f} tok/s"
+            )
+    after = plugin_counters(f"http://{with_plugin.address}")
+    dropped = after.get("flywheel_trace_events_dropped", 0.0) - before.get(
+        "flywheel_trace_events_dropped", 0.0
+    )
+    sent = after.get("flywheel_trace_events_sent", 0.0) - before.get("flywheel_trace_events_sent", 0.0)
+    return summarise_level(on, off) | {
+        "concurrency": concurrency,
+        "requests_per_round": requests,
+        "emitter_queue_peak": peak,
+        "emitter_dropped": dropped,
+        "emitter_sent": sent,
+    }
+
+
+# --- profile -------------------------------------------------------------------------------------------
+
+
+def _repo_root() -> str:
+    import producers
+
+    return str(Path(producers.__file__).resolve().parent.parent)
+
+
+def profile_server(
+    spec: VllmServer, model: str, concurrency: int, requests: int, out: Path, duration_s: int
+) -> Path:
+    """Sample the API-server process with py-spy (non-blocking, 100 Hz) while it serves a round."""
+    pid = process.read_pid(spec)
+    spy = Path(sys.executable).with_name("py-spy")
+    cmd = [
+        str(spy), "record", "--pid", str(pid), "--duration", str(duration_s), "--rate", "100",
+        "--nonblocking", "--format", "raw", "--full-filenames", "-o", str(out),
+    ]  # fmt: skip
+    sampler = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + duration_s
+    while time.monotonic() < deadline:  # keep it under load for the whole sampling window
+        _round(f"http://{spec.address}", model, requests, concurrency, seed=7)
+    _, err = sampler.communicate(timeout=duration_s + 60)
+    if sampler.returncode != 0:
+        raise RuntimeError(f"py-spy failed on pid {pid}: {err.strip()[-500:]}")
+    return out
+
+
+def collapsed(path: Path) -> list[tuple[list[str], int]]:
+    """py-spy's raw (collapsed) format: ``frame;frame;...;leaf count`` per line."""
+    out = []
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            out.append((stack.split(";"), int(count)))
+    return out
+
+
+def ours(frame: str, root: str) -> bool:
+    """A frame in the plugin's code (``func (/repo/producers/x.py:12)``). ``producers/vllm_server.py`` is
+    the launcher that calls vLLM's own CLI: it is the outermost frame of everything and no plugin cost."""
+    return f"({root}/producers/vllm_server.py:" not in frame and any(
+        f"({root}/{pkg}/" in frame for pkg in OUR_PACKAGES
+    )
+
+
+def summarise_profile(with_path: Path, without_path: Path, root: str, top: int = 12) -> dict[str, Any]:
+    """Samples of both API servers; in the plugin's: those with a spec-flywheel frame, by innermost such frame."""
+    on, off = collapsed(with_path), collapsed(without_path)
+    total_on = sum(n for _, n in on)
+    total_off = sum(n for _, n in off)
+    by_function: Counter[str] = Counter()
+    for stack, n in on:
+        mine = [f for f in stack if ours(f, root)]
+        if mine:
+            by_function[mine[-1].replace(root + "/", "")] += n
+    in_ours = sum(by_function.values())
+    return {
+        "samples_with_plugin": total_on,
+        "samples_without_plugin": total_off,
+        "api_server_cpu_ratio": total_on / total_off if total_off else None,
+        "flywheel_samples": in_ours,
+        "flywheel_share": in_ours / total_on if total_on else None,
+        "flywheel_top_functions": dict(by_function.most_common(top)),
+    }
+
+
+# --- wire and emitter -------------------------------------------------------------------------------------
 
 
 def _topic_bytes(stack: StackSettings, topic: str) -> int:
@@ -63,26 +282,21 @@ def _topic_bytes(stack: StackSettings, topic: str) -> int:
     return sum(f.stat().st_size for d in data.glob(f"{topic}-*") for f in d.glob("*.log"))
 
 
-def _captured_tokens(kafka: KafkaSettings, topic: str) -> tuple[int, int, int]:
-    from schemas import codec
-
+def _read_topic(kafka: KafkaSettings, topic: str, limit: int | None = None) -> list[bytes]:
     consumer = Consumer(
         kafka.client_config() | {"group.id": uuid.uuid4().hex, "auto.offset.reset": "earliest"}
     )
     consumer.subscribe([topic])
-    events = tokens = payload = 0
+    values: list[bytes] = []
     idle_until = time.monotonic() + 10
-    while time.monotonic() < idle_until:
+    while time.monotonic() < idle_until and (limit is None or len(values) < limit):
         msg = consumer.poll(0.5)
         if msg is None or msg.error():
             continue
         idle_until = time.monotonic() + 3
-        _, rec = codec.decode(msg.value())
-        events += 1
-        tokens += len(rec["prompt_token_ids"]) + len(rec["output_token_ids"])
-        payload += len(msg.value())
+        values.append(msg.value())
     consumer.close()
-    return events, tokens, payload
+    return values
 
 
 def emitter_capacity(kafka: KafkaSettings, topic: str, records: list[dict[str, Any]], spill: Path) -> float:
@@ -101,8 +315,35 @@ def emitter_capacity(kafka: KafkaSettings, topic: str, records: list[dict[str, A
     return len(records) / elapsed
 
 
+def _wire(stack: StackSettings, kafka: KafkaSettings, topic: str, state: Path) -> dict[str, Any]:
+    from schemas import codec
+
+    values = _read_topic(kafka, topic)
+    records = [codec.decode(v)[1] for v in values]
+    tokens = sum(len(r["prompt_token_ids"]) + len(r["output_token_ids"]) for r in records)
+    sample = (
+        [dict(records[i % len(records)], event_id=str(uuid.uuid4())) for i in range(2000)] if records else []
+    )
+    return {
+        "events": len(records),
+        "captured_tokens": tokens,
+        "avro_bytes_per_token": sum(map(len, values)) / tokens if tokens else None,
+        "wire_bytes_per_token": _topic_bytes(stack, topic) / tokens if tokens else None,
+        "events_per_s": emitter_capacity(kafka, topic, sample, state / "spill-capacity") if sample else None,
+    }
+
+
+# --- the run --------------------------------------------------------------------------------------------
+
+
 def run(
-    settings: Settings, rounds: int = 3, requests_per_round: int = 16, concurrencies: tuple[int, ...] = (1, 8)
+    settings: Settings,
+    rounds: int = 10,
+    levels: tuple[int, ...] = LEVELS,
+    requests_per_round: int | None = None,
+    profile_dir: Path | None = None,
+    profile_s: int = 30,
+    progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     stack, kafka, serving = settings.stack, settings.kafka, settings.serving
     state = stack.root / "bench-capture"
@@ -111,66 +352,50 @@ def run(
     ensure_topics(admin, [TopicSpec(topic, 3, {"compression.type": "producer"})])
     with_plugin = _server(stack, serving, 8021, topic, kafka, plugin=True)
     without = _server(stack, serving, 8022, topic, kafka, plugin=False)
+    servers = [with_plugin, without]
     model = serving.target_model
-    result: dict[str, Any] = {"rounds": rounds, "requests_per_round": requests_per_round}
+    result: dict[str, Any] = {
+        "rounds": rounds,
+        "method": "servers measured one at a time (the other SIGSTOPped), ABBA order, same prompts, "
+        "warm-up pair discarded; 95 % t interval of the per-round-pair log ratio",
+        "load_average_start": os.getloadavg(),
+    }
     try:
-        for spec in (with_plugin, without):
+        for spec in servers:
+            progress(f"starting {spec.name} ({'plugin' if spec is with_plugin else 'stock'})")
             process.start(spec, timeout_s=1500)
-        asyncio.run(_round(f"http://{with_plugin.address}", model, "code", 4, 4, 99))  # warm both
-        asyncio.run(_round(f"http://{without.address}", model, "code", 4, 4, 99))
-        for c in concurrencies:
-            ratios, on, off = [], [], []
-            for r in range(rounds):
-                for spec, sink in (
-                    ((with_plugin, on), (without, off)) if r % 2 == 0 else ((without, off), (with_plugin, on))
-                ):
-                    sink.append(
-                        asyncio.run(_round(f"http://{spec.address}", model, "code", requests_per_round, c, r))
+        per_level = {}
+        for c in levels:
+            n = requests_per_round or requests_for(c)
+            per_level[f"c{c}"] = measure_level(with_plugin, without, model, c, rounds, n, progress)
+            progress(f"c={c}: {per_level[f'c{c}']['throughput_ratio']:.4f} "
+                     f"[{per_level[f'c{c}']['throughput_ratio_ci_low']:.4f}, "
+                     f"{per_level[f'c{c}']['throughput_ratio_ci_high']:.4f}]")  # fmt: skip
+        result["levels"] = per_level
+        result["throughput_ratio"] = min(v["throughput_ratio"] for v in per_level.values())
+        result["throughput_ratio_ci_low"] = min(v["throughput_ratio_ci_low"] for v in per_level.values())
+        for name, spec in (("with_plugin", with_plugin), ("without_plugin", without)):
+            result[f"rss_mib_api_server_{name}"] = (
+                psutil.Process(process.read_pid(spec)).memory_info().rss / 2**20
+            )
+        if profile_dir is not None:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            c = max(levels)
+            paths = {}
+            for spec in servers:
+                label = "with-plugin" if spec is with_plugin else "without-plugin"
+                progress(f"profiling {label} for {profile_s} s at c={c}")
+                with alone(spec, [s for s in servers if s is not spec]):
+                    paths[label] = profile_server(
+                        spec, model, c, requests_for(c), profile_dir / f"{label}.txt", profile_s
                     )
-                ratios.append(on[-1] / off[-1])
-            result[f"tokens_per_s_with_plugin_c{c}"] = statistics.median(on)
-            result[f"tokens_per_s_without_plugin_c{c}"] = statistics.median(off)
-            result[f"throughput_ratio_c{c}"] = statistics.median(ratios)
-        result["throughput_ratio"] = min(result[f"throughput_ratio_c{c}"] for c in concurrencies)
-        result["rss_mib_api_server_with_plugin"] = (
-            psutil.Process(process.read_pid(with_plugin)).memory_info().rss / 2**20
-        )
-        result["rss_mib_api_server_without_plugin"] = (
-            psutil.Process(process.read_pid(without)).memory_info().rss / 2**20
-        )
+            result["profile"] = summarise_profile(paths["with-plugin"], paths["without-plugin"], _repo_root())
+            result["profile"]["files"] = {k: str(v) for k, v in paths.items()}
+        result["load_average_end"] = os.getloadavg()
     finally:
-        for spec in (with_plugin, without):
+        for spec in servers:
+            _signal(spec, signal.SIGCONT)
             process.stop(spec)  # stopping flushes the emitter
-    events, tokens, payload = _captured_tokens(kafka, topic)
-    result.update(
-        {
-            "events": events,
-            "captured_tokens": tokens,
-            "avro_bytes_per_token": payload / tokens if tokens else None,
-            "wire_bytes_per_token": _topic_bytes(stack, topic) / tokens if tokens else None,
-        }
-    )
-    sample = _sample_records(kafka, topic, 2000)
-    result["events_per_s"] = (
-        emitter_capacity(kafka, topic, sample, state / "spill-capacity") if sample else None
-    )
+    result.update(_wire(stack, kafka, topic, state))
     delete_topics(admin, [topic])
     return result
-
-
-def _sample_records(kafka: KafkaSettings, topic: str, n: int) -> list[dict[str, Any]]:
-    """Real captured traces, repeated to n, for the emitter capacity run."""
-    from schemas import codec
-
-    consumer = Consumer(
-        kafka.client_config() | {"group.id": uuid.uuid4().hex, "auto.offset.reset": "earliest"}
-    )
-    consumer.subscribe([topic])
-    recs: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and len(recs) < 200:
-        msg = consumer.poll(0.5)
-        if msg is not None and not msg.error():
-            recs.append(codec.decode(msg.value())[1])
-    consumer.close()
-    return [dict(recs[i % len(recs)], event_id=str(uuid.uuid4())) for i in range(n)] if recs else []

@@ -18,16 +18,49 @@ def _fail(message: str, code: int = 1) -> None:
 
 def bench_capture(
     json_path: Annotated[Path | None, typer.Option("--json", help="also write the JSON here")] = None,
-    rounds: Annotated[int, typer.Option(help="alternating rounds per concurrency level")] = 3,
-    requests: Annotated[int, typer.Option(help="requests per round")] = 16,
+    rounds: Annotated[
+        int, typer.Option(help="timed round pairs per concurrency level (after a warm-up pair)")
+    ] = 10,
+    levels: Annotated[
+        str, typer.Option(help="comma-separated concurrency levels; the highest should saturate the server")
+    ] = "1,8,32",
+    requests: Annotated[
+        int | None, typer.Option(help="requests per round (default: max(6, 2 x concurrency))")
+    ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(help="also sample both API servers with py-spy under load; collapsed stacks go here"),
+    ] = None,
+    profile_s: Annotated[int, typer.Option(help="seconds of sampling per server")] = 30,
 ) -> None:
-    """Plugin overhead: tokens/s with the plugin ÷ without (interleaved, concurrency 1 and 8), wire bytes per
-    token, emitter events/s, API-server RSS. Starts two vLLM servers (ports 8021/8022) on the local stack."""
+    """Plugin overhead: tokens/s with the plugin ÷ without, with a 95 % interval per concurrency level.
+
+    Starts two vLLM servers (ports 8021/8022; the plugin disabled on one) on the local stack and measures them
+    one at a time (the other frozen with SIGSTOP), in ABBA order on the same prompts. Per level: ratio and
+    interval, per-round tokens/s, p50/p99 latency ratios, the emitter's queue peak and drops. Also wire bytes
+    per token, emitter events/s, API-server RSS; with --profile, where the API server's time goes.
+    """
     import bench
     from bench.capture import run
     from core.settings import get_settings
 
-    bench.emit("capture", run(get_settings(), rounds=rounds, requests_per_round=requests), json_path)
+    console = Console(stderr=True)
+    try:
+        parsed = tuple(int(x) for x in levels.split(",") if x.strip())
+    except ValueError:
+        _fail(f"--levels must be comma-separated integers, got {levels!r}")
+    if not parsed or min(parsed) < 1 or rounds < 1:
+        _fail("--levels needs at least one concurrency >= 1 and --rounds at least 1")
+    result = run(
+        get_settings(),
+        rounds=rounds,
+        levels=parsed,
+        requests_per_round=requests,
+        profile_dir=profile,
+        profile_s=profile_s,
+        progress=lambda line: console.print(f"[dim]bench capture:[/] {line}"),
+    )
+    bench.emit("capture", result, json_path)
 
 
 def bench_ingest(

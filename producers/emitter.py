@@ -2,7 +2,8 @@
 
 ``submit()`` is the only call on the serving hot path: it puts the record on a bounded in-memory queue and
 returns (a full queue drops the record and counts it; it never waits). One background thread encodes,
-produces (idempotent, zstd, linger) and watches the broker:
+produces (idempotent, zstd, linger) and watches the broker; it shares the serving process's GIL, so it
+sleeps on the queue (long when nothing is in flight) instead of polling:
 
 - broker up, nothing spilled: produce straight to Kafka;
 - broker down (librdkafka reports all brokers down), or its queue full: append to the spill file;
@@ -34,6 +35,10 @@ log = logging.getLogger("flywheel.emitter")
 Encoder = Callable[[Any], tuple[bytes, bytes]]  # record -> (key, value)
 _DOWN_CODES = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT}
 OUTCOMES = ("sent", "spilled", "replayed", "dropped", "failed")
+_WAKE = object()  # put on the queue by close(): the thread stops waiting at once
+_URGENT_WAIT_S = 0.05  # queue wait while a spill replays or the broker is down (probes, replay progress)
+_BUSY_WAIT_S = 0.25  # while librdkafka holds messages: their delivery reports wait in its queue meanwhile
+_IDLE_WAIT_S = 1.0  # queue wait with nothing in flight
 
 
 class TraceEmitter:
@@ -63,6 +68,7 @@ class TraceEmitter:
         self._next_probe = 0.0
         self._producer: Producer | None = None
         self._replay: _Replay | None = None
+        self.queue_peak = 0  # deepest queue the thread has found (a gauge at /metrics)
         self._thread = threading.Thread(target=self._run, name="flywheel-trace-emitter", daemon=True)
         self._started = False
         self._lock = threading.Lock()
@@ -90,14 +96,22 @@ class TraceEmitter:
         """Drain the queue, flush what Kafka accepts within ``timeout_s``, spill the rest. Returns counts."""
         if self._started:
             self._stop.set()
+            try:
+                self._queue.put_nowait(_WAKE)
+            except queue.Full:  # the thread is busy draining anyway
+                pass
             self._thread.join(timeout_s + 5)
         self._log_counts("closed")
         return {k: self.counts[k] for k in OUTCOMES}
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
 
     def stats(self) -> dict[str, int]:
         return {
             **{k: self.counts[k] for k in OUTCOMES},
             "queued": self._queue.qsize(),
+            "queue_peak": self.queue_peak,
             "down": int(self._down),
         }
 
@@ -132,15 +146,26 @@ class TraceEmitter:
         self._shutdown()
 
     def _drain_queue(self, budget: int = 2000) -> None:
-        """Handle what is queued (waiting briefly for the first record when idle)."""
+        """Handle what is queued, waiting for the first record: briefly while something needs watching
+        (deliveries to serve, a replay, a probe), long when idle."""
+        if self._down or self._replay is not None or self.spill.pending():
+            wait = _URGENT_WAIT_S
+        else:
+            wait = _BUSY_WAIT_S if len(self._producer) > 0 else _IDLE_WAIT_S
         try:
-            self._handle(self._queue.get(timeout=0.05))
+            record = self._queue.get(timeout=wait)
+            # serve callbacks queued while asleep first: a broker found down meanwhile decides where this goes
+            self._producer.poll(0)
+            self._handle(record)
+            self.queue_peak = max(self.queue_peak, self._queue.qsize() + 1)
             for _ in range(budget - 1):
                 self._handle(self._queue.get_nowait())
         except queue.Empty:
             pass
 
     def _handle(self, record: Any) -> None:
+        if record is _WAKE:
+            return
         try:
             key, value = self.encoder(record)
         except Exception:  # a record we cannot encode is a bug upstream: count it, keep serving
@@ -196,6 +221,7 @@ class TraceEmitter:
             self._replay = _Replay(self.spill.files()[0], self.topic, self._count)
         self._replay.hand_off(self._producer)
         if self._replay.settle():
+            self.spill.remove(self._replay.path)
             self._replay = None
 
     def _shutdown(self) -> None:
@@ -254,14 +280,11 @@ class _Replay:
             self.handed += 1
 
     def settle(self) -> bool:
-        """Advance and persist the acknowledged prefix; True once the whole file is acknowledged."""
+        """Advance and persist the acknowledged prefix; True once the whole file is acknowledged (then the
+        caller removes it)."""
         before = self.prefix
         while self.prefix < len(self.records) and self.acked[self.prefix]:
             self.prefix += 1
         if self.prefix != before:
             self.acked_file.write_text(str(self.start + self.prefix))
-        if self.prefix < len(self.records):
-            return False
-        self.path.unlink(missing_ok=True)
-        self.acked_file.unlink(missing_ok=True)
-        return True
+        return self.prefix == len(self.records)

@@ -38,3 +38,14 @@ def count_swap(outcome: str) -> None:
 
 def set_speculating(enabled: bool) -> None:
     _counters()[2].set(int(enabled))
+
+
+def watch_emitter(emitter) -> None:
+    """Export the emitter's queue depth and its peak; read only when /metrics is scraped (nothing on the
+    serving path). Call once per process, with the process's emitter."""
+    from prometheus_client import Gauge
+
+    depth = Gauge("flywheel_trace_queue", "Trace events waiting in the emitter's in-memory queue now")
+    depth.set_function(emitter.queue_depth)
+    peak = Gauge("flywheel_trace_queue_peak", "Deepest the emitter's in-memory queue has been (events)")
+    peak.set_function(lambda: emitter.queue_peak)

@@ -2,7 +2,8 @@
 
 Each record is ``[u32 crc32][u32 key_len][u32 value_len][key][value]``. A torn tail (crash mid-write) is
 detected by length/CRC and ignored. Files are numbered; replay reads them oldest first, record by record,
-so events reach Kafka in the order they were spilled. Only the emitter's own thread touches these files.
+so events reach Kafka in the order they were spilled. Only the emitter's own thread touches these files, so
+the directory is listed once and the list is kept in memory (``pending()`` is asked on every loop turn).
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ class SpillDir:
         self.directory = directory
         self._writer = None
         self._writer_path: Path | None = None
+        self._files: list[Path] | None = None  # listed on first use, then kept up to date here
 
     def files(self) -> list[Path]:
-        if not self.directory.exists():
-            return []
-        return sorted(self.directory.glob("spill-*.bin"), key=lambda p: int(p.stem.split("-")[1]))
+        if self._files is None:
+            found = self.directory.glob("spill-*.bin") if self.directory.exists() else []
+            self._files = sorted(found, key=lambda p: int(p.stem.split("-")[1]))
+        return list(self._files)
 
     def append(self, key: bytes, value: bytes) -> None:
         if self._writer is None:
@@ -53,6 +56,7 @@ class SpillDir:
             seq = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
             self._writer_path = self.directory / f"spill-{seq:08d}.bin"
             self._writer = self._writer_path.open("ab")
+            self._files.append(self._writer_path)
         self._writer.write(encode_record(key, value))
         self._writer.flush()  # in the OS page cache: survives a process crash
 
@@ -63,5 +67,14 @@ class SpillDir:
             self._writer = None
             self._writer_path = None
 
+    def remove(self, path: Path) -> None:
+        """Delete a fully replayed file (and its acknowledged-prefix marker)."""
+        path.unlink(missing_ok=True)
+        path.with_suffix(".acked").unlink(missing_ok=True)
+        if self._files is not None and path in self._files:
+            self._files.remove(path)
+
     def pending(self) -> bool:
-        return bool(self.files())
+        if self._files is None:
+            self.files()
+        return bool(self._files)

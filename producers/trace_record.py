@@ -42,6 +42,12 @@ def request_labels(extra_args: dict[str, Any] | None) -> tuple[str | None, str |
     return (None if domain is None else str(domain)), (None if tenant is None else str(tenant)), opted_out
 
 
+def _as_list(ids: Any) -> list[int]:
+    """Lists are kept as they are (no copy on the serving path: the caller hands over lists it is done
+    with); other sequences (tuples, arrays) become lists."""
+    return ids if type(ids) is list else list(ids)
+
+
 def build_trace_record(
     identity: ServingIdentity,
     *,
@@ -82,10 +88,10 @@ def build_trace_record(
         "top_p": float(top_p),
         "top_k": int(top_k),
         "seed": seed,
-        "prompt_token_ids": list(prompt_token_ids),
-        "output_token_ids": list(output_token_ids),
-        "per_step_accepted": list(per_step_accepted or []),
-        "per_step_drafted": list(per_step_drafted or []),
+        "prompt_token_ids": _as_list(prompt_token_ids),
+        "output_token_ids": _as_list(output_token_ids),
+        "per_step_accepted": _as_list(per_step_accepted or []),
+        "per_step_drafted": _as_list(per_step_drafted or []),
         "finish_reason": finish_reason,
         "domain": domain,
         "tenant": tenant,

@@ -1,17 +1,21 @@
 """Capture hook: every finished request of a stock vLLM frontend becomes one TraceEvent on Kafka.
 
 Installed by the plugin (``producers.vllm_plugin``) into the process that owns vLLM's OutputProcessor
-(the API server of ``vllm serve``, or the ``vllm.LLM`` process). It wraps two methods of
-``vllm.v1.engine.output_processor.RequestState``:
+(the API server of ``vllm serve``, or the ``vllm.LLM`` process). Capture must cost nothing per step or per
+token, so it hooks only calls that happen once per request, in ``vllm.v1.engine.output_processor``:
 
-- ``from_new_request`` — remembers the request's SamplingParams and decides capture (opt-out, tenant,
-  sampling) once, on arrival;
-- ``make_request_output`` — on the call that carries a finish reason (vLLM makes exactly one, after stop
-  strings are applied, also for aborts), builds the record and hands it to the non-blocking emitter.
+- ``RequestState.from_new_request`` — remembers the request's SamplingParams and decides capture
+  (opt-out, tenant, sampling) once, on arrival;
+- ``OutputProcessor._update_stats_from_finished`` — called exactly once per finished request, after stop
+  strings are applied and the final output is made: builds the record and hands it to the non-blocking
+  emitter;
+- ``OutputProcessor.abort_requests`` — requests aborted from the frontend (client gone) finish there
+  instead: each aborted state is captured with finish reason ``abort``.
 
-Both are frontend-only, public-shaped methods that every output path (LLM, AsyncLLM, streaming or not)
-goes through; the spec-decode metrics and the weight-version spans are already on the state there.
-Everything the hook does is wrapped so that a capture bug can never fail a request.
+Every output path (LLM, AsyncLLM, streaming or not) goes through these; the spec-decode metrics, the
+weight-version spans and vLLM's own request stats (arrival, first-token latency) are on the state there.
+The record keeps references to vLLM's token lists (the state is done with them) and is encoded on the
+emitter's thread. Everything the hook does is wrapped so that a capture bug can never fail a request.
 """
 
 from __future__ import annotations
@@ -127,6 +131,7 @@ class CaptureRuntime:
                         max_queue=self.serving.queue_max_events,
                         on_count=metrics.count_event,
                     )
+                    metrics.watch_emitter(self._emitter)
                     # On exit: flush what Kafka takes within the timeout, spill the rest for the next process.
                     atexit.register(self._emitter.close)
         return self._emitter
@@ -136,7 +141,6 @@ class CaptureRuntime:
     def on_new_request(self, state: Any, request: Any) -> None:
         sp = request.sampling_params
         state._fw_sp = sp
-        state._fw_first_token_s = None
         if not self.serving.capture_enabled or sp is None or getattr(state, "streaming_input", False):
             state._fw_skip = "disabled"
             return
@@ -170,11 +174,15 @@ class CaptureRuntime:
             spec = None
         elif drafter_id != identity.drafter_id:
             identity = ServingIdentity(**{**identity.__dict__, "drafter_id": drafter_id})
+        stats = state.stats  # None when vLLM runs with --disable-log-stats: no first-token time then
+        first_token_s = None
+        if stats is not None and stats.first_token_latency > 0:
+            first_token_s = stats.arrival_time + stats.first_token_latency
         record = build_trace_record(
             identity,
             request_id=request_id,
-            arrival_time_s=state.stats.arrival_time if state.stats is not None else state._fw_arrival_s,
-            first_token_time_s=state._fw_first_token_s,
+            arrival_time_s=stats.arrival_time if stats is not None else state._fw_arrival_s,
+            first_token_time_s=first_token_s,
             finish_time_s=time.time(),
             temperature=sp.temperature,
             top_p=sp.top_p,
@@ -195,16 +203,25 @@ class CaptureRuntime:
 RUNTIME: CaptureRuntime | None = None  # built by install(), the plugin's entry point
 
 
+HOOKS = {  # what install() wraps: class name in vllm.v1.engine.output_processor -> methods
+    "RequestState": ("from_new_request",),
+    "OutputProcessor": ("_update_stats_from_finished", "abort_requests"),
+}
+
+
 def install(output_processor_module: Any, engine_classes: list[type]) -> None:
-    """Wrap RequestState (and the engine constructors) once per process; settings come from FLYWHEEL_*."""
+    """Wrap the once-per-request methods (and the engine constructors) once per process; settings come
+    from FLYWHEEL_*."""
     global RUNTIME
     state_cls = output_processor_module.RequestState
+    processor_cls = output_processor_module.OutputProcessor
     if getattr(state_cls, "_flywheel_capture", False):
         return
     RUNTIME = CaptureRuntime(ServingSettings(), KafkaSettings(), MlflowSettings())
     state_cls._flywheel_capture = True
     original_from_new = state_cls.from_new_request.__func__
-    original_make_output = state_cls.make_request_output
+    original_finished = processor_cls._update_stats_from_finished
+    original_abort = processor_cls.abort_requests
 
     def from_new_request(cls, tokenizer, request, *args, **kwargs):
         state = original_from_new(cls, tokenizer, request, *args, **kwargs)
@@ -216,21 +233,29 @@ def install(output_processor_module: Any, engine_classes: list[type]) -> None:
             state._fw_skip = "error"
         return state
 
-    def make_request_output(self, new_token_ids, pooling_output, finish_reason, stop_reason, *args, **kwargs):
+    def _capture(req_state, finish_reason) -> None:
         try:
-            if new_token_ids and getattr(self, "_fw_first_token_s", 0) is None:
-                self._fw_first_token_s = time.time()
-            if finish_reason is not None:
-                RUNTIME.on_finished(self, finish_reason)
+            RUNTIME.on_finished(req_state, finish_reason)
         except Exception:
             log.exception("trace capture failed on a finished request (serving continues)")
             metrics.count_event("failed")
-        return original_make_output(
-            self, new_token_ids, pooling_output, finish_reason, stop_reason, *args, **kwargs
-        )
+
+    def _update_stats_from_finished(self, req_state, finish_reason, *args, **kwargs):
+        _capture(req_state, finish_reason)
+        return original_finished(self, req_state, finish_reason, *args, **kwargs)
+
+    def abort_requests(self, request_ids, *args, **kwargs):
+        states = dict(self.request_states)  # abort_requests pops the states it aborts
+        aborted = original_abort(self, request_ids, *args, **kwargs)
+        for request_id in aborted:
+            req_state = states.get(request_id)
+            if req_state is not None:
+                _capture(req_state, "abort")
+        return aborted
 
     state_cls.from_new_request = classmethod(from_new_request)
-    state_cls.make_request_output = make_request_output
+    processor_cls._update_stats_from_finished = _update_stats_from_finished
+    processor_cls.abort_requests = abort_requests
 
     for engine_cls in engine_classes:
         _wrap_init(engine_cls)

@@ -89,11 +89,12 @@ def _install_capture() -> None:
     from producers import vllm_capture
 
     missing = [
-        n
-        for n in ("from_new_request", "make_request_output")
-        if not hasattr(output_processor.RequestState, n)
+        f"{cls}.{name}"
+        for cls, names in vllm_capture.HOOKS.items()
+        for name in names
+        if not hasattr(getattr(output_processor, cls, None), name)
     ]
     if missing:
-        log.error("spec-flywheel capture DISABLED: vLLM's RequestState lacks %s", missing)
+        log.error("spec-flywheel capture DISABLED: vLLM's output processor lacks %s", missing)
         return
     vllm_capture.install(output_processor, [AsyncLLM, LLMEngine])

@@ -114,7 +114,13 @@ def test_spill_left_by_a_crashed_process_is_replayed(kafka_settings, topic_facto
 
     emitter = TraceEmitter(kafka_settings, topic, _encode, tmp_path / "spill", probe_interval_s=0.2)
     emitter.submit({"key": "k", "value": "new-0"})
-    _wait(lambda: not spill.pending() and emitter.counts["sent"] + emitter.counts["replayed"] == 51)
+    # a fresh listing: ``spill`` keeps its own in-memory list of what it wrote
+    _wait(
+        lambda: (
+            not SpillDir(spill.directory).pending()
+            and emitter.counts["sent"] + emitter.counts["replayed"] == 51
+        )
+    )
     emitter.close()
     assert _drain(kafka_settings, topic, 51) == [f"old-{i}" for i in range(50)] + ["new-0"]
 
