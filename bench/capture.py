@@ -8,8 +8,13 @@ would otherwise take CPU from the one being measured), then thawed for its own r
 ABBA order (with, without, without, with, ...) on the same prompts (same seed), after a discarded warm-up
 pair, at each concurrency level; the highest level saturates the CPU server.
 
+Two servers started alike are not alike: an A/A of two stock servers here measured 0.968 [0.954, 0.984]
+(the first-started one slower). So the run is a crossover: half the rounds with the plugin on the
+first-started server, then both restarted with it on the second; the server difference cancels in the
+point and is reported (``server_difference``).
+
 Per level: the ratio tokens/s with ÷ without of every round pair, their geometric mean with a 95 % t
-interval (``evaluation.paired.ratio_interval``), the per-round figures, and p50/p99 request-latency ratios
+interval (``crossover_interval``: the halves' difference removed from the variance), the per-round figures, and p50/p99 request-latency ratios
 (pooled over rounds; > 1 means slower with the plugin). After each plugin round (outside the timed window)
 the bench reads the plugin's counters at ``/metrics``: events sent and dropped, and the emitter queue's
 peak depth. Also: wire bytes per token, the emitter's own capacity in events/s, API-server RSS.
@@ -43,7 +48,7 @@ from confluent_kafka import Consumer
 
 from core import process
 from core.settings import KafkaSettings, ServingSettings, Settings, StackSettings
-from evaluation.paired import ratio_interval
+from evaluation.paired import Interval, ratio_interval, t_quantile
 from infra.topics import TopicSpec, admin_client, delete_topics, ensure_topics
 from producers.traffic import Phase, TrafficReport, replay
 from producers.vllm_server import VllmServer, cpu_environment, serve_args
@@ -66,7 +71,13 @@ def stock_plugins() -> list[str]:
 
 
 def _server(
-    stack: StackSettings, serving: ServingSettings, port: int, topic: str, kafka: KafkaSettings, plugin: bool
+    stack: StackSettings,
+    serving: ServingSettings,
+    port: int,
+    topic: str,
+    kafka: KafkaSettings,
+    plugin: bool,
+    extra_env: dict[str, str] | None = None,
 ) -> VllmServer:
     state = stack.root / "bench-capture"
     serving = serving.model_copy(update={"port": port, "spill_dir": state / f"spill-{port}"})
@@ -78,6 +89,7 @@ def _server(
     }
     if not plugin:
         env["VLLM_PLUGINS"] = ",".join(stock_plugins())  # every installed vLLM plugin but ours
+    env |= extra_env or {}
     spec = VllmServer(
         stack.model_copy(update={"state_dir": state / f"server-{port}"}),
         serving,
@@ -137,18 +149,50 @@ def plugin_counters(url: str) -> dict[str, float]:
     return out
 
 
-def summarise_level(on: list[TrafficReport], off: list[TrafficReport]) -> dict[str, Any]:
-    """Paired ratios of one concurrency level (round i of ``on`` pairs with round i of ``off``)."""
-    tps_on = [r.output_tokens_per_s for r in on]
-    tps_off = [r.output_tokens_per_s for r in off]
-    interval = ratio_interval([a / b for a, b in zip(tps_on, tps_off, strict=True)])
-    lat_on = [x.latency_s for r in on for x in r.results]
-    lat_off = [x.latency_s for r in off for x in r.results]
+def crossover_interval(halves: list[list[float]], confidence: float = 0.95) -> Interval:
+    """Ratio and t interval of a crossover: each half has the plugin on the other server, so a difference
+    between the two servers shifts the halves' log ratios in opposite directions. The point is the mean
+    of the halves' mean log ratios (the server difference cancels); the variance is the within-half one
+    (the half effect removed), with n - halves degrees of freedom."""
+    nonempty = [h for h in halves if h]
+    if len(nonempty) == 1:
+        return ratio_interval(nonempty[0], confidence)
+    logs = [[math.log(r) for r in half] for half in nonempty]
+    n = sum(len(h) for h in logs)
+    means = [sum(h) / len(h) for h in logs]
+    centre = sum(means) / len(means)
+    dof = n - len(logs)
+    if dof < 1:
+        return Interval(math.exp(centre), 0.0, math.inf, n, confidence)
+    var = sum((x - m) ** 2 for h, m in zip(logs, means, strict=True) for x in h) / dof
+    se = math.sqrt(var / len(logs) ** 2 * sum(1 / len(h) for h in logs))
+    half = t_quantile(confidence, dof) * se
+    return Interval(math.exp(centre), math.exp(centre - half), math.exp(centre + half), n, confidence)
+
+
+def summarise_level(on: list[list[TrafficReport]], off: list[list[TrafficReport]]) -> dict[str, Any]:
+    """Paired ratios of one concurrency level; ``on[h][i]`` pairs with ``off[h][i]``, h the crossover half."""
+    ratios = [
+        [a.output_tokens_per_s / b.output_tokens_per_s for a, b in zip(ho, hf, strict=True)]
+        for ho, hf in zip(on, off, strict=True)
+    ]
+    interval = crossover_interval(ratios)
+    flat_on = [r for h in on for r in h]
+    flat_off = [r for h in off for r in h]
+    tps_on = [r.output_tokens_per_s for r in flat_on]
+    tps_off = [r.output_tokens_per_s for r in flat_off]
+    lat_on = [x.latency_s for r in flat_on for x in r.results]
+    lat_off = [x.latency_s for r in flat_off for x in r.results]
+    half_ratios = [ratio_interval(h).point for h in ratios if h]
     return {
         "throughput_ratio": interval.point,
         "throughput_ratio_ci_low": interval.low,
         "throughput_ratio_ci_high": interval.high,
         "pairs": interval.n,
+        "half_ratios": half_ratios,  # plugin on the first-started server, then on the second
+        "server_difference": (
+            math.sqrt(half_ratios[0] / half_ratios[1]) if len(half_ratios) == 2 else None
+        ),  # first-started server's tokens/s ÷ the second's, the plugin's effect cancelled
         "tokens_per_s_with_plugin": statistics.median(tps_on),
         "tokens_per_s_without_plugin": statistics.median(tps_off),
         "latency_p50_ratio": percentile(lat_on, 50) / percentile(lat_off, 50),
@@ -168,10 +212,11 @@ def measure_level(
     rounds: int,
     requests: int,
     progress: Callable[[str], None],
-) -> dict[str, Any]:
+) -> tuple[list[TrafficReport], list[TrafficReport], dict[str, float]]:
+    """ABBA rounds after a discarded warm-up pair; returns both arms' rounds and the plugin's counters."""
     on: list[TrafficReport] = []
     off: list[TrafficReport] = []
-    peak = dropped = 0.0
+    peak = 0.0
     before = plugin_counters(f"http://{with_plugin.address}")
     for r in range(-1, rounds):  # round -1: warm-up pair, discarded
         order = ((with_plugin, on), (without, off))
@@ -193,17 +238,16 @@ def measure_level(
                 f"{on[-1].output_tokens_per_s:.1f} vs {off[-1].output_tokens_per_s:.1f} tok/s"
             )
     after = plugin_counters(f"http://{with_plugin.address}")
-    dropped = after.get("flywheel_trace_events_dropped", 0.0) - before.get(
-        "flywheel_trace_events_dropped", 0.0
-    )
-    sent = after.get("flywheel_trace_events_sent", 0.0) - before.get("flywheel_trace_events_sent", 0.0)
-    return summarise_level(on, off) | {
-        "concurrency": concurrency,
-        "requests_per_round": requests,
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    counters = {
         "emitter_queue_peak": peak,
-        "emitter_dropped": dropped,
-        "emitter_sent": sent,
+        "emitter_dropped": delta("flywheel_trace_events_dropped"),
+        "emitter_sent": delta("flywheel_trace_events_sent"),
     }
+    return on, off, counters
 
 
 # --- profile -------------------------------------------------------------------------------------------
@@ -343,59 +387,91 @@ def run(
     requests_per_round: int | None = None,
     profile_dir: Path | None = None,
     profile_s: int = 30,
+    plugin_env: dict[str, str] | None = None,
+    crossover: bool = True,
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
+    """``crossover``: measure in two halves, the plugin on the first-started server (port 8021), then both
+    restarted with it on the second (8022): a difference between the two servers themselves cancels.
+    ``plugin_env``: extra environment of the plugin server only, for controls (e.g.
+    ``VLLM_PLUGINS=<the others>``: an A/A of two stock servers)."""
     stack, kafka, serving = settings.stack, settings.kafka, settings.serving
     state = stack.root / "bench-capture"
     topic = f"bench-capture-{uuid.uuid4().hex[:8]}"
     admin = admin_client(kafka)
     ensure_topics(admin, [TopicSpec(topic, 3, {"compression.type": "producer"})])
-    with_plugin = _server(stack, serving, 8021, topic, kafka, plugin=True)
-    without = _server(stack, serving, 8022, topic, kafka, plugin=False)
-    servers = [with_plugin, without]
     model = serving.target_model
+    halves = (False, True) if crossover else (False,)
+    per_half = math.ceil(rounds / len(halves))
     result: dict[str, Any] = {
-        "rounds": rounds,
+        "rounds": per_half * len(halves),
         "method": "servers measured one at a time (the other SIGSTOPped), ABBA order, same prompts, "
-        "warm-up pair discarded; 95 % t interval of the per-round-pair log ratio",
+        "warm-up pair discarded; crossover: half the rounds with the plugin on each server; 95 % t interval "
+        "of the per-round-pair log ratio with the halves' server difference removed",
+        "plugin_env": plugin_env or {},
         "load_average_start": os.getloadavg(),
     }
-    try:
-        for spec in servers:
-            progress(f"starting {spec.name} ({'plugin' if spec is with_plugin else 'stock'})")
-            process.start(spec, timeout_s=1500)
-        per_level = {}
-        for c in levels:
-            n = requests_per_round or requests_for(c)
-            per_level[f"c{c}"] = measure_level(with_plugin, without, model, c, rounds, n, progress)
-            progress(f"c={c}: {per_level[f'c{c}']['throughput_ratio']:.4f} "
-                     f"[{per_level[f'c{c}']['throughput_ratio_ci_low']:.4f}, "
-                     f"{per_level[f'c{c}']['throughput_ratio_ci_high']:.4f}]")  # fmt: skip
-        result["levels"] = per_level
-        result["throughput_ratio"] = min(v["throughput_ratio"] for v in per_level.values())
-        result["throughput_ratio_ci_low"] = min(v["throughput_ratio_ci_low"] for v in per_level.values())
-        for name, spec in (("with_plugin", with_plugin), ("without_plugin", without)):
-            result[f"rss_mib_api_server_{name}"] = (
-                psutil.Process(process.read_pid(spec)).memory_info().rss / 2**20
-            )
-        if profile_dir is not None:
-            profile_dir.mkdir(parents=True, exist_ok=True)
-            c = max(levels)
-            paths = {}
+    raw: dict[int, dict[str, Any]] = {
+        c: {"on": [], "off": [], "peak": 0.0, "dropped": 0.0, "sent": 0.0} for c in levels
+    }
+    for swapped in halves:
+        with_plugin = _server(stack, serving, 8022 if swapped else 8021, topic, kafka, True, plugin_env)
+        without = _server(stack, serving, 8021 if swapped else 8022, topic, kafka, False)
+        servers = sorted(
+            [with_plugin, without], key=lambda spec: spec.serving.port
+        )  # start order: 8021 first
+        try:
             for spec in servers:
-                label = "with-plugin" if spec is with_plugin else "without-plugin"
-                progress(f"profiling {label} for {profile_s} s at c={c}")
-                with alone(spec, [s for s in servers if s is not spec]):
-                    paths[label] = profile_server(
-                        spec, model, c, requests_for(c), profile_dir / f"{label}.txt", profile_s
+                progress(f"starting {spec.name} ({'plugin' if spec is with_plugin else 'stock'})")
+                process.start(spec, timeout_s=1500)
+            for c in levels:
+                n = requests_per_round or requests_for(c)
+                on, off, counters = measure_level(with_plugin, without, model, c, per_half, n, progress)
+                raw[c]["on"].append(on)
+                raw[c]["off"].append(off)
+                raw[c]["peak"] = max(raw[c]["peak"], counters["emitter_queue_peak"])
+                raw[c]["dropped"] += counters["emitter_dropped"]
+                raw[c]["sent"] += counters["emitter_sent"]
+            if not swapped:
+                for name, spec in (("with_plugin", with_plugin), ("without_plugin", without)):
+                    result[f"rss_mib_api_server_{name}"] = (
+                        psutil.Process(process.read_pid(spec)).memory_info().rss / 2**20
                     )
-            result["profile"] = summarise_profile(paths["with-plugin"], paths["without-plugin"], _repo_root())
-            result["profile"]["files"] = {k: str(v) for k, v in paths.items()}
-        result["load_average_end"] = os.getloadavg()
-    finally:
-        for spec in servers:
-            _signal(spec, signal.SIGCONT)
-            process.stop(spec)  # stopping flushes the emitter
+            if profile_dir is not None and swapped == halves[-1]:
+                profile_dir.mkdir(parents=True, exist_ok=True)
+                c = max(levels)
+                paths = {}
+                for spec in servers:
+                    label = "with-plugin" if spec is with_plugin else "without-plugin"
+                    progress(f"profiling {label} for {profile_s} s at c={c}")
+                    with alone(spec, [s for s in servers if s is not spec]):
+                        paths[label] = profile_server(
+                            spec, model, c, requests_for(c), profile_dir / f"{label}.txt", profile_s
+                        )
+                result["profile"] = summarise_profile(
+                    paths["with-plugin"], paths["without-plugin"], _repo_root()
+                )
+                result["profile"]["files"] = {k: str(v) for k, v in paths.items()}
+        finally:
+            for spec in servers:
+                _signal(spec, signal.SIGCONT)
+                process.stop(spec)  # stopping flushes the emitter
+    per_level = {}
+    for c in levels:
+        level = summarise_level(raw[c]["on"], raw[c]["off"])
+        per_level[f"c{c}"] = level | {
+            "concurrency": c,
+            "requests_per_round": requests_per_round or requests_for(c),
+            "emitter_queue_peak": raw[c]["peak"],
+            "emitter_dropped": raw[c]["dropped"],
+            "emitter_sent": raw[c]["sent"],
+        }
+        progress(f"c={c}: {level['throughput_ratio']:.4f} "
+                 f"[{level['throughput_ratio_ci_low']:.4f}, {level['throughput_ratio_ci_high']:.4f}]")  # fmt: skip
+    result["levels"] = per_level
+    result["throughput_ratio"] = min(v["throughput_ratio"] for v in per_level.values())
+    result["throughput_ratio_ci_low"] = min(v["throughput_ratio_ci_low"] for v in per_level.values())
+    result["load_average_end"] = os.getloadavg()
     result.update(_wire(stack, kafka, topic, state))
     delete_topics(admin, [topic])
     return result

@@ -32,6 +32,21 @@ def bench_capture(
         typer.Option(help="also sample both API servers with py-spy under load; collapsed stacks go here"),
     ] = None,
     profile_s: Annotated[int, typer.Option(help="seconds of sampling per server")] = 30,
+    crossover: Annotated[
+        bool,
+        typer.Option(
+            help="half the rounds with the plugin on each server (restarts both once); off: one half"
+        ),
+    ] = True,
+    plugin_env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--plugin-env",
+            help="KEY=VALUE for the plugin server only (repeatable), for controls: "
+            "VLLM_PLUGINS=lora_filesystem_resolver,lora_hf_hub_resolver makes it stock too (an A/A); "
+            "FLYWHEEL_SERVING_CAPTURE_ENABLED=false loads the plugin but captures nothing",
+        ),
+    ] = None,
 ) -> None:
     """Plugin overhead: tokens/s with the plugin ÷ without, with a 95 % interval per concurrency level.
 
@@ -51,6 +66,9 @@ def bench_capture(
         _fail(f"--levels must be comma-separated integers, got {levels!r}")
     if not parsed or min(parsed) < 1 or rounds < 1:
         _fail("--levels needs at least one concurrency >= 1 and --rounds at least 1")
+    extra = dict(kv.split("=", 1) for kv in plugin_env or [] if "=" in kv)
+    if len(extra) != len(plugin_env or []):
+        _fail("--plugin-env takes KEY=VALUE")
     result = run(
         get_settings(),
         rounds=rounds,
@@ -58,6 +76,8 @@ def bench_capture(
         requests_per_round=requests,
         profile_dir=profile,
         profile_s=profile_s,
+        plugin_env=extra,
+        crossover=crossover,
         progress=lambda line: console.print(f"[dim]bench capture:[/] {line}"),
     )
     bench.emit("capture", result, json_path)

@@ -6,7 +6,14 @@ import math
 
 import pytest
 
-from bench.capture import collapsed, percentile, requests_for, summarise_level, summarise_profile
+from bench.capture import (
+    collapsed,
+    crossover_interval,
+    percentile,
+    requests_for,
+    summarise_level,
+    summarise_profile,
+)
 from producers.spill import SpillDir
 from producers.traffic import RequestResult, TrafficReport
 
@@ -22,7 +29,7 @@ def _report(tokens_per_s: float, latencies: list[float]) -> TrafficReport:
 def test_level_ratio_is_the_geometric_mean_of_round_pairs_with_an_interval():
     on = [_report(98, [1.0, 2.0]), _report(102, [1.0, 2.0]), _report(99, [1.0, 2.2])]
     off = [_report(100, [1.0, 2.0]), _report(100, [1.0, 2.0]), _report(100, [1.0, 2.0])]
-    level = summarise_level(on, off)
+    level = summarise_level([on], [off])
     expected = math.exp(sum(math.log(r) for r in (0.98, 1.02, 0.99)) / 3)
     assert level["throughput_ratio"] == pytest.approx(expected, rel=1e-3)
     assert level["throughput_ratio_ci_low"] < level["throughput_ratio"] < level["throughput_ratio_ci_high"]
@@ -36,8 +43,23 @@ def test_level_ratio_is_the_geometric_mean_of_round_pairs_with_an_interval():
 def test_a_consistent_slowdown_has_an_interval_below_one():
     on = [_report(95 + 0.1 * i, [1.0]) for i in range(6)]
     off = [_report(100 + 0.1 * i, [1.0]) for i in range(6)]
-    level = summarise_level(on, off)
+    level = summarise_level([on], [off])
     assert level["throughput_ratio_ci_high"] < 0.99
+
+
+def test_crossover_cancels_a_server_difference_and_keeps_the_interval_tight():
+    # the plugin costs nothing; the first-started server is 3 % slower than the second
+    first = [0.97 * (1 + e) for e in (0.002, -0.003, 0.001, -0.001, 0.002)]  # plugin on the slow server
+    second = [1 / 0.97 * (1 + e) for e in (-0.002, 0.001, 0.003, -0.002, 0.0)]  # plugin on the fast one
+    both = crossover_interval([first, second])
+    assert both.n == 10 and both.low < 1.0 < both.high and both.high / both.low < 1.01
+    pooled = crossover_interval([first + second, []])  # ignoring the halves: far wider
+    assert pooled.high / pooled.low > 1.02
+    on = [[_report(97, [1.0])], [_report(103, [1.0])]]
+    off = [[_report(100, [1.0])], [_report(100, [1.0])]]
+    level = summarise_level(on, off)
+    assert level["half_ratios"] == pytest.approx([0.97, 1.03])
+    assert level["server_difference"] == pytest.approx((0.97 / 1.03) ** 0.5)
 
 
 def test_percentile_is_nearest_rank():
