@@ -418,7 +418,7 @@ def run(
         with_plugin = _server(stack, serving, 8022 if swapped else 8021, topic, kafka, True, plugin_env)
         without = _server(stack, serving, 8021 if swapped else 8022, topic, kafka, False)
         servers = sorted(
-            [with_plugin, without], key=lambda spec: spec.serving.port
+            [with_plugin, without], key=lambda spec: spec.port
         )  # start order: 8021 first
         try:
             for spec in servers:
