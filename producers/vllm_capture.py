@@ -234,6 +234,11 @@ def install(output_processor_module: Any, engine_classes: list[type]) -> None:
         return state
 
     def _capture(req_state, finish_reason) -> None:
+        # once per state: aborting a parallel-sampling parent aborts its children in a nested call, and
+        # both calls return the children
+        if getattr(req_state, "_fw_captured", False):
+            return
+        req_state._fw_captured = True
         try:
             RUNTIME.on_finished(req_state, finish_reason)
         except Exception:
