@@ -40,12 +40,22 @@ def set_speculating(enabled: bool) -> None:
     _counters()[2].set(int(enabled))
 
 
-def watch_emitter(emitter) -> None:
-    """Export the emitter's queue depth and its peak; read only when /metrics is scraped (nothing on the
-    serving path). Call once per process, with the process's emitter."""
+
+_EMITTER: list = []  # the process's emitter, read by the queue gauges at scrape time
+
+
+@cache
+def _queue_gauges() -> None:
     from prometheus_client import Gauge
 
     depth = Gauge("flywheel_trace_queue", "Trace events waiting in the emitter's in-memory queue now")
-    depth.set_function(emitter.queue_depth)
+    depth.set_function(lambda: _EMITTER[0].queue_depth() if _EMITTER else 0)
     peak = Gauge("flywheel_trace_queue_peak", "Deepest the emitter's in-memory queue has been (events)")
-    peak.set_function(lambda: emitter.queue_peak)
+    peak.set_function(lambda: _EMITTER[0].queue_peak if _EMITTER else 0)
+
+
+def watch_emitter(emitter) -> None:
+    """Export the emitter's queue depth and its peak; read only when /metrics is scraped (nothing on the
+    serving path). The gauges are registered once per process; a later emitter replaces the earlier."""
+    _EMITTER[:] = [emitter]
+    _queue_gauges()
