@@ -417,9 +417,7 @@ def run(
     for swapped in halves:
         with_plugin = _server(stack, serving, 8022 if swapped else 8021, topic, kafka, True, plugin_env)
         without = _server(stack, serving, 8021 if swapped else 8022, topic, kafka, False)
-        servers = sorted(
-            [with_plugin, without], key=lambda spec: spec.port
-        )  # start order: 8021 first
+        servers = sorted([with_plugin, without], key=lambda spec: spec.port)  # start order: 8021 first
         try:
             for spec in servers:
                 progress(f"starting {spec.name} ({'plugin' if spec is with_plugin else 'stock'})")

@@ -40,7 +40,6 @@ def set_speculating(enabled: bool) -> None:
     _counters()[2].set(int(enabled))
 
 
-
 _EMITTER: list = []  # the process's emitter, read by the queue gauges at scrape time
 
 
