@@ -186,9 +186,14 @@ class ServingSettings(BaseSettings):
     capture_enabled: bool = Field(True, description="emit one TraceEvent per finished request")
     sample_rate: float = Field(1.0, ge=0.0, le=1.0, description="fraction of requests captured")
     tenant_allowlist: list[str] | None = Field(None, description="capture only these tenants (None = all)")
-    queue_max_events: int = Field(10_000, description="emitter queue cap; beyond it events spill to disk")
+    queue_max_events: int = Field(
+        10_000, description="emitter queue cap: beyond it events are dropped and counted, serving never waits"
+    )
     spill_dir: Path = Field(
         default_factory=_under_state_dir("spill"), description="spill files while Kafka is down"
+    )
+    spill_max_bytes: int = Field(
+        1 << 30, gt=0, description="cap on the spill files; beyond it events are dropped and counted"
     )
     follow_promotions: bool = Field(True, description="hot-swap drafters published on the promotions topic")
 

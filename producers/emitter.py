@@ -12,6 +12,11 @@ sleeps on the queue (long when nothing is in flight) instead of polling:
 Messages already handed to librdkafka never time out (``message.timeout.ms=0``): the idempotent producer
 delivers them exactly once when the broker returns. On close, whatever librdkafka still holds is purged
 into the spill, to be replayed by the next process.
+
+Faults cost events, never capture: the spill is capped (``spill_max_bytes``); an event the spill cannot take
+(cap reached, disk full, any ``OSError``) is counted as ``spill_dropped``, every ``OSError`` as ``io_errors``,
+logged once per burst (and once when the disk takes writes again); and the loop runs under a supervisor that
+logs and restarts it (``restarts``) if anything else escapes, so the thread lives as long as the process.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ from typing import Any
 from confluent_kafka import KafkaError, Producer
 
 from core.settings import KafkaSettings
-from producers.spill import SpillDir, read_records
+from producers.spill import AckedPrefix, SpillDir, read_records
 
 log = logging.getLogger("flywheel.emitter")
 
 Encoder = Callable[[Any], tuple[bytes, bytes]]  # record -> (key, value)
 _DOWN_CODES = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT}
-OUTCOMES = ("sent", "spilled", "replayed", "dropped", "failed")
+OUTCOMES = ("sent", "spilled", "replayed", "dropped", "spill_dropped", "failed")  # what became of events
+FAULTS = ("io_errors", "restarts")  # what went wrong on the emitter thread (counted, never raised)
 _WAKE = object()  # put on the queue by close(): the thread stops waiting at once
 _URGENT_WAIT_S = 0.05  # queue wait while a spill replays or the broker is down (probes, replay progress)
 _BUSY_WAIT_S = 0.25  # while librdkafka holds messages: their delivery reports wait in its queue meanwhile
@@ -53,11 +59,12 @@ class TraceEmitter:
         max_queue: int = 10_000,
         probe_interval_s: float = 1.0,
         on_count: Callable[[str, int], None] | None = None,
+        spill_max_bytes: int | None = None,
     ):
         self.kafka = kafka
         self.topic = topic
         self.encoder = encoder
-        self.spill = SpillDir(spill_dir)
+        self.spill = SpillDir(spill_dir, max_bytes=spill_max_bytes)
         self.max_queue = max_queue
         self.probe_interval_s = probe_interval_s
         self.counts: Counter[str] = Counter()
@@ -68,6 +75,7 @@ class TraceEmitter:
         self._next_probe = 0.0
         self._producer: Producer | None = None
         self._replay: _Replay | None = None
+        self._io_failing = 0  # OSErrors in the current burst (0: the disk takes writes)
         self.queue_peak = 0  # deepest queue the thread has found (a gauge at /metrics)
         self._thread = threading.Thread(target=self._run, name="flywheel-trace-emitter", daemon=True)
         self._started = False
@@ -102,14 +110,14 @@ class TraceEmitter:
                 pass
             self._thread.join(timeout_s + 5)
         self._log_counts("closed")
-        return {k: self.counts[k] for k in OUTCOMES}
+        return {k: self.counts[k] for k in OUTCOMES + FAULTS}
 
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
     def stats(self) -> dict[str, int]:
         return {
-            **{k: self.counts[k] for k in OUTCOMES},
+            **{k: self.counts[k] for k in OUTCOMES + FAULTS},
             "queued": self._queue.qsize(),
             "queue_peak": self.queue_peak,
             "down": int(self._down),
@@ -130,8 +138,28 @@ class TraceEmitter:
             "logger": log,
         }
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
+        """The supervisor: the loop is restarted (with a backoff) whatever escapes it; state survives."""
         self._producer = Producer(self._producer_config())
+        failures = 0
+        while True:
+            try:
+                self._loop()
+                break
+            except Exception:
+                self._count("restarts")
+                log.exception("trace emitter loop failed; restarting it (events keep queueing meanwhile)")
+                time.sleep(min(5.0, 0.05 * 2**failures))
+                failures += 1
+        try:
+            self._shutdown()
+        except Exception:
+            log.exception("trace emitter shutdown failed; what librdkafka held may be lost")
+
+    def _loop(self) -> None:
         last_log = time.monotonic()
         while not (self._stop.is_set() and self._queue.empty()):
             self._drain_queue()
@@ -143,7 +171,6 @@ class TraceEmitter:
             if time.monotonic() - last_log > 60:
                 self._log_counts("running")
                 last_log = time.monotonic()
-        self._shutdown()
 
     def _drain_queue(self, budget: int = 2000) -> None:
         """Handle what is queued, waiting for the first record: briefly while something needs watching
@@ -181,8 +208,32 @@ class TraceEmitter:
             self._spill(key, value)
 
     def _spill(self, key: bytes, value: bytes) -> None:
-        self.spill.append(key, value)
+        try:
+            self.spill.append(key, value)
+        except OSError as e:
+            self._count("spill_dropped")
+            self._io_error(f"cannot spill to {self.spill.directory}; dropping trace events", e)
+            return
         self._count("spilled")
+        self._io_ok()
+
+    def _io_error(self, what: str, error: OSError) -> None:
+        """Count every OSError; log the first of a burst (the rest are in the counters)."""
+        self._count("io_errors")
+        if not self._io_failing:
+            log.error(
+                "%s: %s (further I/O errors are counted, not logged, until a write succeeds)", what, error
+            )
+        self._io_failing += 1
+
+    def _io_ok(self) -> None:
+        if self._io_failing:
+            log.warning(
+                "spill writable again after %d I/O error(s); %d event(s) dropped so far",
+                self._io_failing,
+                self.counts["spill_dropped"],
+            )
+            self._io_failing = 0
 
     def _on_error(self, err: KafkaError) -> None:
         if err.code() in _DOWN_CODES and not self._down:
@@ -218,11 +269,15 @@ class TraceEmitter:
             if not self.spill.pending():
                 return
             self.spill.seal()  # newer events go to a new file behind the ones being replayed
-            self._replay = _Replay(self.spill.files()[0], self.topic, self._count)
+            self._replay = _Replay(self.spill.files()[0], self.topic, self._count, self._io_error)
         self._replay.hand_off(self._producer)
         if self._replay.settle():
-            self.spill.remove(self._replay.path)
-            self._replay = None
+            replay, self._replay = self._replay, None
+            replay.close()
+            try:
+                self.spill.remove(replay.path)
+            except OSError as e:
+                self._io_error(f"cannot remove replayed spill file {replay.path}", e)
 
     def _shutdown(self) -> None:
         remaining = self._producer.flush(5.0 if not self._down else 0.5)
@@ -231,60 +286,84 @@ class TraceEmitter:
             self._producer.poll(0.5)
         self.spill.seal()
 
-    def _count(self, outcome: str, n: int = 1) -> None:
+    def _count(self, outcome: str, n: int = 1) -> None:  # outcomes and faults
         self.counts[outcome] += n
         if self._on_count is not None:
             self._on_count(outcome, n)
 
     def _log_counts(self, when: str) -> None:
-        log.info("trace emitter %s: %s", when, ", ".join(f"{k}={self.counts[k]}" for k in OUTCOMES))
+        log.info("trace emitter %s: %s", when, ", ".join(f"{k}={self.counts[k]}" for k in OUTCOMES + FAULTS))
 
 
 class _Replay:
-    """Replay of one spill file, advanced a little on every loop turn (never blocks the emitter thread).
+    """Replay of one spill file, streamed: advanced a little on every loop turn, never blocking the emitter
+    thread and never holding more of the file than librdkafka has in flight.
 
     Records are handed to librdkafka once each (it never times them out, so none is sent twice while
     this process lives); the acknowledged prefix is persisted next to the file, so a crash re-sends only
-    records Kafka had not acknowledged. The file is deleted when every record is acknowledged.
+    records Kafka had not acknowledged. The caller deletes the file when every record is acknowledged.
     """
 
-    def __init__(self, path: Path, topic: str, count: Callable[[str, int], None]):
+    def __init__(
+        self,
+        path: Path,
+        topic: str,
+        count: Callable[[str, int], None],
+        io_error: Callable[[str, OSError], None],
+    ):
         self.path = path
         self.topic = topic
-        self.acked_file = path.with_suffix(".acked")
-        self.start = int(self.acked_file.read_text()) if self.acked_file.exists() else 0
-        self.records = list(read_records(path))[self.start :]
-        self.acked = [False] * len(self.records)
-        self.handed = 0
-        self.prefix = 0
+        self.marker = AckedPrefix(path)
+        self.start = self.marker.read()
+        self._records = read_records(path)
+        for _ in range(self.start):  # acknowledged before a crash: not sent again
+            next(self._records, None)
+        self._next: tuple[bytes, bytes] | None = None
+        self.exhausted = False
+        self.handed = 0  # records handed to librdkafka (counted from ``start``)
+        self.prefix = 0  # leading records acknowledged
+        self._acked: set[int] = set()  # acknowledged beyond the prefix (deliveries may come out of order)
         self._count = count
+        self._io_error = io_error
 
     def _callback(self, i: int) -> Callable:
         def on_delivery(err, _msg) -> None:
             if err is None:
-                self.acked[i] = True
+                self._acked.add(i)
                 self._count("replayed", 1)
 
         return on_delivery
 
     def hand_off(self, producer: Producer, budget: int = 5000) -> None:
-        end = min(len(self.records), self.handed + budget)
-        while self.handed < end:
-            key, value = self.records[self.handed]
+        for _ in range(budget):
+            if self._next is None:
+                self._next = next(self._records, None)
+                if self._next is None:
+                    self.exhausted = True
+                    return
+            key, value = self._next
             try:
                 producer.produce(
                     self.topic, value=value, key=key or None, on_delivery=self._callback(self.handed)
                 )
             except BufferError:
                 return
+            self._next = None
             self.handed += 1
 
     def settle(self) -> bool:
-        """Advance and persist the acknowledged prefix; True once the whole file is acknowledged (then the
-        caller removes it)."""
+        """Advance and persist the acknowledged prefix; True once the whole file is acknowledged."""
         before = self.prefix
-        while self.prefix < len(self.records) and self.acked[self.prefix]:
+        while self.prefix in self._acked:
+            self._acked.remove(self.prefix)
             self.prefix += 1
         if self.prefix != before:
-            self.acked_file.write_text(str(self.start + self.prefix))
-        return self.prefix == len(self.records)
+            try:
+                self.marker.write(self.start + self.prefix)
+            except OSError as e:  # only a crash now would re-send the unmarked acknowledged records
+                self._io_error(f"cannot persist the replay position of {self.path}", e)
+        return self.exhausted and self.prefix == self.handed
+
+    def close(self) -> None:
+        self._records.close()
+        self.marker.close()

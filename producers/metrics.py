@@ -12,8 +12,14 @@ def _counters():
 
     events = Counter(
         "flywheel_trace_events",
-        "Trace events by outcome: sent, spilled, replayed, dropped, failed, skipped (opt-out/sampling/tenant)",
+        "Trace events by outcome: sent, spilled, replayed, dropped (queue full), spill_dropped (spill full or"
+        " unwritable), failed, skipped (opt-out/sampling/tenant)",
         ["outcome"],
+    )
+    faults = Counter(
+        "flywheel_trace_emitter_faults",
+        "Faults the emitter thread survived: io_errors (each OSError), restarts (its loop restarted)",
+        ["kind"],
     )
     swaps = Counter(
         "flywheel_drafter_swaps",
@@ -25,11 +31,22 @@ def _counters():
         "1 while this node speculates, 0 after a disable event (every measured drafter was slower)",
     )
     speculating.set(1)
-    return events, swaps, speculating
+    return events, swaps, speculating, faults
 
 
 def count_event(outcome: str, n: int = 1) -> None:
     _counters()[0].labels(outcome=outcome).inc(n)
+
+
+def count_emitter(name: str, n: int = 1) -> None:
+    """The emitter's ``on_count``: event outcomes and the faults it survived, each to its own series."""
+    if name in _FAULTS:
+        _counters()[3].labels(kind=name).inc(n)
+    else:
+        count_event(name, n)
+
+
+_FAULTS = frozenset(("io_errors", "restarts"))
 
 
 def count_swap(outcome: str) -> None:

@@ -129,7 +129,8 @@ class CaptureRuntime:
                         encode_trace,
                         self.serving.spill_dir,
                         max_queue=self.serving.queue_max_events,
-                        on_count=metrics.count_event,
+                        on_count=metrics.count_emitter,
+                        spill_max_bytes=self.serving.spill_max_bytes,
                     )
                     metrics.watch_emitter(self._emitter)
                     # On exit: flush what Kafka takes within the timeout, spill the rest for the next process.

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer
@@ -139,3 +142,99 @@ def test_full_queue_drops_and_counts_instead_of_blocking(kafka_settings, topic_f
     assert time.monotonic() - started < 0.5
     assert emitter.counts["dropped"] >= 150
     emitter.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A real 64 KiB filesystem (tmpfs), mounted for the test: the spill meets ENOSPC, not a mock of it."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.fail("mounting a size-capped tmpfs needs root (CI runs the suite as root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
+def test_full_disk_during_an_outage_costs_events_not_capture(
+    local_stack, kafka_settings, topic_factory, small_disk
+):
+    topic = topic_factory(partitions=1)
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * 32 * 1024)  # half the disk: the spill gets the other half
+    spill_dir = small_disk / "spill"
+    emitter = TraceEmitter(kafka_settings, topic, _encode, spill_dir, probe_interval_s=0.5)
+    broker = stack.service("kafka", local_stack)
+    during = [f"during-{i:03d}-" + "x" * 500 for i in range(200)]  # ~100 KiB: most cannot be spilled
+    freed = [f"freed-{i:03d}-" + "y" * 500 for i in range(20)]
+    process.stop(broker)
+    try:
+        started = time.monotonic()
+        for v in during:
+            emitter.submit({"key": "k", "value": v})
+        assert time.monotonic() - started < 1.0, "submit must not wait for Kafka or the disk"
+        _wait(lambda: emitter.counts["spill_dropped"] > 0 and emitter.stats()["queued"] == 0)
+        dropped = emitter.counts["spill_dropped"]
+        assert emitter.alive(), "the emitter thread must survive a full disk"
+        assert emitter.counts["io_errors"] >= dropped and emitter.counts["restarts"] == 0
+        assert emitter.counts["spilled"] > 0 and dropped < len(during)
+
+        filler.unlink()  # the disk frees while the broker is still down: spilling resumes
+        for v in freed:
+            emitter.submit({"key": "k", "value": v})
+        _wait(lambda: emitter.stats()["queued"] == 0 and emitter.counts["spilled"] >= len(freed))
+        assert emitter.counts["spill_dropped"] == dropped
+    finally:
+        process.start(broker, local_stack.start_timeout_s)
+
+    _wait(lambda: not SpillDir(spill_dir).pending(), timeout_s=60)
+    counts = emitter.close()
+    got = _drain(kafka_settings, topic, len(during) - dropped + len(freed))
+    # same-sized records: once the disk refused one it refused every later one until it freed, so what
+    # was kept is the head of `during` (librdkafka's few held records first, then the spill, in order)
+    assert got == during[: len(during) - dropped] + freed
+    assert counts["failed"] == counts["dropped"] == 0
+    assert counts["sent"] + counts["replayed"] == len(got)
+
+
+def test_the_emitter_loop_is_restarted_whatever_escapes_it(kafka_settings, topic_factory, tmp_path):
+    topic = topic_factory(partitions=1)
+    emitter = TraceEmitter(kafka_settings, topic, _encode, tmp_path / "spill")
+    real_advance = emitter._advance_replay
+    failures = iter([RuntimeError("injected"), RuntimeError("injected again")])
+
+    def advance_that_fails_twice() -> None:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        real_advance()
+
+    emitter._advance_replay = advance_that_fails_twice
+    values = [f"v{i}" for i in range(100)]
+    for v in values:
+        emitter.submit({"key": "k", "value": v})
+    _wait(lambda: emitter.counts["sent"] == len(values))
+    assert emitter.alive() and emitter.counts["restarts"] == 2
+    counts = emitter.close()
+    assert counts["dropped"] == counts["failed"] == 0
+    assert _drain(kafka_settings, topic, len(values)) == values
+
+
+def test_a_large_spill_is_replayed_streaming_through_a_small_producer_queue(
+    kafka_settings, topic_factory, tmp_path
+):
+    """librdkafka's queue holds 50 messages here: replay must stop at BufferError and resume with the
+    record it could not hand over, not skip it and not load the whole file."""
+    topic = topic_factory(partitions=1)
+    spill = SpillDir(tmp_path / "spill")
+    values = [f"old-{i:05d}" for i in range(5000)]
+    for v in values:
+        spill.append(b"k", v.encode())
+    spill.seal()
+    emitter = TraceEmitter(kafka_settings, topic, _encode, tmp_path / "spill", max_queue=50)
+    emitter.submit({"key": "k", "value": "new"})
+    _wait(lambda: emitter.counts["sent"] + emitter.counts["replayed"] == len(values) + 1, timeout_s=60)
+    counts = emitter.close()
+    assert counts["spill_dropped"] == counts["failed"] == 0
+    assert _drain(kafka_settings, topic, len(values) + 1) == values + ["new"]
+    assert not SpillDir(tmp_path / "spill").pending()
