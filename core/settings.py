@@ -196,6 +196,11 @@ class ServingSettings(BaseSettings):
         1 << 30, gt=0, description="cap on the spill files; beyond it events are dropped and counted"
     )
     follow_promotions: bool = Field(True, description="hot-swap drafters published on the promotions topic")
+    drafter_paths: list[Path] = Field(
+        [],
+        description="local directories promotions may load drafters from; by default only models:/ URIs "
+        "on the configured MLflow registry are loaded",
+    )
 
     @property
     def target_dir(self) -> Path:

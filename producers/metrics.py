@@ -23,7 +23,8 @@ def _counters():
     )
     swaps = Counter(
         "flywheel_drafter_swaps",
-        "Drafter hot-swaps and speculation switches by outcome: ok, failed, ignored",
+        "Drafter hot-swaps and speculation switches by outcome: ok, failed, ignored (another target),"
+        " rejected (unverifiable, foreign source or stale)",
         ["outcome"],
     )
     speculating = Gauge(

@@ -12,6 +12,13 @@ engine keeps serving the previous drafter and the error is logged and counted.
 A ``disable`` event (the gate measured every drafter slower than no speculation) switches speculation off
 in the engine (``producers.speculation``) and keeps the drafter loaded; the next promote or rollback
 switches it on again before swapping.
+
+Anyone who can write to the topic could otherwise make every node load what they like, so an event is
+checked before anything is fetched (:func:`rejection`): it must carry the weights' SHA-256 (each worker
+verifies it before loading), name a drafter in the configured MLflow registry (``models:/…``) or under a
+directory the node allows (``FLYWHEEL_SERVING_DRAFTER_PATHS``), and a ``promote`` must not go back to an
+older version of the drafter being served (only a ``rollback`` may). A rejected event is logged with its
+reason and counted (``flywheel_drafter_swaps_total{outcome="rejected"}``); the node keeps serving.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
@@ -35,6 +44,55 @@ from schemas.registry import DRAFTER_PROMOTION
 
 log = logging.getLogger("flywheel.hot_swap")
 SWAP_TIMEOUT_S = 600
+REGISTRY_SCHEME = "models:/"
+
+
+def rejection(
+    promotion: dict[str, Any],
+    served: tuple[str | None, str],
+    allowed_paths: Sequence[Path] = (),
+) -> str | None:
+    """Why a promotion for this node's target must not be applied, or None. ``served`` is the (drafter id,
+    version) the engine serves now. Pure: the listener's gate, tested on forged events."""
+    if promotion["action"] == "disable":
+        return None  # loads nothing; the champion stays loaded
+    if not promotion.get("weights_sha256"):
+        return "no weights_sha256: the weights could not be verified"
+    uri = promotion["drafter_uri"]
+    if not uri.startswith(REGISTRY_SCHEME) and not _under(uri, allowed_paths):
+        return (
+            f"drafter_uri {uri!r} is neither in the configured registry ({REGISTRY_SCHEME}…) nor under an "
+            "allowed drafter path"
+        )
+    served_id, served_version = served
+    if (
+        promotion["action"] == "promote"
+        and promotion["drafter_id"] == served_id
+        and _older(promotion["drafter_version"], served_version)
+    ):
+        return (
+            f"stale: promotes v{promotion['drafter_version']} of {served_id} while v{served_version} is "
+            "served (going back takes a rollback event)"
+        )
+    return None
+
+
+def _under(uri: str, allowed: Sequence[Path]) -> bool:
+    """An absolute local path inside an allowed directory (symlinks resolved). URIs with a scheme (s3://,
+    file://, runs:/) are not absolute paths."""
+    path = Path(uri)
+    if not path.is_absolute():
+        return False
+    real = path.resolve()
+    return any(real.is_relative_to(Path(root).resolve()) for root in allowed)
+
+
+def _older(version: str, than: str) -> bool:
+    """Registry versions are integers; labels that are not (an engine's initial drafter) never compare."""
+    try:
+        return int(version) < int(than)
+    except ValueError:
+        return False
 
 
 def start_listener(runtime: Any) -> threading.Thread | None:
@@ -110,15 +168,18 @@ class PromotionListener:
             if msg is None or msg.error():
                 continue
             promotion = self._decode(msg.value())
-            if promotion is not None and (
-                latest is None or promotion["published_at"] >= latest["published_at"]
-            ):
+            if (
+                promotion is not None
+                and rejection(promotion, (None, ""), self.runtime.serving.drafter_paths) is None
+                and (latest is None or promotion["published_at"] >= latest["published_at"])
+            ):  # a forged newest event must not hide the real champion from a node that starts
                 latest = promotion
             if msg.offset() + 1 >= ends[msg.partition()]:
                 done.add(msg.partition())
         return latest
 
     def _decode(self, payload: bytes) -> dict[str, Any] | None:
+        """The promotion if it is readable and meant for this node's target and method, else None."""
         try:
             _, promotion = codec.decode(payload, expect=DRAFTER_PROMOTION)
         except codec.DecodeError as e:
@@ -135,25 +196,44 @@ class PromotionListener:
         return promotion
 
     def apply(self, promotion: dict[str, Any]) -> bool:
+        current = self.runtime.drafter_version_label(self._engine_version())
+        current_id = self.runtime.drafter_id_for(current)
+        reason = rejection(promotion, (current_id, current), self.runtime.serving.drafter_paths)
+        if reason is not None:
+            metrics.count_swap("rejected")
+            log.error(
+                "promotion %s of %s v%s REJECTED, still serving %s v%s: %s",
+                promotion["event_id"],
+                promotion["drafter_id"],
+                promotion["drafter_version"],
+                current_id,
+                current,
+                reason,
+            )
+            return False
         if promotion["action"] == "disable":
             return self.switch(False, promotion)
         if not self.runtime.speculating and not self.switch(True, promotion):
             return False
         version = promotion["drafter_version"]
-        current = self.runtime.drafter_version_label(self._engine_version())
-        if version == current:
+        if (promotion["drafter_id"], version) == (current_id, current):
             return True
         started = time.monotonic()
+        previous_id = self.runtime.drafter_ids.get(version)
         self.runtime.drafter_ids[version] = promotion["drafter_id"]  # traces of this version carry its id
         try:
             mlflow = self.runtime.mlflow
             path = fetch(promotion["drafter_uri"], mlflow.artifact_cache_dir, mlflow.tracking_uri)
             swap = EngineSwap(self.runtime.engine)
             future = asyncio.run_coroutine_threadsafe(
-                swap_drafter_async(swap, path, version, promotion.get("weights_sha256")), self.runtime.loop
+                swap_drafter_async(swap, path, version, promotion["weights_sha256"]), self.runtime.loop
             )
             future.result(timeout=SWAP_TIMEOUT_S)
         except Exception as e:
+            if previous_id is None:
+                self.runtime.drafter_ids.pop(version, None)
+            else:
+                self.runtime.drafter_ids[version] = previous_id
             metrics.count_swap("failed")
             log.error(
                 "hot-swap to %s v%s FAILED, still serving v%s: %s",

@@ -35,6 +35,10 @@ def build_promotion(
 ) -> dict[str, Any]:
     if action not in ACTIONS:
         raise ValueError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}")
+    if action != "disable" and not weights_sha256:
+        raise ValueError(
+            f"a {action} event needs weights_sha256: serving nodes refuse weights they cannot verify"
+        )
     return {
         "schema_version": current(DRAFTER_PROMOTION).version,
         "event_id": str(uuid.uuid4()),

@@ -10,6 +10,8 @@ server, drafts what our offline replay of the same weights says it drafts.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from trainer_data import (
 
 from bench.offline_traces import lake_rows, pick_prompts, write_traces
 from core import process
+from core.drafter_artifacts import weights_sha256
 from core.settings import KafkaSettings, ServingSettings, StackSettings
 from infra import stack
 from infra.topics import TopicSpec, admin_client, delete_topics, ensure_topics
@@ -93,6 +96,8 @@ def server(local_stack, kafka_settings, target_model, tmp_path_factory):
         "FLYWHEEL_SERVING_SPILL_DIR": str(serving.spill_dir),
         "FLYWHEEL_SERVING_NODE_ID": "test-node",
         "FLYWHEEL_SERVING_PORT": str(PORT),
+        # drafters promoted by path must live under the session's temp dir; anything else is foreign
+        "FLYWHEEL_SERVING_DRAFTER_PATHS": json.dumps([str(tmp_path_factory.getbasetemp())]),
     }
     spec = VllmServer(
         StackSettings(state_dir=tmp / "state"), serving, serve_args(serving, "eagle3", drafters["a"], K), env
@@ -233,6 +238,7 @@ def test_promotion_hot_swaps_the_drafter_without_restart(server):
             **(promo | {"target_model_id": "other-model"}),
             drafter_version="9",
             drafter_uri=str(server.drafters["b"]),
+            weights_sha256=weights_sha256(server.drafters["b"]),
         ),
     )
     publish_promotion(
@@ -242,6 +248,7 @@ def test_promotion_hot_swaps_the_drafter_without_restart(server):
             **promo,
             drafter_version="2",
             drafter_uri=str(server.drafters["b"]),
+            weights_sha256=weights_sha256(server.drafters["b"]),
             previous_version="1",
         ),
     )
@@ -257,6 +264,7 @@ def test_promotion_hot_swaps_the_drafter_without_restart(server):
             **promo,
             drafter_version="3",
             drafter_uri=str(server.drafters["bad"]),
+            weights_sha256=weights_sha256(server.drafters["bad"]),
             previous_version="2",
         ),
     )
@@ -271,6 +279,75 @@ def test_promotion_hot_swaps_the_drafter_without_restart(server):
     assert _traces(server.kafka, {resp["id"]})[resp["id"]][0]["drafter_version"] == "2"
     assert 'flywheel_drafter_swaps_total{outcome="ignored"}' in metrics
     assert process.read_pid(server.spec) == pid, "the server was not restarted"
+
+
+def test_forged_promotions_are_rejected_and_serving_continues(server, tmp_path):
+    """Events anyone with write access to the topic could publish: a wrong digest, a drafter from outside
+    the registry and the allowed paths, no digest at all, a promote back to an older version. Each is
+    refused (the digest one by the workers, which check it before loading), counted and logged; the node
+    keeps serving its drafter. Then a rollback event (allowed to go back) is applied."""
+    pid = process.read_pid(server.spec)
+    promo = dict(
+        target_model_id=server.model, drafter_id="test-drafter", spec_method="eagle3", num_spec_tokens=K
+    )
+    good = {"drafter_uri": str(server.drafters["b"]), "weights_sha256": weights_sha256(server.drafters["b"])}
+    publish_promotion(server.kafka, build_promotion(action="promote", **promo, drafter_version="20", **good))
+    _wait_version(server, "20")
+    rejected = _metric_or_zero(server, 'flywheel_drafter_swaps_total{outcome="rejected"}')
+    failed = _metric_or_zero(server, 'flywheel_drafter_swaps_total{outcome="failed"}')
+
+    foreign = Path(tempfile.mkdtemp(prefix="foreign-drafter-"))  # outside the allowed directory
+    shutil.copytree(server.drafters["b"], foreign / "drafter")
+    no_digest = build_promotion(action="promote", **promo, drafter_version="23", **good)
+    no_digest["weights_sha256"] = None  # the schema allows null; the builder would refuse it
+    forged = [
+        build_promotion(
+            action="promote", **promo, drafter_version="21", **(good | {"weights_sha256": "0" * 64})
+        ),
+        build_promotion(
+            action="promote",
+            **promo,
+            drafter_version="22",
+            drafter_uri=str(foreign / "drafter"),
+            weights_sha256=weights_sha256(foreign / "drafter"),
+        ),
+        no_digest,
+        build_promotion(action="promote", **promo, drafter_version="19", **good),  # stale
+    ]
+    for event in forged:
+        publish_promotion(server.kafka, event)
+    rejected_key = 'flywheel_drafter_swaps_total{outcome="rejected"}'
+    _wait_until(lambda: _metric_or_zero(server, rejected_key) - rejected, 3, "rejections", 120)
+    _wait_until(
+        lambda: _metric_or_zero(server, 'flywheel_drafter_swaps_total{outcome="failed"}') - failed,
+        1,
+        "digest failures",
+        120,
+    )
+    assert _weight_version(server) == "20"
+    resp = _chat(server, "Name three rivers.", "prose")
+    assert _traces(server.kafka, {resp["id"]})[resp["id"]][0]["drafter_version"] == "20"
+
+    publish_promotion(
+        server.kafka,
+        build_promotion(
+            action="rollback",
+            **promo,
+            drafter_version="19",
+            drafter_uri=str(server.drafters["a"]),
+            weights_sha256=weights_sha256(server.drafters["a"]),
+        ),
+    )
+    _wait_version(server, "19")
+    assert process.read_pid(server.spec) == pid, "the server was not restarted"
+    shutil.rmtree(foreign)
+
+
+def _metric_or_zero(server: Server, series: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def _metric(server: Server, name: str) -> float:
@@ -308,7 +385,11 @@ def test_disable_switches_speculation_off_and_the_next_promotion_on(server):
     publish_promotion(  # the same drafter promoted again: speculation back on, no swap needed
         server.kafka,
         build_promotion(
-            action="promote", **promo, drafter_version=served, drafter_uri=str(server.drafters["b"])
+            action="promote",
+            **promo,
+            drafter_version=served,
+            drafter_uri=str(server.drafters["b"]),
+            weights_sha256=weights_sha256(server.drafters["b"]),
         ),
     )
     _wait_metric(server, "flywheel_speculation_enabled", 1)
@@ -346,6 +427,7 @@ def test_a_trained_drafter_drafts_in_vllm_what_replay_says(
             drafter_id="test-drafter",
             drafter_version="trained",
             drafter_uri=str(tmp_path / "run" / "drafter"),
+            weights_sha256=weights_sha256(tmp_path / "run" / "drafter"),
             num_spec_tokens=K,
         ),
     )
