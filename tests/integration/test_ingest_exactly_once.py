@@ -197,30 +197,44 @@ def test_zombie_writers_on_one_table_still_write_each_event_once(
 ):
     """Two consumers in *different* groups (think: a zombie after a split brain) both read every partition
     and race to commit the same offsets; the txn check and commit conflicts must make exactly one win each
-    time, and the loser re-seek from the table (the reset path)."""
+    time, and the loser re-seek from the table (the reset path). Both are running before the first event
+    is produced, and events arrive while they run, so the race is provoked, and asserted to have happened."""
     topic, dlq = topic_factory(partitions=2), topic_factory(prefix="dlq")
     records = [trace(i) for i in range(2000)]
-    produce(kafka_settings, topic, encoded(records))
     env = ingest_env(kafka_settings, topic, dlq, str(tmp_path / "lake"), pycache)
+    logs = [tmp_path / f"{n}.log" for n in range(2)]
     runs = [
         subprocess.Popen(
             ingest_cmd(
                 f"zombie-{n}",
                 *SMALL_BATCHES,
                 "--until-idle-s",
-                "3",
+                "5",
                 "--stats-json",
                 str(tmp_path / f"{n}.json"),
+                "--log-level",
+                "INFO",
             ),
             env=env,
-            stderr=subprocess.PIPE,
+            stderr=logs[n].open("w"),
         )
         for n in range(2)
     ]
-    for run in runs:
-        _, err = run.communicate(timeout=180)
-        assert run.returncode == 0, err.decode()[-3000:]
+    deadline = time.monotonic() + 120
+    while not all(re.search(r"assigned \{\d", log.read_text()) for log in logs):
+        assert time.monotonic() < deadline, "both zombies should own both partitions before traffic starts"
+        assert all(run.poll() is None for run in runs), "an ingest exited before traffic started"
+        time.sleep(0.2)
+    for i in range(0, len(records), 100):  # a live stream: both keep finding new events to commit
+        produce(kafka_settings, topic, encoded(records[i : i + 100]))
+        time.sleep(0.2)
+    for n, run in enumerate(runs):
+        run.wait(timeout=180)
+        assert run.returncode == 0, logs[n].read_text()[-3000:]
     assert_exactly_once(tmp_path / "lake" / "traces", {r["event_id"] for r in records})
     stats = [json.loads((tmp_path / f"{n}.json").read_text()) for n in range(2)]
-    assert sum(s["rows"] for s in stats) == len(records)
     print(json.dumps({"zombie_stats": stats}))
+    assert sum(s["rows"] for s in stats) == len(records)
+    assert all(s["rows"] > 0 for s in stats), "both zombies should win some commits"
+    assert sum(s["conflicts"] for s in stats) >= 1, "the race this test provokes never happened"
+    assert all(s["resets"] >= s["conflicts"] for s in stats), "a lost commit must re-seek from the table"
