@@ -22,15 +22,19 @@ time (the partitions derive from it), so a row is deleted between ``retention_da
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
+from deltalake.exceptions import CommitFailedError
 
 from consumers.lake_files import delta_writer_properties
 from core.settings import LakeSettings
+
+log = logging.getLogger("flywheel.retention")
 
 
 @dataclass(frozen=True, order=True)
@@ -137,12 +141,23 @@ def run_retention(
     retention_days: int | None = None,
     dry_run: bool = False,
     vacuum_retention_hours: int | None = None,
+    attempts: int = 5,
 ) -> RetentionReport:
     """Plan and apply retention on the lake's ``traces`` table as of ``now`` (CLI and Airflow call this).
-    No table yet (nothing ingested): an empty plan, nothing done."""
+    No table yet (nothing ingested): an empty plan, nothing done. It runs next to a streaming ingest: a
+    commit that loses a race with the ingest's is re-planned on the new table version and applied again
+    (each step is idempotent), up to ``attempts`` times."""
     days = retention_days or lake.retention_days
-    if not DeltaTable.is_deltatable(lake.traces_uri, storage_options=lake.storage_options or None):
+    options = lake.storage_options or None
+    if not DeltaTable.is_deltatable(lake.traces_uri, storage_options=options):
         return RetentionReport(plan_retention([], now, days), dry_run)
-    dt = DeltaTable(lake.traces_uri, storage_options=lake.storage_options or None)
-    plan = plan_retention(partitions_of(dt), now, days)
-    return apply_retention(dt, plan, dry_run=dry_run, vacuum_retention_hours=vacuum_retention_hours)
+    for attempt in range(1, attempts + 1):
+        dt = DeltaTable(lake.traces_uri, storage_options=options)
+        plan = plan_retention(partitions_of(dt), now, days)
+        try:
+            return apply_retention(dt, plan, dry_run=dry_run, vacuum_retention_hours=vacuum_retention_hours)
+        except CommitFailedError as e:
+            if attempt == attempts:
+                raise
+            log.info("retention lost a commit race with a writer (%s); re-planning (attempt %d)", e, attempt)
+    raise AssertionError("unreachable")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException
@@ -67,7 +68,8 @@ def admin_client(kafka: KafkaSettings) -> AdminClient:
 
 
 def ensure_topics(admin: AdminClient, specs: list[TopicSpec], timeout_s: float = 30.0) -> list[str]:
-    """Create missing topics; existing ones are left untouched. Returns the names created."""
+    """Create missing topics; existing ones are left untouched. Returns the names created, once the broker's
+    metadata lists them (a client started right after must find them)."""
     futures = admin.create_topics(
         [NewTopic(s.name, num_partitions=s.partitions, replication_factor=1, config=s.config) for s in specs],
         operation_timeout=timeout_s,
@@ -81,6 +83,16 @@ def ensure_topics(admin: AdminClient, specs: list[TopicSpec], timeout_s: float =
         except KafkaException as e:
             if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
+    deadline = time.monotonic() + timeout_s
+    while created:
+        listed = admin.list_topics(timeout=timeout_s).topics
+        if all(name in listed and not listed[name].error for name in created):
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"created topics {created} are not in the broker's metadata after {timeout_s}s"
+            )
+        time.sleep(0.1)
     return created
 
 

@@ -11,7 +11,9 @@ whose producer stamps the node's wrong clock, and read them with the real consum
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -145,6 +147,99 @@ def test_storage_stays_bounded_under_continuous_ingest(kafka_settings, topic_fac
     assert data[-1] + log[-1] <= 1.5 * (data[2] + log[2])
     # and the consumer resumed from the offsets kept in checkpoints: every day ingested exactly once
     assert DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id"]).num_rows == 2 * 150
+
+
+def test_retention_runs_while_the_ingest_writes(kafka_settings, topic_factory, tmp_path):
+    """Retention and the ingest truly concurrent: the ingest runs (this thread) while traffic for six
+    simulated days streams in (a thread) and retention runs again and again on the same table (another
+    thread), deleting expired days and compacting closed hours between the ingest's commits. Every event
+    of a kept day is in the table once, none of an expired day, and only the live files stay on disk."""
+    topic, dlq = topic_factory(partitions=2), topic_factory(prefix="dlq")
+    kafka = kafka_settings.model_copy(update={"dlq_topic": dlq})
+    lake = LakeSettings(root=str(tmp_path / "lake"))
+    days, per_day, retention_days = 6, 150, 2
+    sim = {"day": 0}
+    readings = itertools.count()
+
+    def clock() -> float:  # the current simulated day, a second later at each reading (within hour 0)
+        return (DAY0 + timedelta(days=sim["day"])).timestamp() + next(readings) % 1800
+
+    # deleted files outlive the longest an ingest file waits between being written and committed
+    properties = FAST_EXPIRY | {"delta.deletedFileRetentionDuration": "interval 10 seconds"}
+    opts = IngestOptions(
+        group="retention-live",
+        until_idle_s=8,
+        consume_batch=20,
+        policy=FlushPolicy(max_events=30, max_age_s=0.2),
+        table_properties=properties,
+        clock=clock,
+    )
+    ingest = TraceIngest(kafka, lake, opts, topic=topic)
+    sent: dict[int, set[str]] = {}
+    traffic_done = threading.Event()
+    retention_runs: list = []
+    errors: list[BaseException] = []
+
+    def traffic() -> None:
+        try:
+            for day in range(days):
+                sim["day"] = day
+                events = day_events(day, per_day)
+                sent[day] = {e["event_id"] for e in events}
+                for i in range(0, per_day, 30):
+                    produce(kafka, topic, encoded(events[i : i + 30]))
+                    time.sleep(0.2)
+                deadline = time.monotonic() + 120
+                while ingest.stats.processed < (day + 1) * per_day:  # the day is stamped before it ends
+                    assert time.monotonic() < deadline, "the ingest fell behind"
+                    time.sleep(0.05)
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            traffic_done.set()
+
+    def retention() -> None:
+        try:
+            while not traffic_done.is_set():
+                now = DAY0 + timedelta(days=sim["day"], hours=2)  # hours 0-1 of today still open
+                if DeltaTable.is_deltatable(lake.traces_uri):
+                    retention_runs.append(
+                        (ingest.stats.commits, run_retention(lake, now, retention_days=retention_days))
+                    )
+                time.sleep(0.3)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=traffic), threading.Thread(target=retention)]
+    for t in threads:
+        t.start()
+    stats = ingest.run()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+
+    kept_days = range(days - 1 - retention_days, days)
+    expected = set().union(*(sent[d] for d in kept_days))
+    table = DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id", "date"])
+    ids = table["event_id"].to_pylist()
+    assert len(ids) == len(set(ids)), "an event is in the table twice"
+    assert set(ids) == expected, "rows != the events of the kept days"
+    deleting = [commits for commits, report in retention_runs if report.deleted_files]
+    assert deleting and min(deleting) < stats.commits, "no deletion happened while the ingest was committing"
+    assert sum(bool(r.compacted) for _, r in retention_runs) >= 1
+    print(json.dumps({"ingest": stats.as_dict(), "retention_runs": len(retention_runs)}))
+
+    time.sleep(11)  # past deletedFileRetentionDuration: what retention removed can now be vacuumed
+    run_retention(lake, DAY0 + timedelta(days=days - 1, hours=2), retention_days=retention_days)
+    dt = DeltaTable(lake.traces_uri)
+    on_disk = {
+        os.path.join(d, f)
+        for d, _, fs in os.walk(lake.traces_uri)
+        for f in fs
+        if f.endswith(".parquet") and "_delta_log" not in d
+    }
+    assert on_disk == {u.removeprefix("file://") for u in dt.file_uris()}, "storage holds dead files"
+    assert len(on_disk) <= 2 * (retention_days + 1) + 2  # compacted closed hours, and today's open ones
 
 
 def _utc(us: int) -> datetime:
