@@ -124,3 +124,16 @@ def test_the_demo_runs_pass():
 
     for plan in (QUICK, FULL):
         cycle_settings({"cycle": plan.cycle_conf(1), "window_start": datetime.now(UTC).isoformat()})
+
+
+def test_a_cycle_never_resumes_from_a_recipes_checkpoint(tmp_path):
+    from flywheel.cycle import cycle_recipe
+
+    assert cycle_recipe(CycleSettings(), warm=False).name == "scratch"
+    assert cycle_recipe(CycleSettings(), warm=True).name == "champion-refresh"
+    recipe = tmp_path / "resumes.yaml"
+    recipe.write_text("name: resumes\nresume: /tmp/elsewhere/step_000100.pt\n")
+    with pytest.raises(
+        ValueError, match="resumes.yaml sets resume=/tmp/elsewhere/step_000100.pt: a flywheel"
+    ):
+        cycle_recipe(CycleSettings(scratch_recipe=str(recipe)), warm=False)
