@@ -1,20 +1,27 @@
 """drafter_flywheel: pick window -> train -> evaluate -> gate -> promote | reject.
 
 Wiring only: each task builds the settings of this run (the environment, overridden by the run's `cycle`
-param), lazily imports one function of flywheel.cycle and calls it; the typed results of flywheel.cycle
-cross task boundaries as JSON (XCom) and are validated back into their models on the other side. Runs
-when trace_watch announces a new window or drift, and on a timetable; one run at a time; training is
-serialised by the `training` pool. Every task is keyed on its input (window, model version), so retries
-and re-runs never train or promote twice. The gate's reasons are the `gate` task's return value (XCom tab)
-and are logged by `promote` / `reject`.
+param once it passed its allow-list, core/run_params.py), lazily imports one function of flywheel.cycle
+and calls it; the typed results of flywheel.cycle cross task boundaries as JSON (XCom) and are validated
+back into their models on the other side. Runs when trace_watch announces a new window or drift, and on
+a timetable; one run at a time; training is serialised by the `training` pool. Every task is keyed on its
+input (window, model version), so retries and re-runs never train or promote twice. The gate's reasons are
+the `gate` task's return value (XCom tab) and are logged by `promote` / `reject`.
 """
 
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, get_current_context, task
+from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
-from flywheel_assets import DRIFT, TRACES, paused_upon_creation, run_settings
+from flywheel_assets import (
+    DRIFT,
+    TRACES,
+    cycle_param,
+    paused_upon_creation,
+    run_settings,
+    window_start_param,
+)
 
 
 def _settings():
@@ -45,28 +52,18 @@ with DAG(
     max_active_runs=1,
     is_paused_upon_creation=paused_upon_creation("drafter_flywheel"),
     default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
-    params={
-        "cycle": Param({}, type="object", description="CycleSettings overrides for this run"),
-        "window_start": Param(
-            None,
-            type=["null", "string"],
-            description="ISO-8601 start of the training window (default: window_minutes before the newest trace)",
-        ),
-    },
+    params={"cycle": cycle_param(), "window_start": window_start_param()},
     tags=["flywheel"],
     doc_md=__doc__,
 ) as dag:
 
     @task
     def window() -> dict:
-        from datetime import datetime
-
+        from core.run_params import window_start
         from flywheel.cycle import pick_window
 
-        start = get_current_context()["params"].get("window_start")
-        picked = pick_window(
-            _settings(), _announced_version(), datetime.fromisoformat(start) if start else None
-        )
+        start = window_start(get_current_context()["params"])
+        picked = pick_window(_settings(), _announced_version(), start)
         if picked is None:
             raise AirflowSkipException("not enough traces in the window")
         return picked.model_dump(mode="json")

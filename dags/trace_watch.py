@@ -8,9 +8,9 @@ below its evaluated tau by the configured margin. Skipped tasks emit nothing.
 import os
 
 import pendulum
-from airflow.sdk import DAG, CronTriggerTimetable, Param, get_current_context, task
+from airflow.sdk import DAG, CronTriggerTimetable, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
-from flywheel_assets import DRIFT, TRACES, paused_upon_creation, run_settings
+from flywheel_assets import DRIFT, TRACES, cycle_param, paused_upon_creation, run_settings
 
 with DAG(
     dag_id="trace_watch",
@@ -20,7 +20,7 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     is_paused_upon_creation=paused_upon_creation("trace_watch"),
-    params={"cycle": Param({}, type="object", description="CycleSettings overrides for this run")},
+    params={"cycle": cycle_param()},
     tags=["flywheel"],
     doc_md=__doc__,
 ) as dag:

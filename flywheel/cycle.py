@@ -17,7 +17,7 @@ import json
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -36,6 +36,9 @@ from evaluation.served import (
     paired_benchmark,
 )
 from promotion.drafter_registry import DrafterRegistry
+
+if TYPE_CHECKING:
+    from trainer.recipes import TrainRecipeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 EVALUATION_ARTIFACT = "evaluation.json"
@@ -116,13 +119,31 @@ def eval_domains(window: TraceWindow, cycle: CycleSettings) -> list[str]:
 # --- train -------------------------------------------------------------------------------------------
 
 
+def cycle_recipe(cycle: CycleSettings, warm: bool) -> TrainRecipeConfig:
+    """The recipe a cycle trains with: ``refresh_recipe`` when it warm-starts from a parent, else
+    ``scratch_recipe`` (repo-relative paths; a DAG run names them, core/run_params.py).
+
+    A recipe that sets ``resume`` is refused: a cycle trains a new challenger per window, its start the
+    parent the registry gives (``init.from_dir``), never a checkpoint file named in a recipe.
+    """
+    from trainer.recipes import load_recipe
+
+    path = REPO / (cycle.refresh_recipe if warm else cycle.scratch_recipe)
+    recipe = load_recipe(path)
+    if recipe.resume is not None:
+        raise ValueError(
+            f"recipe {path} sets resume={recipe.resume}: a flywheel cycle never resumes from a checkpoint "
+            "file (it trains a new challenger from the registry's parent); remove `resume` from the recipe"
+        )
+    return recipe
+
+
 def train_challenger(settings: Settings, window: TraceWindow) -> TrainedVersion:
     """Train on the window and register the challenger.
 
     Warm start from the lineage head (``cycle.warm_start='lineage'``, the newest trained version) or the
     champion; from scratch when the registry has neither.
     """
-    from trainer.recipes import load_recipe
     from trainer.train_loop import git_sha, run_recipe
 
     cycle, reg = settings.cycle, registry(settings)
@@ -130,7 +151,7 @@ def train_challenger(settings: Settings, window: TraceWindow) -> TrainedVersion:
     if existing:
         return TrainedVersion(version=existing[0].version, reused=True)
     parent = reg.lineage_head() if cycle.warm_start == "lineage" else reg.by_alias("champion")
-    base = load_recipe(REPO / (cycle.refresh_recipe if parent else cycle.scratch_recipe))
+    base = cycle_recipe(cycle, warm=parent is not None)
     update: dict[str, Any] = {
         "window": base.window.model_copy(
             update={

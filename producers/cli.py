@@ -26,7 +26,11 @@ def serve(
     ] = False,
     stop: Annotated[bool, typer.Option(help="stop a server started with --detach")] = False,
     dev_mode: Annotated[
-        bool, typer.Option(help="expose vLLM's weight-update HTTP routes (VLLM_SERVER_DEV_MODE)")
+        bool,
+        typer.Option(
+            help="expose vLLM's weight-update HTTP routes (VLLM_SERVER_DEV_MODE): unauthenticated, so the "
+            "host must be loopback"
+        ),
     ] = False,
     extra: Annotated[list[str] | None, typer.Argument(help="more `vllm serve` arguments, after --")] = None,
 ) -> None:

@@ -8,7 +8,8 @@ Each step: next pack of the streamed train window -> frozen target forward (feat
 written to disk; ``data.feature_cache_gb`` memoises them in memory across epochs) -> TTT unroll of the
 drafter on the training device -> mixed loss -> AdamW with clipping. Rank r of W takes every W-th pack.
 Rank 0 shows progress, logs to MLflow, writes checkpoints (model config, step, optimizer, window, git SHA,
-argv, recipe) and exports the drafter in vLLM's eagle3 format.
+argv, recipe) and exports the drafter in vLLM's eagle3 format. A checkpoint holds tensors and plain data
+only and is read back with ``torch.load(weights_only=True)``: resuming from a file never runs code in it.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ import copy
 import itertools
 import math
 import os
+import pickle
 import random
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from datetime import date
+from enum import Enum
+from pathlib import Path, PurePath
+from typing import Any
 
 import torch
 
@@ -399,19 +404,18 @@ class DrafterTrainingRecipe:
             return None
         path = self.out_dir / "checkpoints" / f"step_{self.step:06d}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
+        meta = {
             "model_config": asdict(self.drafter.config),
-            "model": self.drafter.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "replica_digests": getattr(self, "replica_digests", None),
             **self.provenance(),
         }
-        torch.save(state, path)
+        state = {"model": self.drafter.state_dict(), "optimizer": self.optimizer.state_dict()}
+        torch.save(state | plain(meta), path)
         return path
 
     def _load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(path)
         self.drafter.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
@@ -443,6 +447,45 @@ def learning_rate(cfg: TrainRecipeConfig, step: int) -> float:
         return o.lr
     frac = (step - o.warmup_steps) / max(1, cfg.max_steps - o.warmup_steps)
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def load_checkpoint(path: Path | str) -> dict:
+    """A checkpoint :meth:`DrafterTrainingRecipe.save_checkpoint` wrote, on the CPU. Read with
+    ``weights_only``: tensors and plain data only; a pickled object of any other class is refused
+    (``pickle.UnpicklingError``), never constructed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines() if "WeightsUnpickler" in line]
+        why = (lines[0] if lines else str(e)).split(" Please use")[0]
+        raise pickle.UnpicklingError(
+            f"checkpoint {path} holds more than tensors and plain data; refused, nothing in it ran ({why})"
+        ) from None
+
+
+def plain(value: Any, where: str = "checkpoint") -> Any:
+    """``value`` as data ``torch.load(weights_only=True)`` reads back: dicts, lists, tuples, str, int,
+    float, bool, None and tensors; paths and dates become strings, enums and numpy values their Python ones.
+    Anything else raises TypeError naming where it was (it would make the checkpoint unreadable)."""
+    if value is None or isinstance(value, torch.Tensor) or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, dict):
+        return {plain(k, where): plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):  # subclasses (named tuples) become the plain container
+        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Enum):
+        return plain(value.value, where)
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # scalars and arrays
+        return plain(value.tolist(), where)
+    for base in (bool, int, float, str):
+        if isinstance(value, base):
+            return base(value)
+    raise TypeError(f"{where}: {type(value).__qualname__} is not plain data a checkpoint can hold")
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -177,10 +177,11 @@ def _register_dir(registry, drafter_dir: Path, tags: dict) -> str:
 def test_dag_cycle_end_to_end(cycle_env, airflow_env, registry, tmp_path):
     recipe = tmp_path / "test-scratch.yaml"
     recipe.write_text(yaml.safe_dump(TEST_SCRATCH))
-    conf = {"cycle": SMALL_CYCLE | {"scratch_recipe": str(recipe)}}
+    # a run names only the repo's recipes (core/run_params.py): the test's own comes from the environment
+    conf = {"cycle": SMALL_CYCLE}
     proc = subprocess.run(
         [sys.executable, "-c", DAG_TEST, str(DAGS), json.dumps(conf)],
-        env=airflow_env | cycle_env,
+        env=airflow_env | cycle_env | {"FLYWHEEL_CYCLE_SCRATCH_RECIPE": str(recipe)},
         capture_output=True,
         text=True,
         timeout=3600,

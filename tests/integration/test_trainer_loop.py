@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from trainer.eagle3_drafter import Eagle3Drafter
 from trainer.recipes import TrainRecipeConfig
-from trainer.train_loop import run_recipe, weights_digest
+from trainer.train_loop import load_checkpoint, run_recipe, weights_digest
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +69,7 @@ def test_recipe_trains_checkpoints_exports_and_resumes(trace_table, target_model
 
     ckpts = sorted((tmp_path / "checkpoints").glob("*.pt"))
     assert [c.name for c in ckpts] == ["step_000002.pt", "step_000003.pt"]
-    state = torch.load(ckpts[-1], weights_only=False)
+    state = load_checkpoint(ckpts[-1])
     assert state["step"] == 3 and state["argv"] == ["pytest", "train"]
     assert state["model_config"]["draft_vocab_size"] == 4096 and state["optimizer"]["state"]
     assert state["window"]["table_version"] == 2 and state["window"]["holdout_cutoff"]
@@ -138,7 +138,7 @@ def test_torchrun_ddp_two_ranks_end_identical(trace_table, target_model, tmp_pat
     env = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    state = torch.load(tmp_path / "out" / "checkpoints" / "step_000002.pt", weights_only=False)
+    state = load_checkpoint(tmp_path / "out" / "checkpoints" / "step_000002.pt")
     assert state["world_size"] == 2
     digests = state["replica_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]  # both ranks hold bit-identical weights

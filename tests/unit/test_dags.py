@@ -96,3 +96,31 @@ def test_dags_are_created_in_the_state_their_settings_say(dagbag, monkeypatch):
     assert out.stdout.strip().splitlines()[-1] == str(
         {"drafter_flywheel": True, "trace_maintenance": False, "trace_watch": True}
     ), out.stderr[-2000:]
+
+
+def test_run_params_carry_the_allow_list_and_a_bad_run_is_refused(dagbag):
+    """The trigger form shows and enforces the allow-list (Airflow validates a run's conf against each
+    Param's schema); the tasks' own check (run_settings) refuses what gets past it."""
+    import copy
+
+    from airflow.sdk.exceptions import ParamValidationError
+    from flywheel_assets import run_settings
+
+    from core.run_params import cycle_param_schema
+
+    for dag_id, names in (("drafter_flywheel", {"cycle", "window_start"}), ("trace_watch", {"cycle"})):
+        params = dagbag.dags[dag_id].params
+        assert set(params) == names
+        assert params.get_param("cycle").schema == cycle_param_schema()
+        ok = copy.deepcopy(params)
+        ok.update({"cycle": {"scratch_recipe": "scratch", "train_max_steps": 5}})
+        for bad in ({"scratch_recipe": "/abs/recipe.yaml"}, {"resume": "x.pt"}, {"eval_concurrency": 0}):
+            with pytest.raises(ParamValidationError):
+                copy.deepcopy(params).update({"cycle": bad})
+            with pytest.raises(ValueError, match="cycle"):
+                run_settings({"cycle": bad})
+    params = dagbag.dags["drafter_flywheel"].params
+    assert params.get_param("window_start").schema["format"] == "date-time"
+    assert run_settings({"cycle": {"train_max_steps": 5}}).cycle.train_max_steps == 5
+    with pytest.raises(ValueError, match="window_start: 'soon' is not an ISO-8601 date-time"):
+        run_settings({"window_start": "soon"})

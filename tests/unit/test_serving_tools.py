@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.settings import ServingSettings
+from core.process import StackError
+from core.settings import ServingSettings, StackSettings
 from producers.drafter_weights import IncompatibleDrafter, compatibility_problems, read_weights, tensor_shapes
 from producers.traffic import Phase, parse_schedule, prompt_stream, spec_steps
-from producers.vllm_server import serve_args, speculative_config
+from producers.vllm_server import UnsafeBind, VllmServer, check_bind, main, serve_args, speculative_config
+
+DEV = {"VLLM_SERVER_DEV_MODE": "1"}
 
 
 def test_schedule_parsing():
@@ -52,6 +57,55 @@ def test_serve_args_carry_capture_and_hot_swap_flags(tmp_path):
         assert ("--enforce-eager" in args) == eager
     with pytest.raises(ValueError):
         speculative_config("eagle3", None, 3)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])
+def test_dev_mode_servers_bind_loopback(tmp_path, host):
+    serving = ServingSettings(models_dir=tmp_path, host=host)
+    args = serve_args(serving, "eagle3", tmp_path / "d", 3)
+    check_bind(args, DEV)
+    VllmServer(StackSettings(state_dir=tmp_path), serving, args, DEV).prepare()
+
+
+def test_dev_mode_beyond_loopback_is_refused_even_with_an_api_key(tmp_path):
+    """vLLM's API key guards /v1 (and /v2, /inference, /cohere), never the weight-update routes."""
+    keyed = DEV | {"VLLM_API_KEY": "secret"}
+    for host in ("0.0.0.0", "::", "10.1.2.3", "serving-node"):
+        serving = ServingSettings(models_dir=tmp_path, host=host)
+        args = serve_args(serving, "eagle3", tmp_path / "d", 3, ["--api-key", "secret"])
+        with pytest.raises(UnsafeBind, match=f"VLLM_SERVER_DEV_MODE=1 to '{host}'.* no authentication"):
+            check_bind(args, keyed)
+        with pytest.raises(StackError, match=f"vllm: refusing to bind .* to '{host}'"):
+            VllmServer(StackSettings(state_dir=tmp_path), serving, args, keyed).prepare()
+    loopback = serve_args(ServingSettings(models_dir=tmp_path), "none", None, 3)
+    for extra in (["--host", "0.0.0.0"], ["--host=0.0.0.0"], ["--hos", "0.0.0.0"]):  # the last one wins
+        with pytest.raises(UnsafeBind, match="'0.0.0.0'"):
+            check_bind(loopback + extra, DEV)
+    with pytest.raises(UnsafeBind, match="every interface"):
+        check_bind(["serve", "model"], DEV)
+    with pytest.raises(UnsafeBind):  # a value vLLM cannot read counts as on
+        check_bind(loopback + ["--host", "0.0.0.0"], {"VLLM_SERVER_DEV_MODE": "yes"})
+    for env in ({}, {"VLLM_SERVER_DEV_MODE": "0"}):  # no dev-mode routes: the bind is the deployment's
+        check_bind(loopback + ["--host", "0.0.0.0"], env)
+
+
+def test_the_evaluation_servers_and_main_refuse_too(tmp_path, monkeypatch):
+    from evaluation.served import EvalServers
+
+    stack = StackSettings(state_dir=tmp_path)
+    exposed = ServingSettings(models_dir=tmp_path, host="0.0.0.0")
+    with pytest.raises(StackError, match="vllm-eval-8031: refusing"):
+        EvalServers.server(stack, exposed, 8031, "none", None, 3).prepare()
+    EvalServers.server(stack, ServingSettings(models_dir=tmp_path), 8031, "none", None, 3).prepare()
+
+    def vllm_main():
+        raise AssertionError("vLLM was started")
+
+    monkeypatch.setitem(sys.modules, "vllm.entrypoints.cli.main", types.SimpleNamespace(main=vllm_main))
+    monkeypatch.setattr(sys, "argv", ["producers.vllm_server", "serve", "model", "--host", "0.0.0.0"])
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+    with pytest.raises(SystemExit, match="error: refusing to bind"):
+        main()
 
 
 def _ckpt(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
