@@ -1,4 +1,4 @@
-"""`flywheel ingest`, `flywheel retention`, `flywheel topics create` and `flywheel bench ingest`
+"""`flywheel ingest`, `flywheel retention`, `flywheel dlq inspect|replay`, `flywheel topics create` and `flywheel bench ingest`
 (registered by flywheel/cli.py). Keep top-level imports light: implementations load inside the commands.
 """
 
@@ -191,7 +191,85 @@ def retention(
     Console().print(table)
 
 
+dlq_app = typer.Typer(
+    help="The dead-letter topic (FLYWHEEL_KAFKA_DLQ_TOPIC): what failed and why; redrive what decodes now.",
+    no_args_is_help=True,
+)
+
+
+@dlq_app.command("inspect")
+def dlq_inspect(
+    samples: Annotated[int, typer.Option(help="letters shown per reason")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON on stdout")] = False,
+) -> None:
+    """Count the dead letters the DLQ retains by reason and source topic, with samples (read-only)."""
+    from consumers.dead_letter_replay import inspect
+    from core.settings import get_settings
+
+    kafka = get_settings().kafka
+    with console.status(f"reading {kafka.dlq_topic}...") as status:
+        summary = inspect(kafka, samples, on_batch=lambda n: status.update(f"reading {kafka.dlq_topic}: {n}"))
+    if as_json:
+        print(json.dumps(summary.as_dict(), indent=2))
+        return
+    table = Table(
+        "reason", "letters", "sample (source, detail)", title=f"{kafka.dlq_topic}: {summary.letters} letters"
+    )
+    for reason, n in summary.by_reason.most_common():
+        first = summary.samples.get(reason, [{}])[0]
+        table.add_row(reason, str(n), f"{first.get('source', '')}  {first.get('detail', '')}"[:120])
+    Console().print(table)
+    if summary.letters:
+        span = [
+            datetime.fromtimestamp(t / 1000, UTC)
+            for t in (summary.first_received_ms, summary.last_received_ms)
+        ]
+        console.print(f"received {span[0]:%Y-%m-%d %H:%M} .. {span[1]:%Y-%m-%d %H:%M} UTC")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    reason: Annotated[
+        list[str] | None, typer.Option(help="only letters with this dlq.reason (repeatable; default: all)")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="decode and count, write nothing")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")] = False,
+) -> None:
+    """Redrive dead letters that decode now (a schema learnt, a rule fixed) into `traces`, exactly once.
+
+    Each becomes the row the ingest would have written (source partition/offset, ingest_time = when the DLQ got
+    it), inserted by a Delta MERGE only if the table lacks its source coordinates: replaying twice, or a letter
+    the DLQ holds twice, writes each event once. Letters that still fail stay in the DLQ, counted by reason.
+    """
+    from consumers.dead_letter_replay import replay
+    from core.settings import get_settings
+
+    settings = get_settings()
+    with console.status("replaying dead letters...") as status:
+        report = replay(
+            settings.kafka,
+            settings.lake,
+            set(reason) if reason else None,
+            dry_run=dry_run,
+            on_batch=lambda r: status.update(
+                f"replaying dead letters: {r.letters} read, {r.selected} selected"
+            ),
+        )
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return
+    new_rows = report.decoded - report.duplicates if dry_run else report.inserted
+    console.print(
+        f"{report.letters} letters, {report.selected} selected, {report.decoded} decode now "
+        f"({report.duplicates} duplicates): {'would insert' if dry_run else 'inserted'} {new_rows} rows, "
+        f"{report.already_in_table} already in {settings.lake.traces_uri}"
+    )
+    for why, n in report.still_invalid.most_common():
+        console.print(f"  still failing, left in the DLQ: {n} x {why}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the main app."""
     app.command("ingest")(ingest)
     app.command("retention")(retention)
+    app.add_typer(dlq_app, name="dlq")

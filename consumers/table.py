@@ -8,6 +8,11 @@ normalisation; field docs travel as Delta column metadata.
 
 A table written before the lake had ``ingest_time`` (partitioned by the node's ``finish_time``) is rewritten
 once, on open, by ``migrate_to_ingest_time`` (docs/data-contract.md, "Migration").
+
+The table follows the TraceEvent schema forward: a newer version adds fields with defaults (the BACKWARD
+promise), and a consumer upgraded to it adds them to the table on open as nullable columns
+(``add_new_columns``), so rows written before read as null. Column order does not matter (Delta and every
+reader match columns by name); a column that changed type or that a newer schema removed is an error.
 """
 
 from __future__ import annotations
@@ -57,10 +62,12 @@ class SchemaMismatchError(RuntimeError):
 
 
 def schema_problems(actual: pa.Schema, expected: pa.Schema) -> list[str]:
-    """Differences that matter (field docs/metadata are ignored). Empty means the schemas agree."""
+    """Differences that matter (field docs/metadata and column order are ignored). Empty: they agree."""
     problems = []
-    if actual.names != expected.names:
-        problems.append(f"columns differ: table {actual.names} vs schemas/ {expected.names}")
+    missing = [n for n in expected.names if n not in actual.names]
+    extra = [n for n in actual.names if n not in expected.names]
+    if missing or extra:
+        problems.append(f"columns differ: table lacks {missing}, schemas/ lacks {extra}")
     for f in expected:
         if f.name in actual.names:
             g = actual.field(f.name)
@@ -69,6 +76,27 @@ def schema_problems(actual: pa.Schema, expected: pa.Schema) -> list[str]:
                     f"{f.name}: table {g.type} nullable={g.nullable}, expected {f.type} nullable={f.nullable}"
                 )
     return problems
+
+
+def add_new_columns(dt: DeltaTable, expected: pa.Schema) -> list[str]:
+    """Add the columns a newer TraceEvent version brought, if all are nullable (earlier rows have no value
+    for them; anything else is another table, left to the schema check). Returns the names added; a
+    concurrent consumer adding them first is fine."""
+    from deltalake import Field
+
+    have = set(table_schema(dt).names)
+    new = [f for f in expected if f.name not in have]
+    if not new:
+        return []
+    if not all(f.nullable for f in new):
+        return []  # not an earlier version of this table (rows in it would have no value): the check says so
+    try:
+        dt.alter.add_columns([Field.from_arrow(f) for f in new])
+    except CommitFailedError:
+        log.info("another consumer added columns first; re-reading")
+        return []
+    log.warning("traces table: added columns %s (a newer TraceEvent schema)", [f.name for f in new])
+    return [f.name for f in new]
 
 
 def table_schema(dt: DeltaTable) -> pa.Schema:
@@ -195,6 +223,8 @@ def open_or_create(lake: LakeSettings, properties: dict[str, str] | None = None)
     except CommitFailedError:  # another consumer migrated it first: check what it wrote
         log.info("concurrent migration of %s; re-reading", uri)
     dt = DeltaTable(uri, storage_options=options)
+    if add_new_columns(dt, traces_table_schema()):
+        dt = DeltaTable(uri, storage_options=options)
     problems = schema_problems(table_schema(dt), traces_table_schema())
     if problems:
         raise SchemaMismatchError(f"table {uri}: " + "; ".join(problems))
