@@ -188,6 +188,35 @@ def test_per_step_arrays_account_for_every_output_token(server):
         assert 0 <= produced - len(rec["output_token_ids"]) <= K
 
 
+def test_a_request_the_client_abandons_is_captured_once_as_aborted(server):
+    """A streaming client that hangs up mid-answer: vLLM aborts the request in the frontend (no finished
+    output ever comes), and the capture records it there, once, with what was generated so far."""
+    payload = {
+        "model": server.model,
+        "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+        "vllm_xargs": {"domain": "prose"},
+    }
+    request_id = None
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=payload, timeout=300) as resp:
+        chunks = 0
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                request_id = json.loads(line[len("data: ") :])["id"]
+                chunks += 1
+                if chunks == 8:
+                    break  # leaving the block closes the connection mid-stream
+    assert request_id is not None
+    rec = _traces(server.kafka, {request_id})[request_id]
+    assert len(rec) == 1, "one trace per request, even when aborted"
+    rec = rec[0]
+    assert rec["finish_reason"] == "abort"
+    assert 0 < len(rec["output_token_ids"]) < 400
+    assert len(rec["per_step_accepted"]) == len(rec["per_step_drafted"])
+
+
 def test_opt_out_requests_leave_no_trace(server):
     opted = [_chat(server, "Say hello.", "prose", flywheel_opt_out=True) for _ in range(3)]
     normal = [_chat(server, "Say goodbye.", "prose") for _ in range(2)]
