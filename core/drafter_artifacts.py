@@ -1,7 +1,8 @@
 """Drafter artifacts: the one place a drafter directory is fetched, digested and described.
 
 A drafter is a vLLM-format EAGLE-3 directory (``config.json`` + ``*.safetensors`` + the provenance file
-``flywheel-drafter.json``). Every stage that needs one locally (the serving plugin on a promotion, the
+``flywheel-drafter.json``); a registered version is an MLflow Model that carries it as its ``drafter``
+artifact (``trainer.drafter_model``). Every stage that needs one locally (the serving plugin on a promotion, the
 trainer's discard term, the served evaluation, the demo) resolves its URI through :func:`fetch`, which
 keeps one cache keyed by URI; every stage that checks one uses :func:`weights_sha256`.
 """
@@ -18,6 +19,19 @@ from typing import Any
 
 CONFIG_FILE = "config.json"
 PROVENANCE_FILE = "flywheel-drafter.json"
+MODEL_DRAFTER_DIR = (
+    "artifacts",
+    "drafter",
+)  # where a registered MLflow Model keeps it (trainer.drafter_model)
+
+
+def drafter_dir(root: Path) -> Path | None:
+    """The drafter directory at ``root``: the root itself (a plain drafter dir) or the ``drafter`` artifact
+    of an MLflow Model downloaded there; None if neither is complete."""
+    for candidate in (root, root.joinpath(*MODEL_DRAFTER_DIR)):
+        if (candidate / CONFIG_FILE).exists():
+            return candidate
+    return None
 
 
 def model_uri(registered_model: str, version: str | int) -> str:
@@ -69,10 +83,11 @@ def fetch(uri: str | Path, cache_dir: Path, tracking_uri: str | None = None) -> 
     """
     uri = str(uri)
     if _is_local(uri):
-        return Path(uri.removeprefix("file://"))
+        local = Path(uri.removeprefix("file://"))
+        return drafter_dir(local) or local
     dst = cache_path(uri, cache_dir)
-    if (dst / CONFIG_FILE).exists():
-        return dst
+    if (cached := drafter_dir(dst)) is not None:
+        return cached
     import mlflow.artifacts
 
     source = uri
@@ -93,8 +108,13 @@ def fetch(uri: str | Path, cache_dir: Path, tracking_uri: str | None = None) -> 
         try:
             Path(local).rename(dst)  # a directory source lands as tmp/<its name>
         except OSError:
-            if not (dst / CONFIG_FILE).exists():  # another process won the race with the same content
+            if drafter_dir(dst) is None:  # another process won the race with the same content
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dst
+    found = drafter_dir(dst)
+    if found is None:
+        raise FileNotFoundError(
+            f"{uri} holds no drafter (no {CONFIG_FILE}, nor an MLflow Model's drafter artifact)"
+        )
+    return found

@@ -181,12 +181,10 @@ def train_challenger(settings: Settings, window: TraceWindow) -> TrainedVersion:
     trained = run_recipe(recipe, settings, argv=["airflow:drafter_flywheel/train", f"window={window.key}"])
     replay = trained.final_replay.metrics() if getattr(trained, "final_replay", None) else {}
     run_id = trained.mlflow_run.info.run_id
-    import mlflow
-
-    artifact_uri = mlflow.get_run(run_id).info.artifact_uri + "/drafter"
+    info = trained.model_info
     version = reg.register(
         run_id,
-        artifact_uri,
+        info.model_uri,
         trained.out_dir / "drafter",
         {
             "window_key": window.key,
@@ -202,8 +200,28 @@ def train_challenger(settings: Settings, window: TraceWindow) -> TrainedVersion:
             "num_spec_tokens": 3,
             **{(k if k.startswith("replay_") else f"replay_{k}"): round(v, 4) for k, v in replay.items()},
         },
+        model_id=info.model_id,
+        description=training_description(window, trained.step, parent.version if parent else None, replay),
     )
     return TrainedVersion(version=version.version, replay=replay)
+
+
+def training_description(
+    window: TraceWindow, steps: int, parent: str | None, replay: dict[str, float]
+) -> str:
+    """What a version was trained on, for the registry UI (the gate's verdict is appended when it is judged)."""
+    span = (
+        f"{window.start:%Y-%m-%d %H:%M} to {window.end:%Y-%m-%d %H:%M} UTC"
+        if window.start and window.end
+        else "all"
+    )
+    domains = ", ".join(f"{d} {n}" for d, n in sorted(window.domains.items())) or "-"
+    start = f"warm-started from v{parent}" if parent else "trained from scratch"
+    tau = f"; held-out replay τ {replay['replay_tau']:.3f}" if "replay_tau" in replay else ""
+    return (
+        f"EAGLE-3 head {start}, {steps} steps on traces {window.table} at version {window.version} "
+        f"({window.rows} rows, {span}; domains: {domains}), the held-out prompts excluded{tau}."
+    )
 
 
 # --- evaluate, gate, promote -------------------------------------------------------------------------
@@ -404,6 +422,7 @@ def gate_challenger(settings: Settings, evaluation: Evaluation) -> GateResult:
         "gate_reasons": json.dumps(result.reasons),
     }
     reg.tag(evaluation.version, tags)
+    reg.describe(evaluation.version, f"Gate ({evaluation.traffic} held-out traffic): {result.summary}")
     if evaluation.eval_run_id:
         for key, value in tags.items():
             reg.client.set_tag(evaluation.eval_run_id, key, value)

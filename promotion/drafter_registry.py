@@ -1,8 +1,10 @@
 """MLflow model registry for drafters: one registered model per target, aliases champion/challenger/previous.
 
-A drafter version is the vLLM-format directory logged as run artifacts (``drafter/``), registered with its
-lineage as version tags (window, table versions, train run, git SHA, weights checksum, metrics). Every
-version ever served stays loadable: ``models:/<name>/<version>``.
+A drafter version is an MLflow Model logged by its training run (``trainer.drafter_model``: the vLLM-format
+directory as its ``drafter`` artifact, the window as its dataset input), registered with its lineage as
+version tags (window, table versions, train run, git SHA, weights checksum, metrics) and a description that
+says what it was trained on and, once gated, how it was judged. Every version ever served stays loadable:
+``models:/<name>/<version>`` (``mlflow.pyfunc.load_model`` too).
 
 The promotion order is kept in the registered model's ``champion_history`` tag, so ``promote`` and
 ``rollback`` are single commands that move aliases and publish a DrafterPromotion for the serving nodes.
@@ -71,14 +73,35 @@ class DrafterRegistry:
             )
 
     def register(
-        self, run_id: str, artifact_uri: str, drafter_dir: Path, tags: dict[str, Any]
+        self,
+        run_id: str,
+        model_uri: str,
+        drafter_dir: Path,
+        tags: dict[str, Any],
+        *,
+        model_id: str | None = None,
+        description: str | None = None,
     ) -> DrafterVersion:
-        """New version from a training run's logged drafter dir; it becomes the ``challenger``."""
+        """New version from a training run's logged drafter model (``models:/m-…``, its ``model_id``); it
+        becomes the ``challenger``."""
         self._ensure_model()
         all_tags = {k: str(v) for k, v in tags.items()} | {"weights_sha256": weights_sha256(drafter_dir)}
-        mv = self.client.create_model_version(self.name, source=artifact_uri, run_id=run_id, tags=all_tags)
+        mv = self.client.create_model_version(
+            self.name,
+            source=model_uri,
+            run_id=run_id,
+            tags=all_tags,
+            model_id=model_id,
+            description=description,
+        )
         self.client.set_registered_model_alias(self.name, CHALLENGER, mv.version)
         return self.get(mv.version)
+
+    def describe(self, version: str, text: str, append: bool = True) -> None:
+        """Set (or extend, one paragraph per call) the version's description in the registry UI."""
+        current = self.client.get_model_version(self.name, str(version)).description or ""
+        body = f"{current}\n\n{text}" if append and current else text
+        self.client.update_model_version(self.name, str(version), description=body)
 
     def get(self, version: str) -> DrafterVersion:
         mv = self.client.get_model_version(self.name, str(version))

@@ -176,6 +176,7 @@ class DrafterTrainingRecipe:
                 self.drafter, device_ids=ids, broadcast_buffers=False
             )
         self.mlflow_run = self._start_mlflow() if cfg.mlflow.enabled and self.rank == 0 else None
+        self.model_info = None  # mlflow ModelInfo of the exported drafter (model_uri, model_id) once logged
 
     def _init_drafter(self) -> Eagle3Drafter:
         cfg = self.cfg
@@ -351,10 +352,22 @@ class DrafterTrainingRecipe:
         if self.rank == 0 and cfg.eval.replay_at_end and self.cutoff is not None:
             self.final_replay = self.replay_heldout()
         if self.mlflow_run and drafter_dir is not None:
-            import mlflow
-
-            mlflow.log_artifacts(str(drafter_dir), artifact_path="drafter")
+            self._log_model_and_figures(drafter_dir)
         return self.history
+
+    def _log_model_and_figures(self, drafter_dir: Path) -> None:
+        """The drafter as an MLflow Model with its window as the dataset input, and the figures a person
+        would rather look at than read: the training curves and held-out replay τ per domain."""
+        import mlflow
+
+        from trainer.drafter_model import log_drafter_model
+        from trainer.figures import replay_tau_figure, training_curves_figure
+
+        self.model_info = log_drafter_model(drafter_dir, window=self.provenance()["window"])
+        if self.history:
+            mlflow.log_figure(training_curves_figure(self.history, self.cfg.name), "training_curves.png")
+        if getattr(self, "final_replay", None) is not None and self.final_replay.domains:
+            mlflow.log_figure(replay_tau_figure(self.final_replay, self.cfg.name), "replay_tau_by_domain.png")
 
     def _log_step(self, m: dict) -> None:
         cfg = self.cfg

@@ -85,15 +85,18 @@ def demo_server(
 
 
 def register_drafter(registry, mlflow_settings, drafter: Path, run_name: str, tags: dict[str, Any]) -> str:
-    """Log a drafter dir as an MLflow run's artifacts and register it, as a training run would; its version."""
+    """Log a drafter dir as an MLflow Model in a run of its own and register it, as a training run does; its
+    version."""
     import mlflow
+
+    from trainer.drafter_model import log_drafter_model
 
     mlflow.set_tracking_uri(mlflow_settings.tracking_uri)
     mlflow.set_experiment(mlflow_settings.experiment)
     with mlflow.start_run(run_name=run_name) as run:
-        mlflow.log_artifacts(str(drafter), "drafter")
-        uri = mlflow.get_artifact_uri("drafter")
-    return registry.register(run.info.run_id, uri, drafter, tags | {"spec_method": "eagle3"}).version
+        info = log_drafter_model(drafter)
+    tags = tags | {"spec_method": "eagle3"}
+    return registry.register(run.info.run_id, info.model_uri, drafter, tags, model_id=info.model_id).version
 
 
 def random_head(target_dir: Path, out: Path, draft_vocab_size: int, seed: int, meta: dict) -> Path:

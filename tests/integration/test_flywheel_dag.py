@@ -216,6 +216,11 @@ def test_dag_cycle_end_to_end(cycle_env, airflow_env, registry, tmp_path):
     assert (decision == "promote") == all(r.startswith("PASS") for r in reasons)
     eval_run = mlflow.MlflowClient(cycle_env["FLYWHEEL_MLFLOW_TRACKING_URI"]).get_run(tags["eval_run_id"])
     assert eval_run.data.tags["gate_decision"] == decision
+    # the version is the training run's MLflow Model; its description says what it learnt and how it was judged
+    registered = registry.client.get_model_version(registry.name, version.version)
+    assert registered.source.startswith("models:/m-")
+    assert f"{SMALL_CYCLE['train_max_steps']} steps on traces" in registered.description
+    assert f"Gate (lake held-out traffic): {tags['gate_summary']}" in registered.description
     assert {"speedup_challenger", "speedup_challenger_low", "speedup_challenger_high"} <= set(
         eval_run.data.metrics
     )

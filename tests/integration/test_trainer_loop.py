@@ -111,21 +111,42 @@ def test_mlflow_gets_params_metrics_and_the_drafter(trace_table, target_model, m
     assert run.data.params["window.table_version"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
     assert "replay_tau" in run.data.metrics and "tokens_per_s" in run.data.metrics
-    files = {f.path for f in client.list_artifacts(run.info.run_id, "drafter")}
-    assert {"drafter/config.json", "drafter/model.safetensors"} <= files
+    figures = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {"training_curves.png", "replay_tau_by_domain.png"} <= figures
+    # the window is the run's dataset input: the Delta table at the version trained on
+    (dataset,) = [i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs]
+    source = json.loads(dataset.source)
+    assert dataset.source_type == "delta_table" and source["delta_table_version"] == 2
+    assert source["path"] == str(trace_table.uri)
 
-    # once registered, the discard term can fetch the served version back from the registry
+    # registered from the logged MLflow Model; the discard term fetches the served version back through it
+    import mlflow.pyfunc
+    import pandas as pd
+
     from core.settings import KafkaSettings
     from promotion.drafter_registry import DrafterRegistry
     from trainer.drafter_store import RegistryDrafterStore
 
+    info = trained.model_info
     registry = DrafterRegistry(f"test-{uuid.uuid4().hex[:8]}", mlflow_settings, KafkaSettings())
-    mv = registry.register(run.info.run_id, f"runs:/{run.info.run_id}/drafter", tmp_path / "drafter", {})
+    mv = registry.register(run.info.run_id, info.model_uri, tmp_path / "drafter", {}, model_id=info.model_id)
+    assert registry.get(mv.version).source == info.model_uri  # the logged model, not loose artifacts
     served = RegistryDrafterStore(registry.name, mlflow_settings).load(registry.name, mv.version)
     assert torch.equal(
         served.lm_head.weight, Eagle3Drafter.from_pretrained(tmp_path / "drafter").lm_head.weight
     )
     assert RegistryDrafterStore(registry.name, mlflow_settings).load("someone-else", mv.version) is None
+
+    # ... and it is an MLflow Model: pyfunc loads it, and predict replays token ids against the target
+    mlflow.set_tracking_uri(mlflow_settings.tracking_uri)
+    mlflow.set_registry_uri(mlflow_settings.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{registry.name}/{mv.version}")
+    rows = pd.DataFrame(
+        {"prompt_token_ids": [[1, 9690, 198, 504]], "output_token_ids": [list(range(600, 640))]}
+    )
+    out = model.predict(rows, params={"target_dir": str(target_model.path)})
+    assert len(out) == 1 and len(out["accepted"][0]) >= 10 and out["tau"][0] >= 1.0
+    assert out["tau"][0] == pytest.approx(1 + sum(out["accepted"][0]) / len(out["accepted"][0]))
 
 
 def test_torchrun_ddp_two_ranks_end_identical(trace_table, target_model, tmp_path):
