@@ -69,6 +69,22 @@ class _AsyncRecorder(_Recorder):
 SEQUENCE = ["pause", "start_draft_weight_update", "update_weights", "finish_weight_update", "resume"]
 
 
+def test_the_drafter_inside_a_downloaded_mlflow_model_is_found(tmp_path):
+    model = tmp_path / "cache" / "drafter-x" / "3"
+    inner = model / "artifacts" / "drafter"
+    inner.mkdir(parents=True)
+    (model / "MLmodel").write_text("flavors: {}")
+    assert art.drafter_dir(model) is None  # incomplete: no config yet
+    (inner / "config.json").write_text("{}")
+    assert art.drafter_dir(model) == inner
+    assert art.fetch("models:/drafter-x/3", tmp_path / "cache") == inner  # cached: no download
+    assert art.fetch(str(model), tmp_path / "cache") == inner  # a local model dir too
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    assert art.drafter_dir(plain) == plain and art.fetch(str(plain), tmp_path) == plain
+
+
 def test_one_swap_sequence_for_both_transports():
     assert [s for s, _ in swap_steps("/d", "3", "ab")][-1] == "finish_weight_update"
     assert dict(swap_steps("/d", "3", "ab"))["update_weights"] == {
