@@ -94,6 +94,15 @@ class KafkaSettings(BaseSettings):
     dlq_topic: str = "spec.traces.dlq.v1"
     promotions_topic: str = "spec.drafter.promotions.v1"
     traces_partitions: int = Field(6, description="partitions of the traces topic = max parallel consumers")
+    replication_factor: int | None = Field(
+        None, ge=1, description="replicas of every project topic; default min(3, brokers in the cluster)"
+    )
+    min_insync_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="replicas that must acknowledge an acks=all write; default replication_factor - 1 (at least"
+        " 1): writes go on through the loss of one broker, and no acknowledged write lives on one broker only",
+    )
     traces_retention_ms: int = Field(3 * 24 * 3600 * 1000, description="long enough to replay a lake outage")
     dlq_retention_ms: int = Field(14 * 24 * 3600 * 1000, description="time to inspect and re-drive")
     segment_ms: int = Field(3600 * 1000, description="hour-sized segments so retention deletes in steps")

@@ -136,23 +136,29 @@ def stack_logs(
 
 @topics_app.command("create")
 def topics_create() -> None:
-    """Create the project's Kafka topics (idempotent) and show each with its configs."""
+    """Create the project's Kafka topics, or bring existing ones back to their documented configs.
+
+    Idempotent. Replication follows the cluster (min(3, brokers); min.insync.replicas one less) unless
+    FLYWHEEL_KAFKA_REPLICATION_FACTOR / FLYWHEEL_KAFKA_MIN_INSYNC_REPLICAS pin it; existing topics get every
+    documented config that differs and the declared partition count (never fewer).
+    """
     from core.settings import get_settings
-    from infra.topics import admin_client, ensure_topics, project_topics
+    from infra.topics import admin_client, cluster_topics, sync_topics
 
     kafka = get_settings().kafka
-    specs = project_topics(kafka)
-    created = set(ensure_topics(admin_client(kafka), specs))
-    table = Table("partitions", "purpose", "state")
+    admin = admin_client(kafka)
+    specs = cluster_topics(kafka, admin)
+    results = {r.name: r for r in sync_topics(admin, specs)}
+    table = Table("partitions", "replicas", "purpose", "state")
     table.add_column("configs", no_wrap=True)
     table.columns.insert(0, table.columns.pop())
     table.add_column("topic", no_wrap=True)
     table.columns.insert(0, table.columns.pop())
     for s in specs:
         configs = "\n".join(f"{k}={v}" for k, v in s.config.items())
-        table.add_row(
-            s.name, configs, str(s.partitions), s.purpose, "created" if s.name in created else "existed"
-        )
+        r = results[s.name]
+        state = "\n".join([r.state, *(f"[yellow]warning:[/] {w}" for w in r.warnings)])
+        table.add_row(s.name, configs, str(s.partitions), str(s.replication_factor), s.purpose, state)
     Console(width=160).print(table)
 
 

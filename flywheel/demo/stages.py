@@ -131,12 +131,13 @@ class Demo:
 
     def _stage_stack(self) -> None:
         from infra import stack
-        from infra.topics import admin_client, ensure_topics, project_topics
+        from infra.topics import admin_client, cluster_topics, sync_topics
 
         with self.board.stage("stack up (Kafka, MLflow, Airflow)") as st:
             rows = stack.up(self.stack)
             kafka = self.settings.kafka
-            ensure_topics(admin_client(kafka), project_topics(kafka))
+            admin = admin_client(kafka)
+            sync_topics(admin, cluster_topics(kafka, admin))
             st.info(", ".join(f"{r.name} {r.state}" for r in rows))
             self.airflow = AirflowClient(f"http://{self.stack.host}:{self.stack.airflow_port}")
             self.airflow.wait_dag_parsed(DAG_ID)
