@@ -8,7 +8,9 @@ Definitions of the JSON keys:
 
 - ``ingest_ratio``: ingest events/s / bare consume events/s (target >= 0.7);
 - ``at_rest_bytes_per_token``: every byte of the table directory (Parquet incl. per-step accept arrays
-  and all other columns, plus the Delta log) / (prompt + output tokens) (target <= 2);
+  and all other columns, plus the Delta log) / (prompt + output tokens) (target <= 2), as the ingest left
+  it (live: one file per commit and hour); ``compacted_bytes_per_token``: the same after compacting every
+  partition and vacuuming, what each closed hour costs once the ingest's hour compaction rewrote it;
 - ``rows``, ``duplicates`` (rows - distinct event ids), ``consumer_peak_rss_mib`` (target < 1024);
 - ``ingest_cpu_us_per_event`` / ``bare_consume_cpu_us_per_event``: CPU time (all threads) per event,
   which does not depend on what else the machine runs: with C cores and no other load the ratio cannot
@@ -173,6 +175,19 @@ def table_facts(uri: str) -> dict[str, Any]:
     }
 
 
+def compacted_bytes(uri: str) -> int:
+    """Bytes of the table directory once every partition is compacted and the old files vacuumed: what a
+    closed hour costs after the ingest's hour compaction (the live figure counts the open hour's files)."""
+    from deltalake import DeltaTable
+
+    from consumers.lake_files import delta_writer_properties
+
+    dt = DeltaTable(uri)
+    dt.optimize.compact(writer_properties=delta_writer_properties())
+    dt.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False, full=True)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(uri) for f in fs)
+
+
 def stage_rates(pool: list[bytes], tokens: np.ndarray, workdir: Path) -> dict[str, Any]:
     """Decode-only and write-only rates on the pool, plus the pessimistic (shuffled ids) bytes/token."""
     import pyarrow as pa
@@ -257,6 +272,7 @@ def run(
                 ingest = run_ingest(kafka, lake, topic, events)
                 bare.append(bare_consume_rate(kafka, topic, partitions, events))
             table = table_facts(str(lake / "traces"))
+            table["compacted_bytes"] = compacted_bytes(str(lake / "traces"))
             with console.status("decode-only / write-only rates..."):
                 stages = stage_rates(payloads, tokens, Path(tmp))
     finally:
@@ -266,6 +282,7 @@ def run(
     return {
         "ingest_ratio": ingest_rate / bare_rate,
         "at_rest_bytes_per_token": (table["parquet_bytes"] + table["delta_log_bytes"]) / token_total,
+        "compacted_bytes_per_token": table["compacted_bytes"] / token_total,
         "events": events,
         "rows": table["rows"],
         "duplicates": table["duplicates"],

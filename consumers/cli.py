@@ -69,6 +69,9 @@ def ingest(
         str | None, typer.Option(help="static group membership id (a restart keeps the partitions)")
     ] = None,
     session_timeout_ms: Annotated[int, typer.Option(help="group session timeout")] = 45_000,
+    compact_hours: Annotated[
+        bool, typer.Option(help="compact each hour partition once it is closed (keeps the live table small)")
+    ] = True,
     stats_json: Annotated[
         Path | None, typer.Option(help="write final stats (and peak RSS) as JSON here")
     ] = None,
@@ -96,6 +99,7 @@ def ingest(
         until_idle_s=until_idle_s,
         instance_id=instance_id,
         session_timeout_ms=session_timeout_ms,
+        compact_closed_hours=compact_hours,
     )
     try:
         sink = TraceIngest(settings.kafka, settings.lake, opts, topic=topic)

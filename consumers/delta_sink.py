@@ -34,6 +34,7 @@ from consumers.dead_letters import DeadLetter, DeadLetterProducer, from_message
 from consumers.delta_commit import CommitJob, CommitResult, CommitWorker, DeltaCommitter
 from consumers.delta_log import OffsetMismatchError, last_offsets, seek_offset, txn_app_id
 from consumers.flush_policy import FlushPolicy, FlushReason, should_flush
+from consumers.hour_compaction import HourCompactor
 from consumers.table import open_or_create, table_filesystem
 from consumers.trace_batch import MessageBatch, TraceBatchDecoder
 from core.settings import KafkaSettings, LakeSettings
@@ -59,6 +60,7 @@ class IngestOptions:
     fetch_max_bytes: int = 16 * 1024 * 1024
     max_failures: int = 5  # consecutive non-conflict commit failures before giving up
     table_properties: dict[str, str] | None = None  # overrides at table creation (tests)
+    compact_closed_hours: bool = True  # compact each hour once closed (consumers.hour_compaction)
     # the ingest's clock (s since the epoch): ingest_time of messages without a broker LogAppendTime
     clock: Callable[[], float] = time.time
 
@@ -174,6 +176,7 @@ class TraceIngest:
         self._closing = False
         self._last_activity = time.monotonic()
         self._in_flight = 0  # messages in the commit the writer is working on
+        self.compactor = HourCompactor(lake, opts.clock) if opts.compact_closed_hours else None
 
     # --- loop ---------------------------------------------------------------------------------------
 
@@ -198,6 +201,8 @@ class TraceIngest:
             self.consumer.close()
             self.worker.close()
             self.dlq.close()
+            if self.compactor is not None:
+                self.compactor.close()
         return self.stats
 
     def _require_topics(self, *names: str) -> None:
@@ -330,6 +335,8 @@ class TraceIngest:
                 self.stats.last_commit_at = time.monotonic()
                 self.stats.cpu_at_last_commit = time.process_time()
                 self._commit_kafka_offsets(r.job.txns)
+                if self.compactor is not None:
+                    self.compactor.after_commit()
                 continue
             self._needs_reset = True
             if isinstance(r.error, CONFLICTS):

@@ -201,7 +201,9 @@ def test_retention_runs_while_the_ingest_writes(kafka_settings, topic_factory, t
     def retention() -> None:
         try:
             while not traffic_done.is_set():
-                now = DAY0 + timedelta(days=sim["day"], hours=2)  # hours 0-1 of today still open
+                now = DAY0 + timedelta(
+                    days=sim["day"], hours=2
+                )  # today's hour 0 closed: compacted while live
                 if DeltaTable.is_deltatable(lake.traces_uri):
                     retention_runs.append(
                         (ingest.stats.commits, run_retention(lake, now, retention_days=retention_days))
@@ -229,8 +231,10 @@ def test_retention_runs_while_the_ingest_writes(kafka_settings, topic_factory, t
     assert sum(bool(r.compacted) for _, r in retention_runs) >= 1
     print(json.dumps({"ingest": stats.as_dict(), "retention_runs": len(retention_runs)}))
 
+    last = DAY0 + timedelta(days=days - 1, hours=2)
+    run_retention(lake, last, retention_days=retention_days)  # compacts what the last commits left
     time.sleep(11)  # past deletedFileRetentionDuration: what retention removed can now be vacuumed
-    run_retention(lake, DAY0 + timedelta(days=days - 1, hours=2), retention_days=retention_days)
+    run_retention(lake, last, retention_days=retention_days)
     dt = DeltaTable(lake.traces_uri)
     on_disk = {
         os.path.join(d, f)
@@ -240,6 +244,50 @@ def test_retention_runs_while_the_ingest_writes(kafka_settings, topic_factory, t
     }
     assert on_disk == {u.removeprefix("file://") for u in dt.file_uris()}, "storage holds dead files"
     assert len(on_disk) <= 2 * (retention_days + 1) + 2  # compacted closed hours, and today's open ones
+
+
+def test_the_ingest_compacts_each_hour_once_it_is_closed(kafka_settings, topic_factory, tmp_path):
+    """Four simulated hours of traffic, committed in small flushes (several files per hour): while the
+    ingest runs, every hour that closed is rewritten into one file; the open hour keeps its files."""
+    topic, dlq = topic_factory(partitions=2), topic_factory(prefix="dlq")
+    kafka = kafka_settings.model_copy(update={"dlq_topic": dlq})
+    lake = LakeSettings(root=str(tmp_path / "lake"))
+    sim = {"t": DAY0.timestamp()}
+    opts = IngestOptions(
+        group="hourly",
+        until_idle_s=4,
+        consume_batch=20,
+        policy=FlushPolicy(max_events=20, max_age_s=0.1),
+        table_properties=FAST_EXPIRY,
+        clock=lambda: sim["t"],
+    )
+    ingest = TraceIngest(kafka, lake, opts, topic=topic)
+    errors: list[BaseException] = []
+
+    def traffic() -> None:
+        try:
+            for hour in range(4):
+                sim["t"] = (DAY0 + timedelta(hours=hour, minutes=10)).timestamp()
+                for batch in range(4):
+                    produce(kafka, topic, encoded(day_events(0, 400)[hour * 100 + batch * 25 :][:25]))
+                    deadline = time.monotonic() + 60
+                    while ingest.stats.processed < hour * 100 + (batch + 1) * 25:
+                        assert time.monotonic() < deadline, "the ingest fell behind"
+                        time.sleep(0.05)
+        except BaseException as e:
+            errors.append(e)
+
+    producer = threading.Thread(target=traffic)
+    producer.start()
+    stats = ingest.run()
+    producer.join()
+    assert not errors, errors
+    files = {p.hour: p.files for p in partitions_of(DeltaTable(lake.traces_uri))}
+    assert files[0] == files[1] == files[2] == 1, files  # closed (3:10 on the clock): compacted live
+    assert files[3] >= 2, files  # the open hour is left to its appends
+    assert ingest.compactor.files_removed >= 3 * 2 and ingest.compactor.failures == 0
+    table = DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id"])
+    assert table.num_rows == len(set(table["event_id"].to_pylist())) == 400 == stats.rows
 
 
 def _utc(us: int) -> datetime:
