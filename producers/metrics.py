@@ -1,18 +1,19 @@
 """Prometheus series of the capture plugin. They live in prometheus_client's default registry, which
 `vllm serve` exposes at /metrics, next to vLLM's own ``vllm:*`` series.
 
-Every outcome, fault and swap label is created at zero when the series are registered, so a dashboard or an
-alert on ``dropped`` or ``spill_dropped`` sees 0 rather than no data before the first drop. Queue depth and
-spill bytes are read from the emitter only when /metrics is scraped (nothing on the serving path).
+The series the alert rules watch for lost events (outcomes ``dropped``, ``spill_dropped``, ``failed`` and the
+emitter's faults) are created at zero when registered, so a dashboard shows 0 rather than no data before the
+first loss; the other outcomes and the swap outcomes appear with their first event, so that their presence
+says it happened. Queue depth and spill bytes are read from the emitter only when /metrics is scraped
+(nothing on the serving path).
 """
 
 from __future__ import annotations
 
 from functools import cache
 
-EVENT_OUTCOMES = ("sent", "spilled", "replayed", "dropped", "spill_dropped", "failed", "skipped")
 EMITTER_FAULTS = ("io_errors", "restarts")
-SWAP_OUTCOMES = ("ok", "failed", "ignored", "rejected")
+LOSSES = ("dropped", "spill_dropped", "failed")  # the event outcomes that lose an event
 
 
 @cache
@@ -45,7 +46,7 @@ def _counters():
         "The drafter this node serves (always 1; the labels say which): drafter id and registry version",
         ["drafter_id", "version"],
     )
-    for counter, labels in ((events, EVENT_OUTCOMES), (faults, EMITTER_FAULTS), (swaps, SWAP_OUTCOMES)):
+    for counter, labels in ((events, LOSSES), (faults, EMITTER_FAULTS)):
         for label in labels:
             counter.labels(label)
     speculating.set(1)
