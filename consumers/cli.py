@@ -9,13 +9,21 @@ import logging
 import resource
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    """One line on stderr, never wrapped, then exit."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code)
 
 
 def _setup_logging(level: str) -> None:
@@ -76,6 +84,12 @@ def ingest(
         Path | None, typer.Option(help="write final stats (and peak RSS) as JSON here")
     ] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="serve Prometheus metrics at :PORT/metrics (default: FLYWHEEL_INGEST_METRICS_PORT, off)"
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG | INFO | WARNING")] = "WARNING",
 ) -> None:
     """Consume TraceEvents into the Delta table `traces`, exactly once (offsets live in the Delta log).
@@ -83,14 +97,21 @@ def ingest(
     Undecodable or invalid messages go to the dead-letter topic with the reason in headers. SIGTERM/SIGINT flush what is buffered and exit.
 
     Lake location: FLYWHEEL_LAKE_ROOT (local path or object-store URI); topics: FLYWHEEL_KAFKA_TRACES_TOPIC / FLYWHEEL_KAFKA_DLQ_TOPIC (create them with `flywheel topics create`).
+
+    Metrics (lag per partition, rows, dead letters, commit latency, table version): --metrics-port, bound to FLYWHEEL_INGEST_METRICS_HOST (127.0.0.1).
     """
+    from confluent_kafka import KafkaError, KafkaException
+
     from consumers.delta_sink import IngestError, IngestOptions, TraceIngest
     from consumers.flush_policy import FlushPolicy
+    from consumers.ingest_metrics import IngestMetrics, serve
     from consumers.table import SchemaMismatchError
     from core.settings import get_settings
 
     _setup_logging(log_level)
     settings = get_settings()
+    served = settings.ingest
+    port = metrics_port if metrics_port is not None else served.metrics_port
     opts = IngestOptions(
         group=group,
         policy=FlushPolicy(flush_events, flush_mib * 1024 * 1024, flush_latency_s),
@@ -100,13 +121,30 @@ def ingest(
         instance_id=instance_id,
         session_timeout_ms=session_timeout_ms,
         compact_closed_hours=compact_hours,
+        connect_timeout_s=served.connect_timeout_s,
+        stats_interval_s=served.stats_interval_s if port is not None else None,
     )
+    metrics = IngestMetrics(topic or settings.kafka.traces_topic, group, settings.lake.traces_uri)
+    stop_serving = None
+    if port is not None:
+        try:
+            bound, stop_serving = serve(metrics, served.metrics_host, port)
+        except OSError as e:
+            _fail(f"cannot serve metrics on {served.metrics_host}:{port}: {e.strerror or e}")
+        logging.getLogger("flywheel.ingest").info(
+            "metrics at http://%s:%d/metrics", served.metrics_host, bound
+        )
     try:
-        sink = TraceIngest(settings.kafka, settings.lake, opts, topic=topic)
+        sink = TraceIngest(settings.kafka, settings.lake, opts, topic=topic, metrics=metrics)
         stats = _run_with_progress(sink, max_events) if progress else sink.run()
     except (IngestError, SchemaMismatchError) as e:
-        console.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(1) from None
+        _fail(str(e))
+    except KafkaException as e:
+        why = e.args[0].str() if e.args and isinstance(e.args[0], KafkaError) else str(e)
+        _fail(f"Kafka: {why}; run `flywheel stack status` (local stack) or check FLYWHEEL_KAFKA_*")
+    finally:
+        if stop_serving is not None:
+            stop_serving()
     result = stats.as_dict() | {"peak_rss_mib": round(_peak_rss_mib(), 1), "table": settings.lake.traces_uri}
     if stats_json:
         stats_json.write_text(json.dumps(result, indent=2))

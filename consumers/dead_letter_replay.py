@@ -35,6 +35,7 @@ from consumers.dead_letters import parse_headers
 from consumers.lake_files import delta_writer_properties
 from consumers.table import open_or_create
 from consumers.trace_batch import MessageBatch, TraceBatchDecoder
+from core.kafka_log import librdkafka_log
 from core.settings import KafkaSettings, LakeSettings
 
 log = logging.getLogger("flywheel.dlq")
@@ -71,6 +72,7 @@ def read_letters(kafka: KafkaSettings, batch: int = 5000, timeout_s: float = 30.
             "group.id": f"flywheel-dlq-reader-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
+            "logger": librdkafka_log(),
         }
     )
     try:

@@ -16,6 +16,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Producer
 
+from core.kafka_log import librdkafka_log
 from core.settings import KafkaSettings
 
 log = logging.getLogger("flywheel.ingest.dlq")
@@ -92,6 +93,7 @@ class DeadLetterProducer:
             "compression.type": "zstd",
             "linger.ms": 5,
             "message.max.bytes": 8 * 1024 * 1024,  # dlq topic allows 8 MiB: a 4 MiB trace plus headers fits
+            "logger": librdkafka_log(),
         }
 
     def send(self, letters: list[DeadLetter]) -> None:

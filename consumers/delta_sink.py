@@ -13,6 +13,9 @@ One state object, one loop, small predicates. Invariants:
   assigned partition from the table: the typed errors are control flow, not crashes.
 - Revoke flushes what is buffered, then forgets the partitions; lost partitions are dropped (another
   consumer may already own them). SIGTERM/SIGINT stop the loop, which flushes before closing.
+- Start-up asks the broker first: an unreachable one is one ``KafkaUnreachableError`` after
+  ``connect_timeout_s``, before the table is opened or created; librdkafka's own log lines go through our
+  logging (``core.kafka_log``), not to stderr.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
 
@@ -35,8 +38,10 @@ from consumers.delta_commit import CommitJob, CommitResult, CommitWorker, DeltaC
 from consumers.delta_log import OffsetMismatchError, last_offsets, seek_offset, txn_app_id
 from consumers.flush_policy import FlushPolicy, FlushReason, should_flush
 from consumers.hour_compaction import HourCompactor
+from consumers.ingest_metrics import IngestMetrics
 from consumers.table import open_or_create, table_filesystem
 from consumers.trace_batch import MessageBatch, TraceBatchDecoder
+from core.kafka_log import librdkafka_log
 from core.settings import KafkaSettings, LakeSettings
 
 log = logging.getLogger("flywheel.ingest")
@@ -44,7 +49,11 @@ CONFLICTS = (OffsetMismatchError, CommitFailedError)
 
 
 class IngestError(RuntimeError):
-    """Commits keep failing for a reason other than a conflict: stop rather than spin."""
+    """The ingest cannot go on (commits keep failing, a topic is missing): stop rather than spin."""
+
+
+class KafkaUnreachableError(IngestError):
+    """No broker answered at start-up."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,8 @@ class IngestOptions:
     max_failures: int = 5  # consecutive non-conflict commit failures before giving up
     table_properties: dict[str, str] | None = None  # overrides at table creation (tests)
     compact_closed_hours: bool = True  # compact each hour once closed (consumers.hour_compaction)
+    connect_timeout_s: float = 15.0  # start-up: how long the broker has to answer
+    stats_interval_s: float | None = None  # librdkafka statistics (the lag per partition); None: off
     # the ingest's clock (s since the epoch): ingest_time of messages without a broker LogAppendTime
     clock: Callable[[], float] = time.time
 
@@ -140,32 +151,54 @@ def consumer_config(kafka: KafkaSettings, opts: IngestOptions) -> dict:
     }
     if opts.instance_id:
         conf["group.instance.id"] = opts.instance_id
+    if opts.stats_interval_s:
+        conf["statistics.interval.ms"] = max(1, int(opts.stats_interval_s * 1000))
     return conf
 
 
 class TraceIngest:
-    """``run()`` consumes until stopped (signal or bounded-run condition) and returns the stats."""
+    """``run()`` consumes until stopped (signal or bounded-run condition) and returns the stats.
+
+    ``metrics`` (``consumers.ingest_metrics``) are updated whether or not anything serves them."""
 
     def __init__(
-        self, kafka: KafkaSettings, lake: LakeSettings, opts: IngestOptions, topic: str | None = None
+        self,
+        kafka: KafkaSettings,
+        lake: LakeSettings,
+        opts: IngestOptions,
+        topic: str | None = None,
+        metrics: IngestMetrics | None = None,
     ):
         self.kafka, self.lake, self.opts = kafka, lake, opts
         self.topic = topic or kafka.traces_topic
         self.app_id = lake.app_id
-        self.table: DeltaTable = open_or_create(lake, opts.table_properties)
-        writer_table = DeltaTable(lake.traces_uri, storage_options=lake.storage_options or None)
-        self.dlq = DeadLetterProducer(kafka, kafka.dlq_topic)
-        self.worker = CommitWorker(
-            DeltaCommitter(writer_table, table_filesystem(lake), self.dlq, self.app_id)
-        )
+        self.metrics = metrics or IngestMetrics(self.topic, opts.group, lake.traces_uri)
         self.decoder = TraceBatchDecoder()
         # Loading the compiled kernels takes a second or two: overlap it with joining the group.
         self._warm_up = threading.Thread(
             target=self.decoder.warm_up, name="flywheel-kernel-warm-up", daemon=True
         )
         self._warm_up.start()
-        self.consumer = Consumer(consumer_config(kafka, opts))
-        self._require_topics(self.topic, kafka.dlq_topic)
+        self._kafka_error: KafkaError | None = None
+        self._broker_down = False
+        self._started = False
+        conf = consumer_config(kafka, opts) | {"logger": librdkafka_log(), "error_cb": self._on_client_error}
+        if opts.stats_interval_s:
+            conf["stats_cb"] = self.metrics.on_stats
+        self.consumer = Consumer(conf)
+        try:
+            self._require_topics(self.topic, kafka.dlq_topic)
+            self.table: DeltaTable = open_or_create(lake, opts.table_properties)
+        except BaseException:
+            self.consumer.close()
+            raise
+        self.metrics.table_version.set(self.table.version())
+        writer_table = DeltaTable(lake.traces_uri, storage_options=lake.storage_options or None)
+        self.dlq = DeadLetterProducer(kafka, kafka.dlq_topic)
+        self.worker = CommitWorker(
+            DeltaCommitter(writer_table, table_filesystem(lake), self.dlq, self.app_id)
+        )
+        self._started = True
         self.stats = IngestStats()
         self.buffer = _Buffer()
         self.assigned: set[int] = set()
@@ -206,12 +239,31 @@ class TraceIngest:
         return self.stats
 
     def _require_topics(self, *names: str) -> None:
-        """Fail at start, not at the first poison message, when a topic is missing."""
-        known = self.consumer.list_topics(timeout=30).topics
+        """Fail at start, not at the first poison message, when the broker is unreachable or a topic is
+        missing."""
+        try:
+            known = self.consumer.list_topics(timeout=self.opts.connect_timeout_s).topics
+        except KafkaException as e:
+            self.consumer.poll(0)  # serves the error callback: why the broker did not answer
+            why = self._kafka_error.str() if self._kafka_error is not None else e.args[0].str()
+            raise KafkaUnreachableError(
+                f"Kafka at {self.kafka.bootstrap_servers} is unreachable ({why}; no answer within "
+                f"{self.opts.connect_timeout_s:g} s): is the broker up? Run `flywheel stack status` "
+                "(local stack) or check FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS"
+            ) from None
         missing = [n for n in names if n not in known]
         if missing:
-            self.consumer.close()
             raise IngestError(f"missing Kafka topics {missing}: run `flywheel topics create`")
+
+    def _on_client_error(self, err: KafkaError) -> None:
+        """librdkafka's error callback (served inside ``consume()``): remembered for the start-up check; once
+        running, an outage of every broker is one warning (librdkafka reconnects by itself)."""
+        if err.code() != KafkaError._ALL_BROKERS_DOWN:
+            self._kafka_error = err  # the cause: a refused connection, a failed handshake, ...
+            return
+        if self._started and not self._broker_down:
+            log.warning("Kafka at %s unreachable (%s); retrying", self.kafka.bootstrap_servers, err.str())
+            self._broker_down = True
 
     def stop(self) -> None:
         self._stop = True
@@ -266,6 +318,9 @@ class TraceIngest:
                     self._on_kafka_error(m.error())
         if not good:
             return
+        if self._broker_down:
+            log.warning("Kafka at %s reachable again", self.kafka.bootstrap_servers)
+            self._broker_down = False
         if self._warm_up.is_alive():  # start-up, like imports: not part of the ingest rate
             self._warm_up.join()
         self._last_activity = time.monotonic()
@@ -286,6 +341,7 @@ class TraceIngest:
         last = last_offsets(batch.partitions, batch.offsets)
         self.buffer.add(decoded.rows, letters, last, len(batch), batch.nbytes)
         self.stats.consumed += len(batch)
+        self.metrics.took(len(batch), last)
         self._last_activity = time.monotonic()
 
     def _fresh(self, partitions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -334,11 +390,13 @@ class TraceIngest:
                 self.stats.commits += 1
                 self.stats.last_commit_at = time.monotonic()
                 self.stats.cpu_at_last_commit = time.process_time()
+                self.metrics.committed(r, time.time())
                 self._commit_kafka_offsets(r.job.txns)
                 if self.compactor is not None:
                     self.compactor.after_commit()
                 continue
             self._needs_reset = True
+            self.metrics.failed(r, isinstance(r.error, CONFLICTS))
             if isinstance(r.error, CONFLICTS):
                 self.stats.conflicts += 1
                 log.info("commit conflict, re-seeking from the table: %s", r.error)
@@ -363,12 +421,14 @@ class TraceIngest:
         self.buffer = _Buffer()
         self._needs_reset = False
         self.stats.resets += 1
+        self.metrics.resets.inc()
         if self._failures:
             time.sleep(min(0.5 * 2**self._failures, 10.0))
         self.table.update_incremental()
         for p in sorted(self.assigned):
             version = self.table.transaction_version(txn_app_id(self.app_id, p))
             self.logged[p] = version
+            self.metrics.assigned(p, version)
             offset = seek_offset(version)
             if offset == OFFSET_BEGINNING:  # seek() wants a real offset: the partition's first one
                 offset, _ = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
@@ -389,6 +449,7 @@ class TraceIngest:
             tp.offset = seek_offset(version)
             self.logged[tp.partition] = version
             self.assigned.add(tp.partition)
+            self.metrics.assigned(tp.partition, version)
         log.info("assigned %s", {tp.partition: tp.offset for tp in partitions})
         consumer.incremental_assign(partitions)
         self._last_activity = time.monotonic()
@@ -414,4 +475,5 @@ class TraceIngest:
             self.assigned.discard(tp.partition)
             self.logged.pop(tp.partition, None)
             self.buffer.last.pop(tp.partition, None)
+            self.metrics.revoked(tp.partition)
         log.info("revoked %s", sorted(tp.partition for tp in partitions))

@@ -156,6 +156,25 @@ class LakeSettings(BaseSettings):
         return str(Path(self.root).resolve() / self.traces_table)
 
 
+class IngestSettings(BaseSettings):
+    """The `flywheel ingest` process: where it serves its Prometheus metrics and how long it waits for Kafka."""
+
+    model_config = _config("INGEST")
+
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve /metrics on this port (None: no metrics server)"
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="interface the metrics server binds (0.0.0.0 for a Prometheus elsewhere)"
+    )
+    stats_interval_s: float = Field(
+        5.0, gt=0, description="librdkafka statistics interval: how fresh the lag per partition is"
+    )
+    connect_timeout_s: float = Field(
+        15.0, gt=0, description="how long start-up waits for the broker to answer before giving up"
+    )
+
+
 class MlflowSettings(BaseSettings):
     """Tracking server and registry naming."""
 
@@ -347,6 +366,10 @@ class Settings:
     @cached_property
     def lake(self) -> LakeSettings:
         return LakeSettings()
+
+    @cached_property
+    def ingest(self) -> IngestSettings:
+        return IngestSettings()
 
     @cached_property
     def mlflow(self) -> MlflowSettings:

@@ -32,6 +32,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Producer
 
+from core.kafka_log import librdkafka_log
 from core.settings import KafkaSettings
 from producers.spill import AckedPrefix, SpillDir, read_records
 
@@ -115,6 +116,10 @@ class TraceEmitter:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    def spill_bytes(self) -> int:
+        """Bytes waiting in the spill files, as the emitter thread last counted them (any thread may ask)."""
+        return self.spill.known_bytes()
+
     def stats(self) -> dict[str, int]:
         return {
             **{k: self.counts[k] for k in OUTCOMES + FAULTS},
@@ -135,7 +140,7 @@ class TraceEmitter:
             "queue.buffering.max.messages": self.max_queue,
             "queue.buffering.max.kbytes": 65_536,
             "error_cb": self._on_error,
-            "logger": log,
+            "logger": librdkafka_log(),
         }
 
     def alive(self) -> bool:

@@ -36,6 +36,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from core.drafter_artifacts import fetch
+from core.kafka_log import librdkafka_log
 from producers import metrics
 from producers.hot_swap import EngineSwap, swap_drafter_async
 from producers.speculation import switch_engine
@@ -120,7 +121,7 @@ class PromotionListener:
                 "group.id": f"flywheel-swap-{node}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
-                "logger": log,
+                "logger": librdkafka_log(),
             }
         )
 
@@ -244,6 +245,7 @@ class PromotionListener:
             )
             return False
         metrics.count_swap("ok")
+        metrics.set_served_drafter(promotion["drafter_id"], version)
         log.warning(
             "hot-swapped drafter %s v%s -> v%s (%s) in %.1fs",
             promotion["drafter_id"],

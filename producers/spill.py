@@ -96,6 +96,11 @@ class SpillDir:
             self.files()
         return sum(self._sizes.values())
 
+    def known_bytes(self) -> int:
+        """``size_bytes()`` as last counted, without listing the directory (0 before the first listing): safe
+        to call from another thread."""
+        return sum(self._sizes.values())
+
     def append(self, key: bytes, value: bytes) -> None:
         """Append one record, or raise ``OSError`` (``SpillFull`` at the cap) having written nothing."""
         record = encode_record(key, value)

@@ -103,6 +103,8 @@ class CaptureRuntime:
             num_spec_tokens=spec.num_speculative_tokens if spec is not None else 0,
             drafter_id=drafter_id,
         )
+        if drafter_id is not None:
+            metrics.set_served_drafter(drafter_id, self.initial_version)
         self.engine = engine
         try:
             self.loop = asyncio.get_running_loop()

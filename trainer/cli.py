@@ -5,13 +5,32 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 console = Console()
+errors = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    """One line on stderr, never wrapped, then exit."""
+    from rich.markup import escape
+
+    errors.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _summary(e: ValidationError) -> str:
+    """A pydantic ValidationError on one line: ``field.path: message`` per error."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in err['loc']) or 'recipe'}: {err['msg']}" for err in e.errors()
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -36,16 +55,22 @@ def train(
 
     from core.settings import get_settings
     from trainer.recipes import load_recipe
-    from trainer.train_loop import run_recipe
+    from trainer.trace_window import WindowError
 
     try:
         cfg = load_recipe(recipe, overrides or [])
-    except (ValidationError, ValueError) as e:
-        console.print(f"[bold red]invalid recipe:[/] {e}")
-        raise typer.Exit(2) from None
+    except ValidationError as e:
+        _fail(f"invalid recipe {recipe}: {_summary(e)}", 2)
+    except ValueError as e:
+        _fail(f"invalid recipe {recipe}: {e}", 2)
+    from trainer.train_loop import run_recipe
+
     settings = get_settings()
     cfg = cfg.with_defaults(settings)
-    result = run_recipe(cfg, settings, argv=sys.argv)
+    try:
+        result = run_recipe(cfg, settings, argv=sys.argv)
+    except WindowError as e:
+        _fail(str(e))
     last = result.history[-1] if result.history else {}
     console.print(
         f"trained {result.step} steps; loss {last.get('loss', float('nan')):.4f}; "
@@ -95,23 +120,26 @@ def replay_eval(
     from trainer.eagle3_drafter import Eagle3Drafter
     from trainer.replay_eval import random_drafter_like, replay_sequences
     from trainer.target_features import TargetModel
-    from trainer.trace_window import Window, WindowReader, target_identity
+    from trainer.trace_window import Window, WindowError, WindowReader, target_identity
 
     settings = get_settings()
     target_dir = target or settings.serving.target_dir
     model_id, revision = target_identity(target_dir)
-    reader = WindowReader(
-        Window(
-            table or settings.lake.traces_uri,
-            start,
-            end,
-            version,
-            after_version,
-            storage_options=settings.lake.storage_options or None,
-            target_model_id=model_id,
-            target_revision=revision,
+    try:
+        reader = WindowReader(
+            Window(
+                table or settings.lake.traces_uri,
+                start,
+                end,
+                version,
+                after_version,
+                storage_options=settings.lake.storage_options or None,
+                target_model_id=model_id,
+                target_revision=revision,
+            )
         )
-    )
+    except WindowError as e:
+        _fail(str(e))
     cutoff = reader.holdout_cutoff(newest_fraction) if newest_fraction < 1.0 else None
     total = reader.num_rows(start=cutoff)
     total = min(total, max_traces) if max_traces else total

@@ -225,9 +225,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ValueError(f"override {item!r} is not key=value")
         node = data
         *parents, leaf = key.strip().split(".")
-        for p in parents:
+        for depth, p in enumerate(parents):
             node = node.setdefault(p, {})
-        node[leaf] = _value(raw)
+            if not isinstance(node, dict):
+                section = ".".join(parents[: depth + 1])
+                raise ValueError(
+                    f"override {item!r}: {section} is a value ({node!r}), not a section with keys"
+                )
+        try:
+            node[leaf] = _value(raw)
+        except yaml.YAMLError as e:
+            raise ValueError(
+                f"override {item!r}: the value is not YAML ({getattr(e, 'problem', e)})"
+            ) from None
     return data
 
 

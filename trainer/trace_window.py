@@ -61,6 +61,14 @@ log = logging.getLogger("flywheel.trainer")
 SKIPPING_METHODS = frozenset({"ngram", "ngram_gpu", "suffix"})  # steps without drafts go unrecorded
 
 
+class WindowError(ValueError):
+    """A window that cannot be read as asked: the message says what to change."""
+
+
+class TableMissingError(WindowError):
+    """No Delta table at the window's URI."""
+
+
 class Label(IntEnum):
     PLAIN = 0  # target token not preceded by drafts (prefill token, spec off, unrecorded step)
     ACCEPTED = 1  # draft token the target accepted
@@ -185,9 +193,18 @@ class WindowReader:
 
     def __init__(self, window: Window):
         from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
 
         self.window = window
-        self.table = DeltaTable(window.uri, version=window.version, storage_options=window.storage_options)
+        try:
+            self.table = DeltaTable(
+                window.uri, version=window.version, storage_options=window.storage_options
+            )
+        except TableNotFoundError:
+            raise TableMissingError(
+                f"no Delta table at {window.uri}: `flywheel ingest` creates it, or point the recipe's "
+                "window.table (or FLYWHEEL_LAKE_ROOT) at an existing one"
+            ) from None
         self.version = self.table.version()
         self._files = self._select_files()
         self._targets: dict[tuple[str, str], int] | None = None
@@ -299,7 +316,7 @@ class WindowReader:
         targets = self.targets()
         if self.target_filter() is not None and not any(self.is_window_target(*k) for k in targets):
             w = self.window
-            raise ValueError(
+            raise WindowError(
                 f"window of {w.uri} holds no traces of target {w.target_model_id or '*'}@"
                 f"{w.target_revision or '*'}; it holds {_describe(targets) or 'no traces'}"
             )
