@@ -7,6 +7,7 @@ Secrets are ``SecretStr``: they print as ``**********`` and are revealed only wh
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,11 @@ class StackSettings(BaseSettings):
     mlflow_port: int = Field(5000, description="MLflow tracking server")
     airflow_port: int = Field(8080, description="Airflow standalone API server / UI")
     start_timeout_s: float = Field(300.0, description="how long `stack up` waits for a service to be healthy")
+    auth: bool = Field(
+        False,
+        description="authenticated stack: Kafka SASL/SCRAM with ACLs, MLflow's basic-auth app, Airflow users; "
+        "one principal per component, credentials made once in <state_dir>/secrets (infra/stack/credentials.py)",
+    )
     # Which flywheel DAGs run (unpaused). Airflow pauses new DAGs by default; the DAG files pass these as
     # is_paused_upon_creation (so a deployment's scheduler honours them too) and every `flywheel stack up`
     # applies them to the local Airflow; `flywheel stack status` shows the state of each.
@@ -181,6 +187,10 @@ class MlflowSettings(BaseSettings):
     model_config = _config("MLFLOW")
 
     tracking_uri: str = "http://127.0.0.1:5000"
+    username: str | None = Field(
+        None, description="basic-auth user on a tracking server with MLflow's auth app"
+    )
+    password: SecretStr | None = None
     experiment: str = "spec-flywheel"
     registered_model_prefix: str = Field("drafter", description="registered model = '<prefix>-<target id>'")
     artifact_cache_dir: Path = Field(
@@ -193,6 +203,18 @@ class MlflowSettings(BaseSettings):
     def drafter_model_name(self, target_model_id: str) -> str:
         """The registered model that holds the drafters of ``target_model_id``."""
         return f"{self.registered_model_prefix}-{target_model_id}"
+
+    def client_env(self) -> dict[str, str]:
+        """MLFLOW_TRACKING_USERNAME/PASSWORD when a user is set: MLflow's clients take credentials from there."""
+        if self.username is None:
+            return {}
+        password = self.password.get_secret_value() if self.password else ""
+        return {"MLFLOW_TRACKING_USERNAME": self.username, "MLFLOW_TRACKING_PASSWORD": password}
+
+    def export_credentials(self) -> None:
+        """Put :meth:`client_env` into this process's environment (and so its children's): MLflow's clients
+        read it on every request, however they were built. Called where a stage builds its MLflow client."""
+        os.environ.update(self.client_env())
 
 
 class ServingSettings(BaseSettings):
