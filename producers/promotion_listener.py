@@ -37,6 +37,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 
 from core.drafter_artifacts import fetch
 from core.kafka_log import librdkafka_log
+from infra.acls import SWAP_GROUP_PREFIX
 from producers import metrics
 from producers.hot_swap import EngineSwap, swap_drafter_async
 from producers.speculation import switch_engine
@@ -118,7 +119,7 @@ class PromotionListener:
         return Consumer(
             self.runtime.kafka.client_config()
             | {
-                "group.id": f"flywheel-swap-{node}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+                "group.id": f"{SWAP_GROUP_PREFIX}{node}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "logger": librdkafka_log(),

@@ -2,6 +2,10 @@
 
 The classpath comes from ``infra/kafka/pom.xml`` (``mvn dependency:copy-dependencies``) into a cache
 dir; storage is formatted once, so topics and committed messages survive `stack down`/`up`.
+
+With ``FLYWHEEL_STACK_AUTH=true`` both listeners take SASL (``infra/kafka/server-auth.properties``) and
+ACLs decide (``infra/acls.py``). SCRAM users live in the metadata log, so they are written when the storage
+is formatted: a data dir formatted without them cannot be switched to auth (use another state dir).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from string import Template
 
 from core.process import ServiceSpec, StackError
 from core.settings import KafkaSettings, StackSettings
+from infra.stack import credentials
 
 INFRA_KAFKA = Path(__file__).resolve().parents[1] / "kafka"
 _quiet = logging.getLogger("infra.stack.kafka.health")
@@ -70,6 +75,7 @@ class KafkaBroker(ServiceSpec):
         self.home = stack.root / "kafka"
         self.data_dir = self.home / "data"
         self.properties = self.home / "server.properties"
+        self.scram_marker = self.home / "scram-users"  # written once the storage holds the SCRAM users
 
     def ports(self) -> list[int]:
         return [self.port, self.stack.kafka_controller_port]
@@ -77,22 +83,60 @@ class KafkaBroker(ServiceSpec):
     def _classpath(self) -> str:
         return f"{kafka_libs(self.stack.cache_dir)}/*"
 
+    def _render_properties(self) -> None:
+        values = {
+            "host": self.host,
+            "port": self.port,
+            "controller_port": self.stack.kafka_controller_port,
+            "data_dir": self.data_dir,
+        }
+        text = Template((INFRA_KAFKA / "server.properties").read_text()).substitute(values)
+        if self.stack.auth:
+            secrets = credentials.credentials(self.stack)
+            names = {
+                "admin_user": "admin",
+                "broker_user": credentials.BROKER_PRINCIPAL,
+                "controller_user": credentials.CONTROLLER_PRINCIPAL,
+            }
+            overlay = Template((INFRA_KAFKA / "server-auth.properties").read_text()).substitute(
+                values,
+                **names,
+                broker_password=secrets[credentials.BROKER_PRINCIPAL].get_secret_value(),
+                controller_password=secrets[credentials.CONTROLLER_PRINCIPAL].get_secret_value(),
+            )
+            text = overlay_properties(text, overlay)
+            self.properties.touch(mode=0o600)
+            self.properties.chmod(0o600)  # the JAAS lines hold the broker's passwords
+        self.properties.write_text(text)
+
+    def _scram_args(self) -> list[str]:
+        """``--add-scram`` for every SCRAM principal: the users exist from the broker's first start."""
+        secrets = credentials.credentials(self.stack)
+        names = [*credentials.KAFKA_PRINCIPALS, credentials.BROKER_PRINCIPAL]
+        return [
+            arg
+            for name in names
+            for arg in (
+                "--add-scram",
+                f"{credentials.SASL_MECHANISM}=[name={name},password={secrets[name].get_secret_value()}]",
+            )
+        ]
+
     def prepare(self) -> None:
+        formatted = (self.data_dir / "meta.properties").exists()
+        if formatted and self.stack.auth and not self.scram_marker.exists():
+            raise StackError(
+                f"the Kafka storage in {self.data_dir} was formatted without SCRAM users, which are "
+                "written only when storage is formatted: run the authenticated stack in another "
+                "FLYWHEEL_STACK_STATE_DIR (or delete that data dir to start over)"
+            )
         java = require_tool(
             "java", "Install a Java 17+ runtime (Debian: apt-get install openjdk-17-jre-headless)."
         )
         classpath = self._classpath()
         self.home.mkdir(parents=True, exist_ok=True)
-        template = Template((INFRA_KAFKA / "server.properties").read_text())
-        self.properties.write_text(
-            template.substitute(
-                host=self.host,
-                port=self.port,
-                controller_port=self.stack.kafka_controller_port,
-                data_dir=self.data_dir,
-            )
-        )
-        if (self.data_dir / "meta.properties").exists():
+        self._render_properties()
+        if formatted:
             return  # formatted once; the data dir survives restarts
         cluster_id_file = self.home / "cluster.id"
         if not cluster_id_file.exists():
@@ -117,12 +161,17 @@ class KafkaBroker(ServiceSpec):
                 cluster_id_file.read_text().strip(),
                 "-c",
                 str(self.properties),
+                *(self._scram_args() if self.stack.auth else []),
             ],
             capture_output=True,
             text=True,
         )
         if fmt.returncode != 0:
             raise StackError(f"formatting Kafka storage failed:\n{fmt.stdout[-2000:]}{fmt.stderr[-2000:]}")
+        if self.stack.auth:
+            self.scram_marker.write_text(
+                " ".join([*credentials.KAFKA_PRINCIPALS, credentials.BROKER_PRINCIPAL])
+            )
 
     def command(self) -> list[str]:
         return [
@@ -139,9 +188,28 @@ class KafkaBroker(ServiceSpec):
             str(self.properties),
         ]
 
+    def client_settings(self) -> KafkaSettings | None:
+        """What the stack's own tools connect with: ``admin`` when auth is on, else nothing special."""
+        return credentials.kafka_settings(self.stack, "admin") if self.stack.auth else None
+
     def healthy(self) -> bool:
         """Healthy = the broker answers a metadata request on the client listener."""
-        return broker_answers(f"{self.host}:{self.port}")
+        return broker_answers(f"{self.host}:{self.port}", settings=self.client_settings())
+
+
+def overlay_properties(base: str, overlay: str) -> str:
+    """``base`` without the keys ``overlay`` sets, then ``overlay``."""
+    keys = {
+        line.split("=", 1)[0].strip()
+        for line in overlay.splitlines()
+        if "=" in line and not line.startswith("#")
+    }
+    kept = [
+        line
+        for line in base.splitlines()
+        if line.startswith("#") or line.split("=", 1)[0].strip() not in keys
+    ]
+    return "\n".join(kept).rstrip("\n") + "\n\n" + overlay
 
 
 def broker_answers(bootstrap: str, timeout_s: float = 2.0, settings: KafkaSettings | None = None) -> bool:
