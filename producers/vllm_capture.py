@@ -65,6 +65,7 @@ class CaptureRuntime:
         self.serving = serving
         self.kafka = kafka
         self.mlflow = mlflow
+        mlflow.export_credentials()  # the promotion listener fetches drafters from the registry
         self.identity: ServingIdentity | None = None
         self.initial_version = INITIAL_DRAFTER_VERSION
         self.drafter_ids: dict[str, str] = {}  # engine weight version -> drafter id

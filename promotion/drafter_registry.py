@@ -56,6 +56,7 @@ class DrafterRegistry:
         self.kafka = kafka
         self.target_model_id = target_model_id
         self.name = mlflow.drafter_model_name(target_model_id)
+        mlflow.export_credentials()
         self.client = MlflowClient(
             tracking_uri=self.mlflow.tracking_uri, registry_uri=self.mlflow.tracking_uri
         )

@@ -54,6 +54,7 @@ class RegistryDrafterStore(DrafterStore):
         super().__init__(mlflow.artifact_cache_dir, max_loaded)
         self.registered_model = registered_model
         self.mlflow = mlflow
+        mlflow.export_credentials()
 
     def path(self, drafter_id: str | None, version: str | None) -> Path | None:
         from mlflow.exceptions import MlflowException

@@ -529,6 +529,7 @@ def run_recipe(
     (``TrainRecipeConfig.with_defaults``) and say where served drafters come from for the discard term."""
     if settings is not None:
         cfg = cfg.with_defaults(settings)
+        settings.mlflow.export_credentials()
     if cfg.missing():
         raise ValueError(f"recipe {cfg.name!r} leaves {cfg.missing()} unset and no settings were given")
     recipe = DrafterTrainingRecipe(
