@@ -12,11 +12,24 @@ import httpx
 DONE_STATES = {"success", "failed"}
 
 
-class AirflowClient:
-    """The few Airflow 3 REST calls the demo needs (/api/v2; the local standalone makes everyone admin)."""
+class AuthError(RuntimeError):
+    """Airflow refused the log-in."""
 
-    def __init__(self, base_url: str):
+
+class AirflowClient:
+    """The few Airflow 3 REST calls the demo needs (/api/v2), logged in as ``username`` if given, else with
+    the token the simple auth manager hands anyone when everyone is admin (the open local stack)."""
+
+    def __init__(self, base_url: str, username: str | None = None, password: str | None = None):
         self.http = httpx.Client(base_url=base_url, timeout=30.0)
+        if username is not None:
+            resp = self.http.post("/auth/token", json={"username": username, "password": password or ""})
+            if resp.status_code >= 400:
+                raise AuthError(
+                    f"Airflow refused the log-in of {username!r}: {resp.status_code} {resp.text[:200]}"
+                )
+            self.http.headers["Authorization"] = f"Bearer {resp.json()['access_token']}"
+            return
         try:  # simple auth manager with all-admins hands out a token without credentials
             token = self.http.get("/auth/token").json()["access_token"]
             self.http.headers["Authorization"] = f"Bearer {token}"

@@ -1,7 +1,10 @@
 """Airflow 3 standalone (scheduler, DAG processor, triggerer, API server/UI) with sqlite, on 127.0.0.1:8080.
 
-DAGs come from the repo's ``dags/`` folder. Locally everyone is admin (loopback only, no login); the
-``training`` pool (1 slot) serialises drafter fine-tunes as a GPU pool would at scale.
+DAGs come from the repo's ``dags/`` folder. Locally everyone is admin (loopback only, no login) unless
+``FLYWHEEL_STACK_AUTH=true``: then the simple auth manager knows three users, ``admin``, ``operator`` (op)
+and ``viewer``, with the passwords of ``infra/stack/credentials.py``, the REST API wants a token from
+``POST /auth/token``, and the tasks act as the ``trainer`` principal on Kafka and MLflow. The ``training``
+pool (1 slot) serialises drafter fine-tunes as a GPU pool would at scale.
 
 Which DAGs run is a setting per DAG (``StackSettings.*_active``; Airflow itself pauses every new DAG): the
 standalone's processes get those settings in their environment, so the DAG files create each DAG in its
@@ -11,6 +14,7 @@ Airflow already knows to match them.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,24 +26,37 @@ import httpx
 from core.process import ServiceSpec, StackError
 from core.settings import StackSettings
 from infra.airflow_client import AirflowClient
+from infra.stack import credentials
 
 DAGS_DIR = Path(__file__).resolve().parents[2] / "dags"
 TRAINING_POOL = "training"
 
 
 def airflow_env(
-    home: Path, port: int, host: str = "127.0.0.1", state_dir: Path | None = None
+    home: Path,
+    port: int,
+    host: str = "127.0.0.1",
+    state_dir: Path | None = None,
+    passwords_file: Path | None = None,
 ) -> dict[str, str]:
-    """Environment for any airflow process of this project (server, CLI, tests)."""
+    """Environment for any airflow process of this project (server, CLI, tests). ``passwords_file``: log-ins
+    of the users in AIRFLOW_ROLES (``{user: password}``) instead of everyone being admin."""
     venv_bin = str(Path(sys.executable).parent)
     env = {"FLYWHEEL_STACK_STATE_DIR": str(state_dir)} if state_dir else {}  # tasks resolve the same paths
+    if passwords_file is not None:
+        env |= {
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(
+                f"{user}:{role}" for user, role in credentials.AIRFLOW_ROLES.items()
+            ),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
+        }
     return env | {
         "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",  # standalone spawns `airflow ...`
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_DIR),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": str(passwords_file is None),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{host}:{port}/execution/",
         "AIRFLOW__API__HOST": host,
         "AIRFLOW__API__PORT": str(port),
@@ -68,13 +85,21 @@ class AirflowStandalone(ServiceSpec):
 
     def __init__(self, stack: StackSettings):
         super().__init__(stack.root)
+        self.stack = stack
         self.host = stack.host
         self.port = stack.airflow_port
         self.home = stack.root / "airflow"
         self.dags_active = stack.dags_active()
+        self.passwords_file = self.home / "simple_auth_manager_passwords.json" if stack.auth else None
 
     def prepare(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
+        if self.passwords_file is not None:  # the auth manager generates passwords only for users not in it
+            self.passwords_file.touch(mode=0o600)
+            self.passwords_file.chmod(0o600)
+            secrets = credentials.credentials(self.stack)
+            users = {user: secrets[user].get_secret_value() for user in credentials.AIRFLOW_ROLES}
+            self.passwords_file.write_text(json.dumps(users) + "\n")
 
     def command(self) -> list[str]:
         return [str(Path(sys.executable).parent / "airflow"), "standalone"]
@@ -82,7 +107,11 @@ class AirflowStandalone(ServiceSpec):
     def env(self) -> dict[str, str]:
         # the DAG processor reads the same *_active settings as this spec (is_paused_upon_creation)
         active = {f"FLYWHEEL_STACK_{d.upper()}_ACTIVE": str(on).lower() for d, on in self.dags_active.items()}
-        return {**os.environ, **airflow_env(self.home, self.port, self.host, self.state_dir), **active}
+        airflow = airflow_env(self.home, self.port, self.host, self.state_dir, self.passwords_file)
+        tasks = {}  # tasks train, register drafters and publish promotions: the trainer's principal
+        if self.stack.auth:
+            tasks = {"FLYWHEEL_STACK_AUTH": "true"} | credentials.principal_env(self.stack, "trainer")
+        return {**os.environ, **airflow, **active, **tasks}
 
     def healthy(self) -> bool:
         """Healthy = the API answers and scheduler, DAG processor and triggerer report healthy."""
@@ -109,8 +138,11 @@ class AirflowStandalone(ServiceSpec):
             raise StackError(f"could not create the Airflow pool {TRAINING_POOL!r}: {result.stderr[-1000:]}")
         self.apply_dag_states()
 
-    def client(self) -> AirflowClient:
-        return AirflowClient(f"http://{self.address}")
+    def client(self, user: str = "admin") -> AirflowClient:
+        """A REST client, logged in as ``user`` when auth is on."""
+        if not self.stack.auth:
+            return AirflowClient(f"http://{self.address}")
+        return AirflowClient(f"http://{self.address}", user, credentials.password(self.stack, user))
 
     def dag_states(self) -> list[DagState]:
         """Each flywheel DAG: paused or not in Airflow, and what its setting wants."""
