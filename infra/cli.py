@@ -66,6 +66,7 @@ def stack_up(only: Only = None) -> None:
     except stack.StackError as e:
         _fail(str(e))
     console.print(_status_table(rows))
+    console.print(_auth_line(get_settings().stack))
     if any(r.name == "airflow" for r in rows):  # up applied the DAG settings: show the result
         console.print(_dags_table(stack.dags(get_settings().stack)))
     console.print(f"stack healthy in {time.monotonic() - started:.1f}s")
@@ -98,6 +99,7 @@ def stack_status() -> None:
     settings = get_settings().stack
     rows = stack.status(settings)
     console.print(_status_table(rows))
+    console.print(_auth_line(settings))
     if any(r.name == "airflow" and r.healthy for r in rows):
         try:
             console.print(_dags_table(stack.dags(settings)))
@@ -105,6 +107,36 @@ def stack_status() -> None:
             console.print(f"[yellow]DAG states unavailable:[/] {e}")
     if not all(r.healthy for r in rows):
         raise typer.Exit(1)
+
+
+def _auth_line(settings) -> str:
+    if not settings.auth:
+        return "auth: [yellow]off[/] (open on loopback; FLYWHEEL_STACK_AUTH=true turns it on)"
+    from infra.stack.credentials import secrets_file
+
+    return f"auth: [green]on[/] (credentials in {secrets_file(settings)}; `flywheel stack credentials NAME`)"
+
+
+@stack_app.command("credentials")
+def stack_credentials(
+    principal: Annotated[str, typer.Argument(help="admin | serving | ingest | trainer")],
+) -> None:
+    """Print the exports that make a process act as PRINCIPAL on the authenticated stack:
+    `eval "$(flywheel stack credentials serving)"`. Needs FLYWHEEL_STACK_AUTH=true."""
+    import shlex
+
+    from core.process import StackError
+    from infra.stack import credentials
+
+    settings = get_settings().stack
+    if not settings.auth:
+        _fail("auth is off for this stack (FLYWHEEL_STACK_AUTH=true turns it on): there are no credentials")
+    try:
+        env = credentials.principal_env(settings, principal)
+    except StackError as e:
+        _fail(str(e))
+    for name, value in env.items():
+        print(f"export {name}={shlex.quote(value)}")
 
 
 @stack_app.command("logs")
@@ -140,15 +172,26 @@ def topics_create() -> None:
 
     Idempotent. Replication follows the cluster (min(3, brokers); min.insync.replicas one less) unless
     FLYWHEEL_KAFKA_REPLICATION_FACTOR / FLYWHEEL_KAFKA_MIN_INSYNC_REPLICAS pin it; existing topics get every
-    documented config that differs and the declared partition count (never fewer).
+    documented config that differs and the declared partition count (never fewer). On an authenticated
+    stack (FLYWHEEL_STACK_AUTH=true) this runs as admin unless FLYWHEEL_KAFKA_SASL_USERNAME says otherwise,
+    and also creates the ACLs of infra/acls.py.
     """
     from core.settings import get_settings
     from infra.topics import admin_client, cluster_topics, sync_topics
 
-    kafka = get_settings().kafka
+    settings = get_settings()
+    kafka = settings.kafka
+    if settings.stack.auth and kafka.sasl_username is None:
+        from infra.stack.credentials import kafka_settings
+
+        kafka = kafka_settings(settings.stack, "admin", kafka)
     admin = admin_client(kafka)
     specs = cluster_topics(kafka, admin)
     results = {r.name: r for r in sync_topics(admin, specs)}
+    if settings.stack.auth:
+        from infra.acls import ensure_acls
+
+        acls = ensure_acls(admin, kafka)
     table = Table("partitions", "replicas", "purpose", "state")
     table.add_column("configs", no_wrap=True)
     table.columns.insert(0, table.columns.pop())
@@ -160,6 +203,16 @@ def topics_create() -> None:
         state = "\n".join([r.state, *(f"[yellow]warning:[/] {w}" for w in r.warnings)])
         table.add_row(s.name, configs, str(s.partitions), str(s.replication_factor), s.purpose, state)
     Console(width=160).print(table)
+    if settings.stack.auth:
+        rules = Table("principal", "operation", "resource", "pattern")
+        for b in acls:
+            rules.add_row(
+                b.principal.removeprefix("User:"),
+                b.operation.name,
+                f"{b.restype.name.lower()} {b.name}",
+                b.resource_pattern_type.name.lower(),
+            )
+        Console(width=160).print(rules)
 
 
 def register(app: typer.Typer) -> None:
