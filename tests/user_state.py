@@ -29,6 +29,9 @@ TEST_STACK_ENV = {
     "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": f"{TEST_HOST}:{TEST_PORTS['kafka']}",
     "FLYWHEEL_MLFLOW_TRACKING_URI": f"http://{TEST_HOST}:{TEST_PORTS['mlflow']}",
 }
+# Modules that start services of their own (auth on, a standalone Airflow) bind these: never the suite's
+# stack above, which another run may be using, nor the user's.
+OWN_PORTS = {"kafka": 19192, "kafka_controller": 19193, "mlflow": 15100, "airflow": 18180}
 # Paths the user may have set on their own; unset, each follows the suite's state dir like the rest.
 USER_PATH_VARIABLES = (
     "FLYWHEEL_LAKE_ROOT",

@@ -5,9 +5,11 @@ in the state its setting says without anyone touching it (``trace_maintenance`` 
 ``trace_watch`` and ``drafter_flywheel`` switched off here to show the settings work and to spare the two
 cores), `flywheel stack status` shows those states, and `stack up` on a running stack restores them. The
 scheduler's own ``trace_maintenance`` run applies retention to a real Delta table, and so does a manually
-triggered run, both reporting through XCom what they removed. The instance is this module's own: a fresh
-state dir, on the Airflow port of the suite's stack (18080, tests/user_state.py), so a running demo stack is
-never touched; it is stopped at the end. Other modules run DAGs with ``dag.test()``.
+triggered run, both reporting through XCom what they removed. It runs with auth on
+(``FLYWHEEL_STACK_AUTH=true``), as a deployment would: the API refuses a caller without a token, a viewer
+reads but triggers nothing, and the stack's own client logs in as admin. The instance is this module's own:
+a fresh state dir, on a port of its own (tests/user_state.py ``OWN_PORTS``), so neither a running demo stack
+nor the suite's is touched; it is stopped at the end. Other modules run DAGs with ``dag.test()``.
 """
 
 from __future__ import annotations
@@ -15,16 +17,19 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 from deltalake import DeltaTable
 from trace_events import trace
 from typer.testing import CliRunner
+from user_state import OWN_PORTS
 
 from bench.offline_traces import lake_rows, write_traces
 from core import process
 from core.settings import LakeSettings
-from infra.airflow_client import AirflowClient
+from infra.airflow_client import AirflowClient, AuthError
 from infra.cli import stack_app
+from infra.stack import credentials
 from infra.stack.airflow_server import AirflowStandalone
 
 pytestmark = pytest.mark.integration
@@ -39,6 +44,8 @@ def airflow(stack_settings, tmp_path_factory):
     stack = stack_settings.model_copy(
         update={
             "state_dir": tmp_path_factory.mktemp("airflow-stack"),
+            "airflow_port": OWN_PORTS["airflow"],
+            "auth": True,
             "trace_watch_active": False,
             "drafter_flywheel_active": False,
         }
@@ -52,7 +59,7 @@ def airflow(stack_settings, tmp_path_factory):
     spec = AirflowStandalone(stack)
     process.start(spec, timeout_s=600)
     try:
-        yield stack, spec, AirflowClient(f"http://{spec.address}")
+        yield stack, spec, spec.client()  # logged in as admin
     finally:
         process.stop(spec)
 
@@ -80,6 +87,7 @@ def test_a_fresh_stack_leaves_each_dag_as_its_setting_says(airflow):
     env = {
         "FLYWHEEL_STACK_STATE_DIR": str(stack.root),
         "FLYWHEEL_STACK_AIRFLOW_PORT": str(stack.airflow_port),
+        "FLYWHEEL_STACK_AUTH": "true",
         "FLYWHEEL_STACK_TRACE_WATCH_ACTIVE": "false",
         "FLYWHEEL_STACK_DRAFTER_FLYWHEEL_ACTIVE": "false",
         "COLUMNS": "160",
@@ -89,11 +97,29 @@ def test_a_fresh_stack_leaves_each_dag_as_its_setting_says(airflow):
     lines = {line.split()[1]: line for line in shown.output.splitlines() if line.split()[1:2] and "_" in line}
     assert "active" in lines["trace_maintenance"] and "paused" not in lines["trace_maintenance"], shown.output
     assert lines["trace_watch"].count("paused") == 2, shown.output  # state and setting
+    assert "auth: on" in shown.output, shown.output
 
     # someone pauses maintenance by hand: the next `flywheel stack up` (Airflow already running) undoes it
     client.set_paused("trace_maintenance", True)
     process.start(spec, timeout_s=60)
     assert client.is_paused("trace_maintenance") is False
+
+
+def test_the_api_wants_a_user_and_the_role_decides(airflow):
+    stack, spec, admin = airflow
+    admin.wait_dag_parsed("trace_maintenance", timeout_s=240)
+    base = f"http://{spec.address}"
+    assert httpx.get(f"{base}/api/v2/dags", timeout=30).status_code == 401  # no token
+    assert httpx.get(f"{base}/auth/token", timeout=30).status_code == 403  # not everyone is admin
+    with pytest.raises(AuthError, match="401"):
+        AirflowClient(base, "admin", credentials.password(stack, "viewer"))
+
+    viewer = spec.client("viewer")
+    assert viewer.is_paused("trace_maintenance") is False  # a viewer reads
+    body = {"dag_run_id": f"viewer-{int(time.time())}", "logical_date": None, "conf": {}}
+    assert viewer.http.post("/api/v2/dags/trace_maintenance/dagRuns", json=body).status_code == 403
+    assert viewer.http.patch("/api/v2/dags/trace_maintenance", json={"is_paused": True}).status_code == 403
+    assert admin.get("/api/v2/dags/trace_maintenance")["is_paused"] is False
 
 
 def test_the_scheduled_maintenance_run_applies_retention(airflow):
