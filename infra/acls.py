@@ -17,8 +17,11 @@ deletes or reconfigures topics, and ``serving`` cannot read the traces it writes
 
 from __future__ import annotations
 
+import time
+
 from confluent_kafka.admin import (
     AclBinding,
+    AclBindingFilter,
     AclOperation,
     AclPermissionType,
     AdminClient,
@@ -59,8 +62,23 @@ def project_acls(kafka: KafkaSettings) -> list[AclBinding]:
 
 
 def ensure_acls(admin: AdminClient, kafka: KafkaSettings, timeout_s: float = 30.0) -> list[AclBinding]:
-    """Create the bindings (a binding that exists is left as it is). Returns them."""
+    """Create the bindings (a binding that exists is left as it is). Returns them once the broker lists them:
+    the controller commits them first and the broker applies them a moment later, and a client started
+    right after must not be refused meanwhile."""
     bindings = project_acls(kafka)
     for fut in admin.create_acls(bindings, request_timeout=timeout_s).values():
         fut.result()
+    deadline = time.monotonic() + timeout_s
+    while not set(map(str, bindings)) <= set(map(str, listed_acls(admin, timeout_s))):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"created ACLs are not in the broker's view after {timeout_s}s")
+        time.sleep(0.1)
     return bindings
+
+
+def listed_acls(admin: AdminClient, timeout_s: float = 30.0) -> list[AclBinding]:
+    """Every binding the broker enforces now."""
+    match_all = AclBindingFilter(
+        ResourceType.ANY, None, ResourcePatternType.ANY, None, None, AclOperation.ANY, AclPermissionType.ANY
+    )
+    return admin.describe_acls(match_all, request_timeout=timeout_s).result()

@@ -158,3 +158,26 @@ def test_airflow_has_users_with_auth_and_everyone_is_admin_without(tmp_path):
     assert spec.passwords_file.stat().st_mode & 0o777 == 0o600
     # tasks act as the trainer
     assert env["FLYWHEEL_KAFKA_SASL_USERNAME"] == env["FLYWHEEL_MLFLOW_USERNAME"] == "trainer"
+
+
+def test_credentials_command_prints_a_principals_exports(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from infra.cli import register
+
+    cli = typer.Typer()
+    register(cli)
+    env = {"FLYWHEEL_STACK_STATE_DIR": str(tmp_path), "FLYWHEEL_STACK_AUTH": "true"}
+    shown = CliRunner().invoke(cli, ["stack", "credentials", "ingest"], env=env)
+    assert shown.exit_code == 0, shown.output
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in shown.output.splitlines())
+    assert exports["FLYWHEEL_KAFKA_SASL_USERNAME"] == "ingest"
+    assert exports["FLYWHEEL_KAFKA_SASL_PASSWORD"] == credentials.password(
+        StackSettings(state_dir=tmp_path), "ingest"
+    )
+    assert CliRunner().invoke(cli, ["stack", "credentials", "mallory"], env=env).exit_code == 1
+    off = CliRunner().invoke(
+        cli, ["stack", "credentials", "ingest"], env=env | {"FLYWHEEL_STACK_AUTH": "false"}
+    )
+    assert off.exit_code == 1 and "auth is off" in off.output
