@@ -37,6 +37,7 @@ from consumers.table import open_or_create
 from consumers.trace_batch import MessageBatch, TraceBatchDecoder
 from core.kafka_log import librdkafka_log
 from core.settings import KafkaSettings, LakeSettings
+from infra.acls import DLQ_READER_GROUP_PREFIX
 
 log = logging.getLogger("flywheel.dlq")
 
@@ -69,7 +70,7 @@ def read_letters(kafka: KafkaSettings, batch: int = 5000, timeout_s: float = 30.
     consumer = Consumer(
         kafka.client_config()
         | {
-            "group.id": f"flywheel-dlq-reader-{uuid.uuid4().hex[:8]}",
+            "group.id": f"{DLQ_READER_GROUP_PREFIX}{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "logger": librdkafka_log(),

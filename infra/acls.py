@@ -8,9 +8,11 @@ bindings next to the topics they guard, from the same topic names (``FLYWHEEL_KA
 |-----------|----------------------------------------------------------------------------|---------------------------------------|
 | serving   | WRITE traces; READ promotions; READ groups ``flywheel-swap-*``             | capture; hot-swaps follow promotions  |
 | ingest    | READ traces; READ groups ``flywheel-ingest*``; WRITE the DLQ               | the exactly-once sink and dead letters |
+|           | READ the DLQ; READ groups ``flywheel-dlq-reader-*``                        | `flywheel dlq inspect`/`replay` (lake) |
 | trainer   | WRITE promotions                                                           | promote, rollback, speculation on/off |
 
-READ and WRITE imply DESCRIBE (metadata of the topic). An idempotent producer needs no IDEMPOTENT_WRITE
+READ and WRITE imply DESCRIBE (metadata of the topic). Readers that only assign partitions (the promotion
+listener, the DLQ reader) commit nothing, but a consumer with a group id still looks up its coordinator. An idempotent producer needs no IDEMPOTENT_WRITE
 on the cluster (KIP-679): WRITE on a topic is enough, as tests/integration/test_auth.py shows. Nobody but ``admin`` creates,
 deletes or reconfigures topics, and ``serving`` cannot read the traces it writes (the prompts of others).
 """
@@ -33,6 +35,7 @@ from core.settings import KafkaSettings
 
 SWAP_GROUP_PREFIX = "flywheel-swap-"  # + node, pid, nonce: every serving node reads the whole topic
 INGEST_GROUP_PREFIX = "flywheel-ingest"  # the ingest's consumer group, and variants of it
+DLQ_READER_GROUP_PREFIX = "flywheel-dlq-reader-"  # + nonce: each inspect/replay reads the whole DLQ
 
 _TOPIC, _GROUP = ResourceType.TOPIC, ResourceType.GROUP
 _LITERAL, _PREFIXED = ResourcePatternType.LITERAL, ResourcePatternType.PREFIXED
@@ -51,6 +54,8 @@ def project_acls(kafka: KafkaSettings) -> list[AclBinding]:
             (_TOPIC, kafka.traces_topic, _LITERAL, _READ),
             (_GROUP, INGEST_GROUP_PREFIX, _PREFIXED, _READ),
             (_TOPIC, kafka.dlq_topic, _LITERAL, _WRITE),
+            (_TOPIC, kafka.dlq_topic, _LITERAL, _READ),
+            (_GROUP, DLQ_READER_GROUP_PREFIX, _PREFIXED, _READ),
         ],
         "trainer": [(_TOPIC, kafka.promotions_topic, _LITERAL, _WRITE)],
     }

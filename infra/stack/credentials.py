@@ -6,7 +6,7 @@ Each flywheel process acts as one principal, and the services know only these:
 |------------|-----------------------------------------------------------|------------------------------------|----------|
 | admin      | super user: topics, ACLs, the stack's health checks        | admin                              | admin    |
 | serving    | writes traces; reads promotions (groups flywheel-swap-*)   | READ (the default): fetch drafters | -        |
-| ingest     | reads traces (groups flywheel-ingest*); writes the DLQ     | -                                  | -        |
+| ingest     | reads traces (groups flywheel-ingest*); writes, reads the DLQ | -                               | -        |
 | trainer    | writes promotions                                          | creates runs and registered models, MANAGE on what it created | - |
 | operator   | -                                                          | -                                  | op       |
 | viewer     | -                                                          | -                                  | viewer   |

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -30,11 +31,13 @@ from trace_events import encoded, poison_messages, read_dlq, trace
 from typer.testing import CliRunner
 from user_state import OWN_PORTS, TEST_HOST
 
+from consumers.dead_letter_replay import inspect
 from consumers.dead_letters import parse_headers
 from consumers.delta_sink import IngestOptions, TraceIngest, consumer_config
 from core import process
 from core.drafter_artifacts import fetch, weights_sha256
 from core.settings import KafkaSettings, LakeSettings, StackSettings
+from flywheel.demo.services import register_drafter
 from infra import stack
 from infra.acls import listed_acls, project_acls
 from infra.cli import register
@@ -225,9 +228,10 @@ def test_serving_writes_traces_and_nothing_else(auth_stack, topics, served):
 
     for topic in (serving.promotions_topic, serving.dlq_topic):
         assert deliver(serving.client_config(), topic) == ("TOPIC_AUTHORIZATION_FAILED", set())
-    # nor read the traces it writes (other tenants' prompts)
+    # nor read the traces it writes (other tenants' prompts), in the topic or in the DLQ
     reader = serving.client_config() | {"group.id": "flywheel-swap-peek", "auto.offset.reset": "earliest"}
     assert first_error(reader, serving.traces_topic) == "TOPIC_AUTHORIZATION_FAILED"
+    assert first_error(reader, serving.dlq_topic) == "TOPIC_AUTHORIZATION_FAILED"
 
 
 def test_ingest_runs_as_ingest_and_writes_only_the_dlq(auth_stack, topics, served, tmp_path):
@@ -250,6 +254,7 @@ def test_ingest_runs_as_ingest_and_writes_only_the_dlq(auth_stack, topics, serve
     assert sorted(parse_headers(m.headers())["dlq.reason"] for m in letters) == sorted(
         r for _, r, _ in poison
     )
+    assert inspect(ingest).by_reason == Counter(r for _, r, _ in poison)  # `flywheel dlq inspect`
 
     assert deliver(ingest.client_config(), ingest.promotions_topic) == ("TOPIC_AUTHORIZATION_FAILED", set())
     assert deliver(ingest.client_config(), ingest.traces_topic) == ("TOPIC_AUTHORIZATION_FAILED", set())
@@ -274,11 +279,9 @@ def test_mlflow_refuses_anonymous_and_wrong_credentials(auth_stack):
 def test_trainer_promotes_and_serving_follows_but_cannot_promote(
     auth_stack, topics, tmp_path, mlflow_client_state
 ):
-    """trainer: a run with the drafter, a registered version, promote = aliases + a promotion on Kafka.
-    serving: reads the promotion as the listener does and fetches the drafter from the registry, but moves
-    no alias and publishes no promotion."""
-    import mlflow
-
+    """trainer: a run that logs the drafter as an MLflow Model (as training does), a registered version,
+    promote = aliases + a promotion on Kafka. serving: reads the promotion as the listener does and fetches
+    the drafter from the registry, but moves no alias and publishes no promotion."""
     drafter = tmp_path / "drafter"
     drafter.mkdir()
     (drafter / "config.json").write_text(json.dumps({"architectures": ["Eagle3LlamaForCausalLM"]}))
@@ -287,12 +290,7 @@ def test_trainer_promotes_and_serving_follows_but_cannot_promote(
     mlflow_base = {"artifact_cache_dir": tmp_path / "cache"}
     trainer_mlflow = credentials.mlflow_settings(auth_stack, "trainer").model_copy(update=mlflow_base)
     trainer = DrafterRegistry(TARGET, trainer_mlflow, as_(auth_stack, "trainer", topics))
-    mlflow.set_tracking_uri(trainer_mlflow.tracking_uri)
-    mlflow.set_experiment("auth-test")
-    with mlflow.start_run() as run:
-        mlflow.log_artifacts(str(drafter), "drafter")
-        uri = mlflow.get_artifact_uri("drafter")
-    version = trainer.register(run.info.run_id, uri, drafter, {"spec_method": "eagle3"}).version
+    version = register_drafter(trainer, trainer_mlflow, drafter, "auth-test", {})  # as a training run does
     event = trainer.promote(version, reason="auth test")
 
     serving_kafka = as_(auth_stack, "serving", topics)

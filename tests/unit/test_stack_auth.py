@@ -13,7 +13,7 @@ import pytest
 from consumers.delta_sink import IngestOptions
 from core.process import StackError
 from core.settings import KafkaSettings, MlflowSettings, StackSettings
-from infra.acls import INGEST_GROUP_PREFIX, SWAP_GROUP_PREFIX, project_acls
+from infra.acls import DLQ_READER_GROUP_PREFIX, INGEST_GROUP_PREFIX, SWAP_GROUP_PREFIX, project_acls
 from infra.stack import credentials
 from infra.stack.airflow_server import AirflowStandalone
 from infra.stack.kafka_broker import INFRA_KAFKA, KafkaBroker
@@ -126,6 +126,8 @@ def test_acl_table_and_the_groups_the_components_use():
         ("User:ingest", "READ", kafka.traces_topic, "LITERAL"),
         ("User:ingest", "READ", INGEST_GROUP_PREFIX, "PREFIXED"),
         ("User:ingest", "WRITE", kafka.dlq_topic, "LITERAL"),
+        ("User:ingest", "READ", kafka.dlq_topic, "LITERAL"),
+        ("User:ingest", "READ", DLQ_READER_GROUP_PREFIX, "PREFIXED"),
         ("User:trainer", "WRITE", kafka.promotions_topic, "LITERAL"),
     }
     assert IngestOptions().group.startswith(INGEST_GROUP_PREFIX)
