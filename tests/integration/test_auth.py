@@ -114,11 +114,16 @@ def served(auth_stack, topics, tmp_path_factory) -> dict[str, int]:
 
 @pytest.fixture
 def mlflow_client_state(monkeypatch):
-    """MLflow's process-wide client state (credentials in the environment, the tracking URI), put back."""
+    """MLflow's process-wide client state (credentials and experiment in the environment, the tracking URI,
+    the active experiment), put back: later modules talk to the suite's server."""
     import mlflow
+    import mlflow.tracking.fluent
 
-    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_EXPERIMENT_ID"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(
+        mlflow.tracking.fluent, "_active_experiment_id", mlflow.tracking.fluent._active_experiment_id
+    )
     uri = mlflow.get_tracking_uri()
     yield
     mlflow.set_tracking_uri(uri)
