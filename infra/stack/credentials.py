@@ -24,6 +24,7 @@ serving)"`` exports ``FLYWHEEL_KAFKA_SASL_*`` and ``FLYWHEEL_MLFLOW_USERNAME``/`
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -48,19 +49,22 @@ def secrets_file(stack: StackSettings) -> Path:
 
 
 def credentials(stack: StackSettings) -> dict[str, SecretStr]:
-    """Every principal's password (and the stack's keys), made on first use and then read back."""
+    """Every principal's password (and the stack's keys), made on first use and then read back. Under a lock:
+    services starting side by side must not each make (and hand their server) passwords of their own."""
     path = secrets_file(stack)
-    known = _read(path)
-    missing = [name for name in _SECRETS if name not in known]
-    if missing:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.parent.chmod(0o700)
-        known |= {name: secrets.token_urlsafe(24) for name in missing}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(known, f, indent=2)
-        tmp.replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
+    with open(path.parent / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        known = _read(path)
+        missing = [name for name in _SECRETS if name not in known]
+        if missing:
+            known |= {name: secrets.token_urlsafe(24) for name in missing}
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(known, f, indent=2)
+            tmp.replace(path)
     return {name: SecretStr(value) for name, value in known.items()}
 
 

@@ -45,6 +45,15 @@ def test_secrets_are_made_once_private_and_random(tmp_path):
         credentials.credentials(stack)
 
 
+def test_services_starting_side_by_side_get_the_same_secrets(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    stack = _stack(tmp_path)
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda _: credentials.password(stack, "admin"), range(32)))
+    assert len(set(made)) == 1 and made[0] == credentials.password(stack, "admin")
+
+
 def test_a_principal_is_a_set_of_client_settings(tmp_path):
     stack = _stack(tmp_path)
     conf = credentials.kafka_settings(stack, "serving", KafkaSettings(traces_topic="t")).client_config()
