@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -193,6 +194,7 @@ def test_full_disk_during_an_outage_costs_events_not_capture(
     # same-sized records: once the disk refused one it refused every later one until it freed, so what
     # was kept is the head of `during` (librdkafka's few held records first, then the spill, in order)
     assert got == during[: len(during) - dropped] + freed
+    print(json.dumps({"full_disk": counts, "delivered": len(got)}))
     assert counts["failed"] == counts["dropped"] == 0
     assert counts["sent"] + counts["replayed"] == len(got)
 
