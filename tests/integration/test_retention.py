@@ -68,6 +68,21 @@ def ingest_all(kafka, lake, topic, clock=time.time, group="retention") -> None:
     TraceIngest(kafka, lake, opts, topic=topic).run()
 
 
+def live_parquet_files(root: str, dt: DeltaTable) -> set[str]:
+    """The Parquet files under the table root, asserted to be exactly the table's live files (nothing
+    removed is left behind after vacuum, nothing live is missing)."""
+    on_disk = {
+        os.path.join(d, f)
+        for d, _, fs in os.walk(root)
+        for f in fs
+        if f.endswith(".parquet") and "_delta_log" not in d
+    }
+    assert on_disk == {u.removeprefix("file://") for u in dt.file_uris()}, (
+        "storage holds files the table lost"
+    )
+    return on_disk
+
+
 def disk_usage(root: str) -> tuple[int, int, int]:
     """(Parquet bytes, _delta_log bytes, _delta_log files) under the table root."""
     data = log = log_files = 0
@@ -111,13 +126,7 @@ def test_retention_deletes_only_expired_partitions(kafka_settings, topic_factory
     assert report.compacted and set(report.compacted) == {
         f"{p.date}/{p.hour:02d}" for p in before if p in report.plan.compact
     }
-    on_disk = {
-        os.path.join(d, f)
-        for d, _, fs in os.walk(lake.traces_uri)
-        for f in fs
-        if f.endswith(".parquet") and "_delta_log" not in d
-    }
-    assert on_disk == {u.removeprefix("file://") for u in dt.file_uris()}, "vacuum left files the table lost"
+    live_parquet_files(lake.traces_uri, dt)
 
 
 def test_storage_stays_bounded_under_continuous_ingest(kafka_settings, topic_factory, tmp_path):
@@ -235,14 +244,7 @@ def test_retention_runs_while_the_ingest_writes(kafka_settings, topic_factory, t
     run_retention(lake, last, retention_days=retention_days)  # compacts what the last commits left
     time.sleep(11)  # past deletedFileRetentionDuration: what retention removed can now be vacuumed
     run_retention(lake, last, retention_days=retention_days)
-    dt = DeltaTable(lake.traces_uri)
-    on_disk = {
-        os.path.join(d, f)
-        for d, _, fs in os.walk(lake.traces_uri)
-        for f in fs
-        if f.endswith(".parquet") and "_delta_log" not in d
-    }
-    assert on_disk == {u.removeprefix("file://") for u in dt.file_uris()}, "storage holds dead files"
+    on_disk = live_parquet_files(lake.traces_uri, DeltaTable(lake.traces_uri))
     assert len(on_disk) <= 2 * (retention_days + 1) + 2  # compacted closed hours, and today's open ones
 
 

@@ -11,21 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_eagle3_drafter import TINY
 
 from trainer.eagle3_drafter import Eagle3Config, Eagle3Drafter
 from trainer.recipes import TrainRecipeConfig
 from trainer.train_loop import DrafterTrainingRecipe, load_checkpoint, plain
-
-TINY = dict(
-    hidden_size=16,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=4,
-    intermediate_size=24,
-    vocab_size=40,
-    draft_vocab_size=40,
-    target_hidden_size=16,
-)
 
 
 class _Reader:
