@@ -159,7 +159,7 @@ def stack_credentials(
 
 @stack_app.command("logs")
 def stack_logs(
-    service: Annotated[str, typer.Argument(help="kafka | mlflow | airflow")],
+    service: Annotated[str, typer.Argument(help="kafka (kafka-2, ... in a cluster) | mlflow | airflow")],
     lines: Annotated[int, typer.Option("-n", "--lines", help="how many trailing lines")] = 50,
     follow: Annotated[bool, typer.Option("-f", "--follow", help="keep printing new lines")] = False,
 ) -> None:

@@ -5,6 +5,8 @@ Each service is a ServiceSpec, so adding one is one class and one line in ``serv
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from core import process
 from core.process import ServiceSpec, ServiceStatus, StackError
 from core.settings import StackSettings
@@ -68,7 +70,12 @@ def up(stack: StackSettings, only: list[str] | None = None) -> list[ServiceStatu
 
 def down(stack: StackSettings, only: list[str] | None = None) -> list[str]:
     """Stop services in reverse start order; returns the names that were running."""
-    return [s.name for s in reversed(services(stack)) if _chosen(s, only) and process.stop(s)]
+    chosen = [s for s in reversed(services(stack)) if _chosen(s, only)]
+    nodes = [s for s in chosen if isinstance(s, KafkaBroker) and s.cluster]
+    stopped = [s.name for s in chosen if s not in nodes and process.stop(s)]
+    # a cluster's nodes stop together: the last of a sequence would wait out its timeout for a quorum
+    with ThreadPoolExecutor(max(1, len(nodes))) as pool:
+        return stopped + [s.name for s, ran in zip(nodes, pool.map(process.stop, nodes), strict=True) if ran]
 
 
 def status(stack: StackSettings) -> list[ServiceStatus]:
