@@ -11,7 +11,7 @@ from core import process
 from core.process import ServiceSpec, ServiceStatus, StackError
 from core.settings import StackSettings
 from infra.stack.airflow_server import AirflowStandalone, DagState
-from infra.stack.kafka_broker import KafkaBroker, bootstrap_servers
+from infra.stack.kafka_broker import AUTH_CLUSTER, KafkaBroker, bootstrap_servers
 from infra.stack.mlflow_server import MlflowServer
 
 __all__ = [
@@ -63,6 +63,8 @@ def service(name: str, stack: StackSettings) -> ServiceSpec:
 def up(stack: StackSettings, only: list[str] | None = None) -> list[ServiceStatus]:
     chosen = [s for s in services(stack) if _chosen(s, only)]
     nodes = [s for s in chosen if isinstance(s, KafkaBroker) and s.cluster]
+    if stack.auth and kafka_nodes(stack) > 1:
+        raise StackError(AUTH_CLUSTER)
     for node in nodes:  # a KRaft quorum elects no leader, so no node is healthy, until a majority runs
         process.launch(node)
     return [process.start(s, stack.start_timeout_s) for s in chosen]

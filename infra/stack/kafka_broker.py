@@ -29,6 +29,10 @@ from core.process import ServiceSpec, StackError
 from core.settings import KafkaSettings, StackSettings
 from infra.stack import credentials
 
+AUTH_CLUSTER = (
+    "the authenticated stack runs one Kafka broker: unset FLYWHEEL_STACK_AUTH or use --kafka-brokers 1 "
+    "(FLYWHEEL_STACK_KAFKA_BROKERS=1; `flywheel stack down` first if a cluster runs in this state dir)"
+)
 INFRA_KAFKA = Path(__file__).resolve().parents[1] / "kafka"
 _quiet = logging.getLogger("infra.stack.kafka.health")
 _quiet.addHandler(logging.NullHandler())
@@ -176,10 +180,7 @@ class KafkaBroker(ServiceSpec):
 
     def prepare(self) -> None:
         if self.cluster and self.stack.auth:
-            raise StackError(
-                "the authenticated stack runs one Kafka broker: unset FLYWHEEL_STACK_AUTH or use "
-                "--kafka-brokers 1 (FLYWHEEL_STACK_KAFKA_BROKERS=1)"
-            )
+            raise StackError(AUTH_CLUSTER)
         formatted = (self.data_dir / "meta.properties").exists()
         if formatted and self.stack.auth and not self.scram_marker.exists():
             raise StackError(

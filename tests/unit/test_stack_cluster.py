@@ -60,3 +60,9 @@ def test_down_finds_the_nodes_a_bigger_up_started(tmp_path):
 def test_auth_with_a_cluster_is_refused(tmp_path):
     with pytest.raises(StackError, match="runs one Kafka broker"):
         KafkaBroker(_stack(tmp_path, 3, auth=True), node=2).prepare()
+
+
+def test_up_refuses_auth_with_a_cluster_before_starting_anything(tmp_path):
+    with pytest.raises(StackError, match="runs one Kafka broker"):
+        stack.up(_stack(tmp_path, 3, auth=True), only=["kafka"])
+    assert not (tmp_path / "run").exists()
