@@ -121,31 +121,37 @@ def status(spec: ServiceSpec) -> ServiceStatus:
     return ServiceStatus(spec.name, spec.address, pid, pid is not None, healthy, spec.log_file)
 
 
+def launch(spec: ServiceSpec) -> None:
+    """Start the service's process unless ours is already running; do not wait for it."""
+    if read_pid(spec) is not None:
+        return
+    for port in spec.ports():
+        owner = port_owner(spec.host, port)
+        if owner:
+            raise StackError(
+                f"{spec.name}: port {spec.host}:{port} is already taken by {owner}. "
+                f"Stop it, or choose another port (see `flywheel stack up --help`)."
+            )
+    spec.prepare()
+    spec.log_file.parent.mkdir(parents=True, exist_ok=True)
+    spec.pid_file.parent.mkdir(parents=True, exist_ok=True)
+    with spec.log_file.open("ab") as log:
+        log.write(f"\n=== starting {spec.name} at {time.strftime('%Y-%m-%dT%H:%M:%S')} ===\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            spec.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=spec.env(),
+            start_new_session=True,  # own process group: `down` stops children too
+        )
+    spec.pid_file.write_text(str(proc.pid))
+
+
 def start(spec: ServiceSpec, timeout_s: float) -> ServiceStatus:
     """Start the service unless ours is already running; wait until healthy."""
-    if read_pid(spec) is None:
-        for port in spec.ports():
-            owner = port_owner(spec.host, port)
-            if owner:
-                raise StackError(
-                    f"{spec.name}: port {spec.host}:{port} is already taken by {owner}. "
-                    f"Stop it, or choose another port (see `flywheel stack up --help`)."
-                )
-        spec.prepare()
-        spec.log_file.parent.mkdir(parents=True, exist_ok=True)
-        spec.pid_file.parent.mkdir(parents=True, exist_ok=True)
-        with spec.log_file.open("ab") as log:
-            log.write(f"\n=== starting {spec.name} at {time.strftime('%Y-%m-%dT%H:%M:%S')} ===\n".encode())
-            log.flush()
-            proc = subprocess.Popen(
-                spec.command(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=spec.env(),
-                start_new_session=True,  # own process group: `down` stops children too
-            )
-        spec.pid_file.write_text(str(proc.pid))
+    launch(spec)
     st = wait_healthy(spec, timeout_s)
     spec.after_healthy()
     return st

@@ -35,6 +35,12 @@ class StackSettings(BaseSettings):
     kafka_port: int = Field(9092, description="Kafka PLAINTEXT listener")
     kafka_controller_port: int = Field(9093, description="KRaft controller listener")
     kafka_heap: str = Field("768m", description="broker JVM -Xmx")
+    kafka_brokers: int = Field(
+        1,
+        ge=1,
+        description="Kafka nodes (KRaft broker+controller each); >1 is a local cluster: node i listens on "
+        "kafka_port + 2(i-1) and kafka_controller_port + 2(i-1), services kafka, kafka-2, kafka-3, ...",
+    )
     mlflow_port: int = Field(5000, description="MLflow tracking server")
     airflow_port: int = Field(8080, description="Airflow standalone API server / UI")
     start_timeout_s: float = Field(300.0, description="how long `stack up` waits for a service to be healthy")

@@ -52,21 +52,39 @@ def stack_install() -> None:
 
 
 @stack_app.command("up")
-def stack_up(only: Only = None) -> None:
+def stack_up(
+    only: Only = None,
+    kafka_brokers: Annotated[
+        int | None,
+        typer.Option(
+            "--kafka-brokers",
+            min=1,
+            help="Kafka nodes: >1 runs a local KRaft cluster (node i on FLYWHEEL_STACK_KAFKA_PORT + 2(i-1)); "
+            "default FLYWHEEL_STACK_KAFKA_BROKERS (1)",
+        ),
+    ] = None,
+) -> None:
     """Start the stack (idempotent): fetch Kafka jars with Maven, format storage once, start, wait healthy.
 
     Ports and the state dir come from FLYWHEEL_STACK_* (e.g. FLYWHEEL_STACK_KAFKA_PORT=19092).
     """
     from infra import stack
 
+    settings = get_settings().stack
+    if kafka_brokers is not None:
+        settings = settings.model_copy(update={"kafka_brokers": kafka_brokers})
     started = time.monotonic()
     try:
         with console.status("starting the local stack (first run fetches the Kafka jars)..."):
-            rows = stack.up(get_settings().stack, only=only)
+            rows = stack.up(settings, only=only)
     except stack.StackError as e:
         _fail(str(e))
     console.print(_status_table(rows))
-    console.print(_auth_line(get_settings().stack))
+    console.print(_auth_line(settings))
+    if settings.kafka_brokers > 1:
+        console.print(
+            f"kafka bootstrap: FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS={stack.bootstrap_servers(settings)}"
+        )
     if any(r.name == "airflow" for r in rows):  # up applied the DAG settings: show the result
         console.print(_dags_table(stack.dags(get_settings().stack)))
     console.print(f"stack healthy in {time.monotonic() - started:.1f}s")
@@ -141,7 +159,7 @@ def stack_credentials(
 
 @stack_app.command("logs")
 def stack_logs(
-    service: Annotated[str, typer.Argument(help="kafka | mlflow | airflow")],
+    service: Annotated[str, typer.Argument(help="kafka (kafka-2, ... in a cluster) | mlflow | airflow")],
     lines: Annotated[int, typer.Option("-n", "--lines", help="how many trailing lines")] = 50,
     follow: Annotated[bool, typer.Option("-f", "--follow", help="keep printing new lines")] = False,
 ) -> None:

@@ -5,19 +5,52 @@ Each service is a ServiceSpec, so adding one is one class and one line in ``serv
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from core import process
 from core.process import ServiceSpec, ServiceStatus, StackError
 from core.settings import StackSettings
 from infra.stack.airflow_server import AirflowStandalone, DagState
-from infra.stack.kafka_broker import KafkaBroker
+from infra.stack.kafka_broker import AUTH_CLUSTER, KafkaBroker, bootstrap_servers
 from infra.stack.mlflow_server import MlflowServer
 
-__all__ = ["StackError", "ServiceStatus", "DagState", "services", "up", "down", "status", "service", "dags"]
+__all__ = [
+    "bootstrap_servers",
+    "StackError",
+    "ServiceStatus",
+    "DagState",
+    "services",
+    "up",
+    "down",
+    "status",
+    "service",
+    "dags",
+]
+
+
+def kafka_nodes(stack: StackSettings) -> int:
+    """Nodes of the local Kafka: the setting, or more where PID files show a bigger cluster still running
+    (so `stack down`/`status` without ``--kafka-brokers`` find every node `stack up --kafka-brokers N` ran)."""
+    running = [
+        int(pid.stem.removeprefix("kafka-"))
+        for pid in (stack.root / "run").glob("kafka-*.pid")
+        if pid.stem.removeprefix("kafka-").isdigit()
+    ]
+    return max([stack.kafka_brokers, *running])
 
 
 def services(stack: StackSettings) -> list[ServiceSpec]:
-    """Every service of the local stack, in start order."""
-    return [KafkaBroker(stack), MlflowServer(stack), AirflowStandalone(stack)]
+    """Every service of the local stack, in start order (Kafka nodes first: kafka, kafka-2, ...)."""
+    nodes = kafka_nodes(stack)
+    kafka = [KafkaBroker(stack, node, nodes) for node in range(1, nodes + 1)]
+    return [*kafka, MlflowServer(stack), AirflowStandalone(stack)]
+
+
+def _chosen(spec: ServiceSpec, only: list[str] | None) -> bool:
+    """``--only kafka`` means every Kafka node; ``--only kafka-2`` that node."""
+    if only is None:
+        return True
+    return spec.name in only or ("kafka" in only and isinstance(spec, KafkaBroker))
 
 
 def service(name: str, stack: StackSettings) -> ServiceSpec:
@@ -28,14 +61,23 @@ def service(name: str, stack: StackSettings) -> ServiceSpec:
 
 
 def up(stack: StackSettings, only: list[str] | None = None) -> list[ServiceStatus]:
-    return [
-        process.start(s, stack.start_timeout_s) for s in services(stack) if only is None or s.name in only
-    ]
+    chosen = [s for s in services(stack) if _chosen(s, only)]
+    nodes = [s for s in chosen if isinstance(s, KafkaBroker) and s.cluster]
+    if stack.auth and kafka_nodes(stack) > 1:
+        raise StackError(AUTH_CLUSTER)
+    for node in nodes:  # a KRaft quorum elects no leader, so no node is healthy, until a majority runs
+        process.launch(node)
+    return [process.start(s, stack.start_timeout_s) for s in chosen]
 
 
 def down(stack: StackSettings, only: list[str] | None = None) -> list[str]:
     """Stop services in reverse start order; returns the names that were running."""
-    return [s.name for s in reversed(services(stack)) if (only is None or s.name in only) and process.stop(s)]
+    chosen = [s for s in reversed(services(stack)) if _chosen(s, only)]
+    nodes = [s for s in chosen if isinstance(s, KafkaBroker) and s.cluster]
+    stopped = [s.name for s in chosen if s not in nodes and process.stop(s)]
+    # a cluster's nodes stop together: the last of a sequence would wait out its timeout for a quorum
+    with ThreadPoolExecutor(max(1, len(nodes))) as pool:
+        return stopped + [s.name for s, ran in zip(nodes, pool.map(process.stop, nodes), strict=True) if ran]
 
 
 def status(stack: StackSettings) -> list[ServiceStatus]:

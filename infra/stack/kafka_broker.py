@@ -6,6 +6,14 @@ dir; storage is formatted once, so topics and committed messages survive `stack 
 With ``FLYWHEEL_STACK_AUTH=true`` both listeners take SASL (``infra/kafka/server-auth.properties``) and
 ACLs decide (``infra/acls.py``). SCRAM users live in the metadata log, so they are written when the storage
 is formatted: a data dir formatted without them cannot be switched to auth (use another state dir).
+
+With ``FLYWHEEL_STACK_KAFKA_BROKERS=N`` (``flywheel stack up --kafka-brokers N``), N > 1, the stack runs N
+combined broker+controller nodes with a static quorum (``controller.quorum.voters``) and one cluster id.
+Node i (1..N) is the service ``kafka`` (i = 1) or ``kafka-<i>``, keeps its data in ``kafka/node-<i>`` and
+listens on ``kafka_port + 2(i-1)`` (clients) and ``kafka_controller_port + 2(i-1)`` (controller): the
+defaults give 9092/9093, 9094/9095, 9096/9097. Internal and default topics get replication min(3, N) and
+min.insync.replicas = replication - 1. Clients bootstrap from every node (:func:`bootstrap_servers`,
+printed by `stack up`). The cluster runs without auth (the combination is refused).
 """
 
 from __future__ import annotations
@@ -21,6 +29,10 @@ from core.process import ServiceSpec, StackError
 from core.settings import KafkaSettings, StackSettings
 from infra.stack import credentials
 
+AUTH_CLUSTER = (
+    "the authenticated stack runs one Kafka broker: unset FLYWHEEL_STACK_AUTH or use --kafka-brokers 1 "
+    "(FLYWHEEL_STACK_KAFKA_BROKERS=1; `flywheel stack down` first if a cluster runs in this state dir)"
+)
 INFRA_KAFKA = Path(__file__).resolve().parents[1] / "kafka"
 _quiet = logging.getLogger("infra.stack.kafka.health")
 _quiet.addHandler(logging.NullHandler())
@@ -64,21 +76,58 @@ def kafka_libs(cache_dir: Path) -> Path:
     return libs
 
 
+def node_ports(stack: StackSettings, node: int) -> tuple[int, int]:
+    """(client port, controller port) of cluster node ``node`` (1-based)."""
+    return stack.kafka_port + 2 * (node - 1), stack.kafka_controller_port + 2 * (node - 1)
+
+
+def bootstrap_servers(stack: StackSettings, nodes: int | None = None) -> str:
+    """``FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS`` for the local stack: every node's client listener."""
+    n = stack.kafka_brokers if nodes is None else nodes
+    return ",".join(f"{stack.host}:{node_ports(stack, i)[0]}" for i in range(1, n + 1))
+
+
 class KafkaBroker(ServiceSpec):
     name = "kafka"
 
-    def __init__(self, stack: StackSettings):
+    def __init__(self, stack: StackSettings, node: int = 1, nodes: int | None = None):
         super().__init__(stack.root)
         self.stack = stack
+        self.node = node
+        self.nodes = max(stack.kafka_brokers if nodes is None else nodes, node)
+        self.cluster = self.nodes > 1
         self.host = stack.host
-        self.port = stack.kafka_port
-        self.home = stack.root / "kafka"
+        self.port, self.controller_port = node_ports(stack, node)
+        self.kafka_root = stack.root / "kafka"
+        if self.cluster:
+            self.name = "kafka" if node == 1 else f"kafka-{node}"
+            self.home = self.kafka_root / f"node-{node}"
+        else:
+            self.home = self.kafka_root
         self.data_dir = self.home / "data"
         self.properties = self.home / "server.properties"
         self.scram_marker = self.home / "scram-users"  # written once the storage holds the SCRAM users
 
     def ports(self) -> list[int]:
-        return [self.port, self.stack.kafka_controller_port]
+        return [self.port, self.controller_port]
+
+    def _cluster_overlay(self) -> str:
+        """What a node of an N-node cluster sets over the single-node template."""
+        voters = ",".join(f"{i}@{self.host}:{node_ports(self.stack, i)[1]}" for i in range(1, self.nodes + 1))
+        factor = min(3, self.nodes)
+        insync = max(1, factor - 1)
+        return (
+            f"# Node {self.node} of a {self.nodes}-node local cluster (static KRaft quorum).\n"
+            f"node.id={self.node}\n"
+            f"controller.quorum.voters={voters}\n"
+            f"offsets.topic.replication.factor={factor}\n"
+            f"transaction.state.log.replication.factor={factor}\n"
+            f"transaction.state.log.min.isr={insync}\n"
+            f"share.coordinator.state.topic.replication.factor={factor}\n"
+            f"share.coordinator.state.topic.min.isr={insync}\n"
+            f"default.replication.factor={factor}\n"
+            f"min.insync.replicas={insync}\n"
+        )
 
     def _classpath(self) -> str:
         return f"{kafka_libs(self.stack.cache_dir)}/*"
@@ -87,10 +136,17 @@ class KafkaBroker(ServiceSpec):
         values = {
             "host": self.host,
             "port": self.port,
-            "controller_port": self.stack.kafka_controller_port,
+            "controller_port": self.controller_port,
             "data_dir": self.data_dir,
         }
         text = Template((INFRA_KAFKA / "server.properties").read_text()).substitute(values)
+        if self.cluster:  # static voters replace the single node's bootstrap
+            text = overlay_properties(text, self._cluster_overlay())
+            text = "".join(
+                line
+                for line in text.splitlines(keepends=True)
+                if not line.startswith("controller.quorum.bootstrap.servers=")
+            )
         if self.stack.auth:
             secrets = credentials.credentials(self.stack)
             names = {
@@ -123,6 +179,8 @@ class KafkaBroker(ServiceSpec):
         ]
 
     def prepare(self) -> None:
+        if self.cluster and self.stack.auth:
+            raise StackError(AUTH_CLUSTER)
         formatted = (self.data_dir / "meta.properties").exists()
         if formatted and self.stack.auth and not self.scram_marker.exists():
             raise StackError(
@@ -138,7 +196,7 @@ class KafkaBroker(ServiceSpec):
         self._render_properties()
         if formatted:
             return  # formatted once; the data dir survives restarts
-        cluster_id_file = self.home / "cluster.id"
+        cluster_id_file = self.kafka_root / "cluster.id"  # one id for every node of a cluster
         if not cluster_id_file.exists():
             out = subprocess.run(
                 [java, "-cp", classpath, "kafka.tools.StorageTool", "random-uuid"],
@@ -155,7 +213,7 @@ class KafkaBroker(ServiceSpec):
                 classpath,
                 "kafka.tools.StorageTool",
                 "format",
-                "--standalone",
+                *([] if self.cluster else ["--standalone"]),  # a cluster's voters are in its properties
                 "--ignore-formatted",
                 "-t",
                 cluster_id_file.read_text().strip(),

@@ -1,0 +1,203 @@
+"""A real three-node KRaft cluster (`flywheel stack up --kafka-brokers 3`, the same jars): acks=all with
+min.insync.replicas 2 keeps serving and ingest exactly-once through a SIGKILLed broker.
+
+The cluster runs on its own ports (29092-29097) in a tmp state dir, started and stopped by this module.
+The serving path's TraceEmitter (idempotent producer: acks=all) streams events while `flywheel ingest`
+writes them to Delta; mid-traffic and mid-ingest the leader of partition 0 of the traces topic is killed
+with SIGKILL, traffic goes on on two nodes, then the node is restarted and rejoins every ISR. At the end
+the table holds every submitted event once, and the emitter dropped and failed nothing.
+
+Today the emitter takes the dead node's transport errors for "Kafka down" and spills until the spill is
+replayed (most events after the kill go through the spill); the test accepts either path, it asserts the
+outcome: sent + replayed == submitted, nothing dropped or failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import ConfigResource
+from test_ingest_exactly_once import assert_exactly_once
+from trace_events import ingest_env, trace
+
+from core import process
+from core.settings import KafkaSettings, StackSettings
+from infra import stack
+from infra.topics import admin_client, cluster_topics, sync_topics
+from producers.emitter import TraceEmitter
+from producers.trace_record import encode_trace
+
+pytestmark = pytest.mark.integration
+
+MAX_EVENTS = 20_000
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[StackSettings]:
+    settings = StackSettings(
+        state_dir=tmp_path_factory.mktemp("cluster-state"),
+        kafka_port=29092,
+        kafka_controller_port=29093,
+        kafka_brokers=3,
+        kafka_heap="512m",
+        start_timeout_s=120,
+        cache_dir=os.environ.get("FLYWHEEL_STACK_CACHE_DIR") or StackSettings().cache_dir,
+    )
+    try:
+        stack.up(settings, only=["kafka"])  # a failure to start fails the module
+        yield settings
+    finally:
+        stack.down(settings, only=["kafka"])
+
+
+@pytest.fixture(scope="module")
+def kafka(cluster: StackSettings) -> KafkaSettings:
+    suffix = uuid.uuid4().hex[:8]
+    settings = KafkaSettings(
+        bootstrap_servers=stack.bootstrap_servers(cluster),
+        traces_topic=f"cluster.traces.{suffix}",
+        dlq_topic=f"cluster.dlq.{suffix}",
+        promotions_topic=f"cluster.promotions.{suffix}",
+    )
+    admin = admin_client(settings)
+    sync_topics(admin, cluster_topics(settings, admin))
+    return settings
+
+
+def test_three_brokers_and_topics_replicated_three_ways_min_insync_two(cluster, kafka):
+    admin = admin_client(kafka)
+    meta = admin.list_topics(timeout=30)
+    assert sorted(meta.brokers) == [1, 2, 3]
+    for name in (kafka.traces_topic, kafka.dlq_topic, kafka.promotions_topic):
+        partitions = meta.topics[name].partitions.values()
+        assert {len(p.replicas) for p in partitions} == {3}, name
+        assert {len(p.isrs) for p in partitions} == {3}, name
+        resource = ConfigResource(ConfigResource.Type.TOPIC, name)
+        config = admin.describe_configs([resource])[resource].result(30)
+        assert config["min.insync.replicas"].value == "2", name
+    again = sync_topics(admin, cluster_topics(kafka, admin))  # idempotent, no replication warnings
+    assert all(s.state == "as documented" and not s.warnings for s in again)
+
+
+def _leaders(admin, kafka: KafkaSettings) -> dict[int, int]:
+    meta = admin.list_topics(kafka.traces_topic, timeout=10)
+    return {p: m.leader for p, m in meta.topics[kafka.traces_topic].partitions.items()}
+
+
+def _commits(uri: Path) -> int:
+    log = uri / "_delta_log"
+    return len(list(log.glob("*.json"))) if log.exists() else 0
+
+
+def test_sigkill_a_broker_mid_traffic_and_mid_ingest_loses_and_duplicates_nothing(
+    cluster, kafka, tmp_path, tmp_path_factory
+):
+    admin = admin_client(kafka)  # one client for every look at leaders and ISRs
+    pycache = str(tmp_path_factory.mktemp("pycache"))
+    env = ingest_env(kafka, kafka.traces_topic, kafka.dlq_topic, str(tmp_path / "lake"), pycache)
+    uri = tmp_path / "lake" / "traces"
+    stats_path = tmp_path / "ingest.json"
+    ingest = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flywheel.cli",
+            "ingest",
+            "--group",
+            "cluster-ingest",
+            "--no-progress",
+            "--consume-batch",
+            "50",
+            "--flush-events",
+            "100",
+            "--flush-latency-s",
+            "0.2",
+            "--session-timeout-ms",
+            "6000",
+            "--until-idle-s",
+            "10",
+            "--stats-json",
+            str(stats_path),
+        ],
+        env=env,
+        stderr=(tmp_path / "ingest.log").open("w"),
+    )
+    emitter = TraceEmitter(kafka, kafka.traces_topic, encode_trace, tmp_path / "spill", probe_interval_s=0.5)
+    records: list[dict] = []
+    stop_traffic = threading.Event()
+
+    def serve() -> None:  # 25 requests finish every 0.1 s until told to stop
+        while not stop_traffic.is_set() and len(records) < MAX_EVENTS:
+            for _ in range(25):
+                records.append(trace(len(records)))
+                emitter.submit(records[-1])
+            time.sleep(0.1)
+
+    started = time.monotonic()
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        deadline = time.monotonic() + 90
+        while _commits(uri) < 3:  # the ingest is committing: mid-ingest
+            assert time.monotonic() < deadline, (tmp_path / "ingest.log").read_text()[-3000:]
+            assert ingest.poll() is None, (tmp_path / "ingest.log").read_text()[-3000:]
+            time.sleep(0.05)
+        leaders_before = _leaders(admin, kafka)
+        victim = stack.service("kafka" if leaders_before[0] == 1 else f"kafka-{leaders_before[0]}", cluster)
+        pid = process.read_pid(victim)
+        os.kill(pid, signal.SIGKILL)  # the JVM of the node leading partition 0, mid-traffic
+        killed_at, submitted_at_kill = time.monotonic() - started, len(records)
+        deadline = time.monotonic() + 30
+        while (leaders := _leaders(admin, kafka)) and leaders_before[0] in leaders.values():
+            assert time.monotonic() < deadline, f"no new leaders after the kill: {leaders}"
+            time.sleep(0.2)
+        time.sleep(4)  # traffic and ingest go on on two nodes
+        stop_traffic.set()
+        server.join(timeout=60)
+        assert not server.is_alive()
+        # the killed node comes back and catches up
+        process.start(victim, cluster.start_timeout_s)
+        counts = emitter.close(timeout_s=60)
+        ingest.wait(timeout=120)
+    finally:
+        if ingest.poll() is None:
+            ingest.kill()
+            ingest.wait()
+    assert ingest.returncode == 0, (tmp_path / "ingest.log").read_text()[-3000:]
+    for bad in ("dropped", "failed", "spill_dropped"):
+        assert counts[bad] == 0, counts
+    assert counts["sent"] + counts["replayed"] == len(records), counts
+    assert_exactly_once(uri, {r["event_id"] for r in records})
+    deadline = time.monotonic() + 60
+    while True:  # the restarted node is back in every ISR
+        meta = admin.list_topics(kafka.traces_topic, timeout=10)
+        isrs = {len(p.isrs) for p in meta.topics[kafka.traces_topic].partitions.values()}
+        if isrs == {3}:
+            break
+        assert time.monotonic() < deadline, f"ISR sizes {isrs} a minute after the restart"
+        time.sleep(0.5)
+    print(
+        json.dumps(
+            {
+                "killed_node": leaders_before[0],
+                "killed_at_s": round(killed_at, 1),
+                "submitted_at_kill": submitted_at_kill,
+                "submitted": len(records),
+                "leaders_before": leaders_before,
+                "leaders_after_kill": leaders,
+                "emitter": counts,
+                "ingest": json.loads(stats_path.read_text()),
+                "total_s": round(time.monotonic() - started, 1),
+            }
+        )
+    )
