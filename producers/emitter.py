@@ -39,7 +39,9 @@ from producers.spill import AckedPrefix, SpillDir, read_records
 log = logging.getLogger("flywheel.emitter")
 
 Encoder = Callable[[Any], tuple[bytes, bytes]]  # record -> (key, value)
-_DOWN_CODES = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT}
+# Only every broker down means Kafka is down: on a cluster a transport error from one broker (it died, its
+# partitions' leadership moves) is librdkafka's to handle, and the messages it holds wait for the new leader
+_DOWN_CODES = {KafkaError._ALL_BROKERS_DOWN}
 OUTCOMES = ("sent", "spilled", "replayed", "dropped", "spill_dropped", "failed")  # what became of events
 FAULTS = ("io_errors", "restarts")  # what went wrong on the emitter thread (counted, never raised)
 _WAKE = object()  # put on the queue by close(): the thread stops waiting at once
