@@ -44,16 +44,13 @@ class DrafterModel(mlflow.pyfunc.PythonModel):
         self._target_dir: Path | None = None
 
     def _models(self, target_dir: str | None):
-        import torch
-
         from core.settings import ServingSettings
         from trainer.eagle3_drafter import Eagle3Drafter
         from trainer.target_features import TargetModel
 
         path = Path(target_dir) if target_dir else ServingSettings().target_dir
         if self._drafter is None:
-            torch.set_grad_enabled(False)
-            self._drafter = Eagle3Drafter.from_pretrained(self.drafter_dir).eval()
+            self._drafter = Eagle3Drafter.from_pretrained(self.drafter_dir).eval().requires_grad_(False)
         if self._target is None or self._target_dir != path:
             self._target, self._target_dir = TargetModel(path), path
         return self._drafter, self._target
@@ -61,13 +58,19 @@ class DrafterModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
+        import torch
+
+        params = params or {}
+        with torch.inference_mode():  # scoped: predict may run inside a process that trains
+            return self._replay(model_input, params)
+
+    def _replay(self, model_input: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
         import numpy as np
         import torch
 
         from core.tau import tau
         from trainer.replay_eval import chain_accepts, drafter_proposals
 
-        params = params or {}
         drafter, target = self._models(params.get("target_dir"))
         k = int(params.get("num_spec_tokens") or 3)
         rows = []

@@ -235,6 +235,5 @@ def test_zombie_writers_on_one_table_still_write_each_event_once(
     stats = [json.loads((tmp_path / f"{n}.json").read_text()) for n in range(2)]
     print(json.dumps({"zombie_stats": stats}))
     assert sum(s["rows"] for s in stats) == len(records)
-    assert all(s["rows"] > 0 for s in stats), "both zombies should win some commits"
     assert sum(s["conflicts"] for s in stats) >= 1, "the race this test provokes never happened"
     assert all(s["resets"] >= s["conflicts"] for s in stats), "a lost commit must re-seek from the table"

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import ConfigResource
 from test_ingest_exactly_once import assert_exactly_once
 from trace_events import ingest_env, trace
@@ -88,9 +89,16 @@ def test_three_brokers_and_topics_replicated_three_ways_min_insync_two(cluster, 
     assert all(s.state == "as documented" and not s.warnings for s in again)
 
 
-def _leaders(admin, kafka: KafkaSettings) -> dict[int, int]:
-    meta = admin.list_topics(kafka.traces_topic, timeout=10)
-    return {p: m.leader for p, m in meta.topics[kafka.traces_topic].partitions.items()}
+def _leaders(admin, kafka: KafkaSettings, timeout_s: float = 60) -> dict[int, int]:
+    """Partition -> leader; a metadata request that went to the broker just killed times out: ask again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            meta = admin.list_topics(kafka.traces_topic, timeout=10)
+            return {p: m.leader for p, m in meta.topics[kafka.traces_topic].partitions.items()}
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
 
 
 def _commits(uri: Path) -> int:
