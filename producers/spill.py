@@ -82,24 +82,26 @@ class SpillDir:
         self._fd_size = 0
         self._files: list[Path] | None = None  # listed on first use, then kept up to date here
         self._sizes: dict[Path, int] = {}
+        self._total = 0  # sum of _sizes, kept as one int: read from other threads (the /metrics gauge)
 
     def files(self) -> list[Path]:
         if self._files is None:
             found = self.directory.glob("spill-*.bin") if self.directory.exists() else []
             self._files = sorted(found, key=lambda p: int(p.stem.split("-")[1]))
             self._sizes = {p: p.stat().st_size for p in self._files}
+            self._total = sum(self._sizes.values())
         return list(self._files)
 
     def size_bytes(self) -> int:
         """Bytes the spill files hold now (as this process has kept count)."""
         if self._files is None:
             self.files()
-        return sum(self._sizes.values())
+        return self._total
 
     def known_bytes(self) -> int:
         """``size_bytes()`` as last counted, without listing the directory (0 before the first listing): safe
         to call from another thread."""
-        return sum(self._sizes.values())
+        return self._total
 
     def append(self, key: bytes, value: bytes) -> None:
         """Append one record, or raise ``OSError`` (``SpillFull`` at the cap) having written nothing."""
@@ -119,6 +121,7 @@ class SpillDir:
             raise
         self._fd_size += len(record)
         self._sizes[path] = self._fd_size
+        self._total += len(record)
 
     def _open_next(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -149,7 +152,7 @@ class SpillDir:
         the disk refuses the unlink (then raises): this process never replays it twice."""
         if self._files is not None and path in self._files:
             self._files.remove(path)
-            self._sizes.pop(path, None)
+            self._total -= self._sizes.pop(path, 0)
         path.unlink(missing_ok=True)
         path.with_suffix(".acked").unlink(missing_ok=True)
 
