@@ -19,6 +19,7 @@ point at the exact data.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +106,10 @@ def window_dataset(window: dict[str, Any]):
     version = window.get("table_version")
     source = DeltaDatasetSource(path=window["uri"], delta_table_version=version)
     span = f"{window.get('start') or '-'}..{window.get('end') or '-'}"
-    return MetaDataset(
-        source, name=f"traces@v{version} {span}", digest=f"v{version}-{abs(hash(span)) % 10**8:08d}"
-    )
+    digest = hashlib.sha256(f"{window['uri']}@{version} {span}".encode()).hexdigest()[
+        :16
+    ]  # stable across runs
+    return MetaDataset(source, name=f"traces@v{version} {span}", digest=digest)
 
 
 def log_drafter_model(drafter_dir: Path, window: dict[str, Any] | None = None, name: str = ARTIFACT) -> Any:
