@@ -322,8 +322,8 @@ def test_forged_promotions_are_rejected_and_serving_continues(server, tmp_path):
     good = {"drafter_uri": str(server.drafters["b"]), "weights_sha256": weights_sha256(server.drafters["b"])}
     publish_promotion(server.kafka, build_promotion(action="promote", **promo, drafter_version="20", **good))
     _wait_version(server, "20")
-    rejected = _metric_or_zero(server, 'flywheel_drafter_swaps_total{outcome="rejected"}')
-    failed = _metric_or_zero(server, 'flywheel_drafter_swaps_total{outcome="failed"}')
+    rejected = _metric(server, 'flywheel_drafter_swaps_total{outcome="rejected"}', missing=0.0)
+    failed = _metric(server, 'flywheel_drafter_swaps_total{outcome="failed"}', missing=0.0)
 
     foreign = Path(tempfile.mkdtemp(prefix="foreign-drafter-"))  # outside the allowed directory
     shutil.copytree(server.drafters["b"], foreign / "drafter")
@@ -346,9 +346,9 @@ def test_forged_promotions_are_rejected_and_serving_continues(server, tmp_path):
     for event in forged:
         publish_promotion(server.kafka, event)
     rejected_key = 'flywheel_drafter_swaps_total{outcome="rejected"}'
-    _wait_until(lambda: _metric_or_zero(server, rejected_key) - rejected, 3, "rejections", 120)
+    _wait_until(lambda: _metric(server, rejected_key, missing=0.0) - rejected, 3, "rejections", 120)
     _wait_until(
-        lambda: _metric_or_zero(server, 'flywheel_drafter_swaps_total{outcome="failed"}') - failed,
+        lambda: _metric(server, 'flywheel_drafter_swaps_total{outcome="failed"}', missing=0.0) - failed,
         1,
         "digest failures",
         120,
@@ -372,18 +372,15 @@ def test_forged_promotions_are_rejected_and_serving_continues(server, tmp_path):
     shutil.rmtree(foreign)
 
 
-def _metric_or_zero(server: Server, series: str) -> float:
-    for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def _metric(server: Server, name: str) -> float:
+def _metric(server: Server, name: str, missing: float | None = None) -> float:
+    """The first sample of ``name`` (a name, or a name with its labels) at /metrics; ``missing`` if it is
+    not exported (None: that fails the test)."""
     for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} is not exported")
+    if missing is None:
+        raise AssertionError(f"{name} is not exported")
+    return missing
 
 
 def _wait_metric(server: Server, name: str, value: float, timeout_s: float = 120) -> None:
