@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import date
 from enum import Enum
 from pathlib import Path, PurePath
@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from core.settings import MlflowSettings, Settings
+from trainer.devices import device_plan, weights_digest
 from trainer.drafter_store import open_store
 from trainer.eagle3_drafter import Eagle3Config, Eagle3Drafter
 from trainer.losses import UnrollBatch, mix_losses, needed_fields
@@ -64,28 +65,6 @@ def git_sha() -> str | None:
         return out.stdout.strip() or None
     except OSError:
         return None
-
-
-@dataclass(frozen=True)
-class DevicePlan:
-    device: torch.device  # where this rank's drafter and batches live
-    backend: str  # torch.distributed backend between ranks
-
-    @property
-    def autocast(self) -> str:
-        """``torch.autocast`` device type."""
-        return self.device.type
-
-
-def device_plan(device: str, local_rank: int = 0) -> DevicePlan:
-    """Where a rank trains: on CUDA the GPU of its LOCAL_RANK (an explicit ``cuda:N`` is kept) with NCCL
-    between ranks; on CPU gloo."""
-    d = torch.device(device)
-    if d.type == "cuda":
-        return DevicePlan(torch.device("cuda", local_rank if d.index is None else d.index), "nccl")
-    if d.type == "cpu":
-        return DevicePlan(torch.device("cpu"), "gloo")
-    raise ValueError(f"unsupported training device {device!r}: cpu or cuda[:N]")
 
 
 def top_token_ids(counts, k: int) -> torch.Tensor:
@@ -499,16 +478,6 @@ def plain(value: Any, where: str = "checkpoint") -> Any:
         if isinstance(value, base):
             return base(value)
     raise TypeError(f"{where}: {type(value).__qualname__} is not plain data a checkpoint can hold")
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

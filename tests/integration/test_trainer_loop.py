@@ -21,9 +21,10 @@ from trainer_data import (
 )
 from typer.testing import CliRunner
 
+from trainer.devices import weights_digest
 from trainer.eagle3_drafter import Eagle3Drafter
 from trainer.recipes import TrainRecipeConfig
-from trainer.train_loop import load_checkpoint, run_recipe, weights_digest
+from trainer.train_loop import load_checkpoint, run_recipe
 
 pytestmark = pytest.mark.integration
 

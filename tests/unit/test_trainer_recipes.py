@@ -9,9 +9,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from trainer.devices import device_plan
 from trainer.losses import needed_fields
 from trainer.recipes import TrainRecipeConfig, apply_overrides, load_recipe
-from trainer.train_loop import device_plan, learning_rate
+from trainer.train_loop import learning_rate
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "trainer" / "recipes"
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
