@@ -271,7 +271,11 @@ class TrainingSettings(BaseSettings):
     output_dir: Path = Field(
         default_factory=_under_state_dir("drafters"), description="checkpoints, drafters"
     )
-    device: str = "cpu"
+    device: str = Field(
+        "auto",
+        description="drafter training device: auto (CUDA with NCCL between ranks when torch sees a GPU, else CPU "
+        "with gloo), cpu, cuda or cuda:N",
+    )
     num_threads: int | None = Field(None, description="torch intra-op threads (None = torch default)")
 
 
@@ -365,6 +369,44 @@ class CycleSettings(BaseSettings):
     drift_min_steps: int = Field(200, description="verify steps a domain needs before drift is judged")
 
 
+class ClusterSettings(BaseSettings):
+    """Where drafter_flywheel's train and evaluate tasks run: in the Airflow worker's own process (local),
+    or as Kubernetes pods (the chart in deploy/helm renders their templates and RBAC)."""
+
+    model_config = _config("CLUSTER")
+
+    tasks: Literal["local", "kubernetes"] = Field(
+        "local",
+        description="'local': train and evaluate in the Airflow worker; 'kubernetes': train as a torchrun pod "
+        "on the worker image with train_gpus GPUs (NCCL), evaluate (its two vLLM servers) as a pod on the "
+        "serving image (dags/flywheel_tasks.py)",
+    )
+    namespace: str = Field("spec-flywheel", description="namespace the task pods run in")
+    worker_image: str = Field("spec-flywheel-worker:0.1.0", description="image of the train pod")
+    serving_image: str = Field("spec-flywheel-serving:0.1.0", description="image of the evaluate pod (vLLM)")
+    train_gpus: int = Field(
+        1,
+        ge=0,
+        description="GPUs of the train pod = torchrun processes, NCCL between them (0: one CPU process)",
+    )
+    evaluate_gpus: int = Field(
+        1,
+        ge=0,
+        description="GPUs of the evaluate pod; its two vLLM servers share them (gpu_memory_utilization)",
+    )
+    pod_template_dir: Path | None = Field(
+        None,
+        description="directory with trainer.yaml and evaluator.yaml pod templates (the chart's ConfigMap, "
+        "mounted in the Airflow workers): service account, FLYWHEEL_* config, secrets, volumes",
+    )
+    in_cluster: bool = Field(
+        True, description="the Airflow workers reach the API server from inside the cluster"
+    )
+    startup_timeout_s: int = Field(
+        900, gt=0, description="how long a task pod may stay pending (image pull, GPU scheduling)"
+    )
+
+
 class Settings:
     """All concerns together; each is built lazily from the environment unless given.
 
@@ -418,6 +460,10 @@ class Settings:
     @cached_property
     def spark(self) -> SparkSettings:
         return SparkSettings()
+
+    @cached_property
+    def cluster(self) -> ClusterSettings:
+        return ClusterSettings()
 
 
 def get_settings() -> Settings:

@@ -47,7 +47,7 @@ def train(
 ) -> None:
     """Train an EAGLE-3 drafter on a traces window (target features recomputed on the fly).
 
-    Under torchrun the same command runs DDP over gloo: `torchrun --nproc-per-node 2 -m trainer.train_loop R.yaml`.
+    Under torchrun the same command runs DDP (NCCL on GPUs, gloo on CPU): `torchrun --nproc-per-node 2 -m trainer.train_loop R.yaml`.
     """
     import sys
 

@@ -23,13 +23,16 @@ class DevicePlan:
 
 def device_plan(device: str, local_rank: int = 0) -> DevicePlan:
     """Where a rank trains: on CUDA the GPU of its LOCAL_RANK (an explicit ``cuda:N`` is kept) with NCCL
-    between ranks; on CPU gloo."""
+    between ranks; on CPU gloo. ``auto`` is CUDA when torch sees a GPU, else CPU: one image and one recipe
+    train in a GPU pod and on a CPU-only worker."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     d = torch.device(device)
     if d.type == "cuda":
         return DevicePlan(torch.device("cuda", local_rank if d.index is None else d.index), "nccl")
     if d.type == "cpu":
         return DevicePlan(torch.device("cpu"), "gloo")
-    raise ValueError(f"unsupported training device {device!r}: cpu or cuda[:N]")
+    raise ValueError(f"unsupported training device {device!r}: auto, cpu or cuda[:N]")
 
 
 def weights_digest(model: torch.nn.Module) -> str:

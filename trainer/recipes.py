@@ -147,7 +147,7 @@ class TrainRecipeConfig(_Strict):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="drafter compute: fp32 or bf16 autocast")
     device: str | None = Field(
         None,
-        description="drafter device: cpu or cuda (each rank on its LOCAL_RANK GPU, NCCL between ranks); "
+        description="drafter device: auto (cuda if available, else cpu), cpu or cuda (each rank on its LOCAL_RANK GPU, NCCL between ranks); "
         "default FLYWHEEL_TRAINING_DEVICE",
     )
     num_threads: int | None = Field(

@@ -1,5 +1,5 @@
 """Drafter training recipe: setup() / train() / cleanup(), torchrun-ready (DDP over gloo on CPU, NCCL on
-CUDA: ``device`` of the recipe, default FLYWHEEL_TRAINING_DEVICE).
+CUDA: ``device`` of the recipe, default FLYWHEEL_TRAINING_DEVICE=auto, CUDA when torch sees a GPU).
 
     recipe = DrafterTrainingRecipe(load_recipe("trainer/recipes/scratch.yaml").with_defaults(settings))
     recipe.setup(); recipe.train(); recipe.cleanup()
@@ -95,7 +95,7 @@ class DrafterTrainingRecipe:
         cfg = self.cfg
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        self.plan = device_plan(cfg.device or "cpu", int(os.environ.get("LOCAL_RANK", "0")))
+        self.plan = device_plan(cfg.device or "auto", int(os.environ.get("LOCAL_RANK", "0")))
         self.device = self.plan.device
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)

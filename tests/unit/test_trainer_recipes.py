@@ -64,7 +64,10 @@ def test_device_plan_picks_backend_and_autocast_per_device():
     gpu = device_plan("cuda", local_rank=1)  # each rank on its LOCAL_RANK GPU
     assert (gpu.device, gpu.backend, gpu.autocast) == (torch.device("cuda", 1), "nccl", "cuda")
     assert device_plan("cuda:0", local_rank=1).device == torch.device("cuda", 0)  # an explicit index is kept
-    with pytest.raises(ValueError, match="cpu or cuda"):
+    auto = device_plan("auto", local_rank=1)  # the default: NCCL on a GPU machine, gloo on this CPU one
+    assert auto.backend == ("nccl" if torch.cuda.is_available() else "gloo")
+    assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="auto, cpu or cuda"):
         device_plan("mps")
 
 
@@ -103,7 +106,7 @@ def test_what_a_recipe_leaves_open_comes_from_the_injected_settings(tmp_path):
     assert resolved.missing() == []
     assert resolved.window.table == str((tmp_path / "lake" / "traces").resolve())
     assert resolved.output_dir == tmp_path / "out" / cfg.name and resolved.num_threads == 3
-    assert resolved.device == "cpu"  # TrainingSettings.device
+    assert resolved.device == "auto"  # TrainingSettings.device
     assert (resolved.mlflow.tracking_uri, resolved.mlflow.experiment) == ("http://127.0.0.1:1", "e")
     pinned = cfg.model_copy(update={"num_threads": 1, "device": "cuda"}).with_defaults(settings)
     assert pinned.num_threads == 1 and pinned.device == "cuda"  # what the recipe sets is kept
