@@ -402,6 +402,10 @@ class ClusterSettings(BaseSettings):
     in_cluster: bool = Field(
         True, description="the Airflow workers reach the API server from inside the cluster"
     )
+    kube_config: Path | None = Field(
+        None,
+        description="kubeconfig of an Airflow outside the cluster (in_cluster false; None: the client's default)",
+    )
     startup_timeout_s: int = Field(
         900, gt=0, description="how long a task pod may stay pending (image pull, GPU scheduling)"
     )

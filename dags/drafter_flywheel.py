@@ -22,6 +22,7 @@ from flywheel_assets import (
     run_settings,
     window_start_param,
 )
+from flywheel_tasks import train_and_evaluate
 
 
 def _settings():
@@ -68,21 +69,6 @@ with DAG(
             raise AirflowSkipException("not enough traces in the window")
         return picked.model_dump(mode="json")
 
-    @task(pool="training", execution_timeout=timedelta(hours=2), retry_exponential_backoff=2.0)
-    def train(w: dict) -> dict:
-        from consumers.windows import TraceWindow
-        from flywheel.cycle import train_challenger
-
-        return train_challenger(_settings(), TraceWindow.model_validate(w)).model_dump(mode="json")
-
-    @task(execution_timeout=timedelta(hours=1))
-    def evaluate(trained: dict, w: dict) -> dict:
-        from consumers.windows import TraceWindow
-        from flywheel.cycle import evaluate_challenger
-
-        window = TraceWindow.model_validate(w)
-        return evaluate_challenger(_settings(), trained["version"], window).model_dump(mode="json")
-
     @task
     def gate(evaluation: dict) -> dict:
         from evaluation.served import Evaluation
@@ -112,5 +98,5 @@ with DAG(
         return reject_challenger(_settings(), GateResult.model_validate(decision)).model_dump(mode="json")
 
     w = window()
-    decision = gate(evaluate(train(w), w))
+    decision = gate(train_and_evaluate(w))  # in the worker or as pods: dags/flywheel_tasks.py
     decide(decision) >> [promote(decision), reject(decision)]

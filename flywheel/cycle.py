@@ -179,6 +179,8 @@ def train_challenger(settings: Settings, window: TraceWindow) -> TrainedVersion:
         update["init"] = base.init.model_copy(update={"from_dir": reg.download(parent.version)})
     recipe = base.model_copy(update=update)
     trained = run_recipe(recipe, settings, argv=["airflow:drafter_flywheel/train", f"window={window.key}"])
+    if trained.rank != 0:  # under torchrun (flywheel/cluster_job.py) every rank trains, rank 0 registers
+        return TrainedVersion(version="", replay={})
     replay = trained.final_replay.metrics() if getattr(trained, "final_replay", None) else {}
     run_id = trained.mlflow_run.info.run_id
     info = trained.model_info
