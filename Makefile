@@ -6,7 +6,7 @@ PY := .venv/bin/python
 FLYWHEEL := .venv/bin/flywheel
 PYTEST_ARGS ?=
 
-.PHONY: help env setup stack-up stack-down demo test lint format
+.PHONY: help env setup stack-up stack-down demo test lint format vllm-check
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ demo: stack-up  ## the whole flywheel end to end, with a report in demo-report/ 
 
 test: setup  ## the whole suite against real services the project starts itself
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+vllm-check: env  ## the serving image's vLLM release: its install resolves, the plugin's hook points unchanged
+	infra/check-vllm-release.sh
 
 lint: env  ## ruff check + format check
 	$(UV) run --frozen ruff check .
