@@ -44,7 +44,7 @@ DRIFT = Asset(name="champion_drift", uri="flywheel://drift/champion", group="fly
 
 def announced(extra: dict) -> dict:
     """The announcement an asset event of ``TRACES`` carries: the trigger's payload (the event's ``extra``
-    itself for an event posted by hand or by an older trace_watch)."""
+    itself for an event posted by hand through the REST API)."""
     return extra.get("payload", extra) if extra.get("from_trigger") else extra
 
 
