@@ -243,6 +243,7 @@ class TraceIngest:
             self.dlq.close()
             if self.announcer is not None:
                 self.announcer.close()
+                self.stats.windows_announced = self.announcer.announced
             if self.compactor is not None:
                 self.compactor.close()
         return self.stats
@@ -403,8 +404,8 @@ class TraceIngest:
                 self._commit_kafka_offsets(r.job.txns)
                 if self.compactor is not None:
                     self.compactor.after_commit()
-                if self.announcer is not None and self.announcer.after_commit(r.job.num_rows, r.version):
-                    self.stats.windows_announced += 1
+                if self.announcer is not None:
+                    self.announcer.after_commit(r.job.num_rows, r.version)
                 continue
             self._needs_reset = True
             self.metrics.failed(r, isinstance(r.error, CONFLICTS))

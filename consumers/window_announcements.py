@@ -1,9 +1,9 @@
 """Window announcements: the ingest says when a window's worth of new traces is in the table.
 
-After each Delta commit the ingest adds the rows it committed; once they reach ``min_window_rows`` since its
-last announcement it reads the window at the version it just committed (``consumers.windows``: the window's
-hours, two columns) and publishes one WindowAnnouncement (table, version, window key, rows) to
-``FLYWHEEL_KAFKA_WINDOWS_TOPIC``. Airflow's triggerer watches that topic (the Kafka provider's message-queue
+After each Delta commit the ingest hands the rows it committed to a background thread; once they reach
+``min_window_rows`` since its last announcement, that thread reads the window at the version that completed
+it (``consumers.windows``: the window's hours, two columns) and publishes one WindowAnnouncement (table,
+version, window key, rows) to ``FLYWHEEL_KAFKA_WINDOWS_TOPIC``. Airflow's triggerer watches that topic (the Kafka provider's message-queue
 trigger behind an ``AssetWatcher``, dags/flywheel_assets.py) and calls :func:`asset_event` on each message:
 its return value becomes the payload of a ``trace_windows`` asset event, which schedules drafter_flywheel.
 
@@ -17,6 +17,8 @@ commit; the lake, not the topic, is the record (drafter_flywheel's timetable pic
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 from confluent_kafka import Producer
 
 from consumers.windows import EPOCH, TraceWindow, pick_window
+from core.kafka_log import librdkafka_log
 from core.settings import CycleSettings, KafkaSettings, LakeSettings
 from schemas import codec
 from schemas.registry import WINDOW_ANNOUNCEMENT
@@ -62,7 +65,12 @@ def publish(producer: Producer, topic: str, record: dict[str, Any], timeout_s: f
 
 
 class WindowAnnouncer:
-    """Counts committed rows and announces a window each time ``min_window_rows`` of them landed."""
+    """Counts committed rows and announces a window each time ``min_window_rows`` of them landed.
+
+    The ingest's loop only queues (rows, version) per commit; one background thread applies the rule in
+    commit order, reads the window and publishes, so a window read or a slow broker never stalls
+    consumption. ``close()`` drains the queue.
+    """
 
     def __init__(
         self,
@@ -73,31 +81,49 @@ class WindowAnnouncer:
         timeout_s: float = 10.0,
     ):
         self.kafka, self.lake, self.cycle, self.clock, self.timeout_s = kafka, lake, cycle, clock, timeout_s
-        self.producer = Producer(kafka.client_config() | {"enable.idempotence": True, "linger.ms": 0})
         self.pending_rows = 0  # committed since the last announcement
         self.announced = 0
+        self._producer: Producer | None = None  # made at the first window: no client for a run without one
+        self._commits: queue.Queue[tuple[int, int] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="flywheel-window-announcer", daemon=True)
+        self._thread.start()
 
-    def after_commit(self, rows: int, version: int) -> dict[str, Any] | None:
-        """Called after each successful Delta commit of ``rows`` at table ``version``; returns the record
-        announced, if this commit completed a window."""
+    def after_commit(self, rows: int, version: int) -> None:
+        """Called after each successful Delta commit of ``rows`` at table ``version`` (never blocks)."""
+        self._commits.put((rows, version))
+
+    def close(self) -> None:
+        """Announce what the commits so far call for, then stop."""
+        self._commits.put(None)
+        self._thread.join()
+        if self._producer is not None:
+            self._producer.flush(self.timeout_s)
+
+    def _run(self) -> None:
+        while (commit := self._commits.get()) is not None:
+            try:
+                self._commit(*commit)
+            except Exception:  # the lake is the record: a failed announcement must not stop the ingest
+                log.exception("window announcement after table version %d failed", commit[1])
+
+    def _commit(self, rows: int, version: int) -> None:
         self.pending_rows += rows
         if self.pending_rows < self.cycle.min_window_rows:
-            return None
+            return
         window = pick_window(self.lake, self.cycle.window_minutes, self.cycle.min_window_rows, version)
         if window is None:
-            return None
+            return
+        if self._producer is None:
+            conf = {"enable.idempotence": True, "linger.ms": 0, "logger": librdkafka_log()}
+            self._producer = Producer(self.kafka.client_config() | conf)
         record = announcement(window, self.pending_rows, self.clock())
-        failed = publish(self.producer, self.kafka.windows_topic, record, self.timeout_s)
+        failed = publish(self._producer, self.kafka.windows_topic, record, self.timeout_s)
         if failed:
             log.warning("window %s not announced on %s: %s", window.key, self.kafka.windows_topic, failed)
-            return None
+            return
         log.info("announced window %s (%d rows, %d new)", window.key, window.rows, self.pending_rows)
         self.pending_rows = 0
         self.announced += 1
-        return record
-
-    def close(self) -> None:
-        self.producer.flush(self.timeout_s)
 
 
 def asset_event(message) -> dict[str, Any] | None:
