@@ -43,7 +43,7 @@ def test_window_announcements_on_kafka_schedule_the_flywheel(dagbag):
     """trace_windows is watched by the Kafka provider's message-queue trigger on the windows topic; it
     schedules drafter_flywheel and trace_watch (drift), and no DAG polls on a cron for windows."""
     from airflow.providers.common.compat.module_loading import import_string
-    from flywheel_assets import KAFKA_CONN_ID, TRACES
+    from flywheel_assets import KAFKA_CONN_ID, TRACES, announced
 
     from consumers.window_announcements import asset_event
     from core.settings import KafkaSettings
@@ -53,6 +53,9 @@ def test_window_announcements_on_kafka_schedule_the_flywheel(dagbag):
     assert path.endswith("kafka.triggers.await_message.AwaitMessageTrigger")
     assert kwargs["topics"] == [KafkaSettings().windows_topic] and kwargs["kafka_config_id"] == KAFKA_CONN_ID
     assert import_string(kwargs["apply_function"]) is asset_event
+    # the run reads the announced table version from the event's payload (or an extra posted by hand)
+    assert announced({"from_trigger": True, "payload": {"version": 7, "key": "v7-1-2"}})["version"] == 7
+    assert announced({"version": 8})["version"] == 8
     watch = dagbag.dags["trace_watch"]
     assert watch.timetable.asset_condition.name == "trace_windows"
     assert "Cron" not in type(watch.timetable).__name__
