@@ -98,6 +98,8 @@ def ingest(
 
     Lake location: FLYWHEEL_LAKE_ROOT (local path or object-store URI); topics: FLYWHEEL_KAFKA_TRACES_TOPIC / FLYWHEEL_KAFKA_DLQ_TOPIC (create them with `flywheel topics create`).
 
+    Windows: every FLYWHEEL_CYCLE_MIN_WINDOW_ROWS committed rows, a WindowAnnouncement goes to FLYWHEEL_KAFKA_WINDOWS_TOPIC (what schedules the drafter_flywheel DAG); FLYWHEEL_INGEST_ANNOUNCE_WINDOWS=false turns it off.
+
     Metrics (lag per partition, rows, dead letters, commit latency, table version): --metrics-port, bound to FLYWHEEL_INGEST_METRICS_HOST (127.0.0.1).
     """
     from confluent_kafka import KafkaError, KafkaException
@@ -106,6 +108,7 @@ def ingest(
     from consumers.flush_policy import FlushPolicy
     from consumers.ingest_metrics import IngestMetrics, serve
     from consumers.table import SchemaMismatchError
+    from consumers.window_announcements import WindowAnnouncer
     from core.settings import get_settings
 
     _setup_logging(log_level)
@@ -135,7 +138,14 @@ def ingest(
             "metrics at http://%s:%d/metrics", served.metrics_host, bound
         )
     try:
-        sink = TraceIngest(settings.kafka, settings.lake, opts, topic=topic, metrics=metrics)
+        announcer = (
+            WindowAnnouncer(settings.kafka, settings.lake, settings.cycle)
+            if served.announce_windows
+            else None
+        )
+        sink = TraceIngest(
+            settings.kafka, settings.lake, opts, topic=topic, metrics=metrics, announcer=announcer
+        )
         stats = _run_with_progress(sink, max_events) if progress else sink.run()
     except (IngestError, SchemaMismatchError) as e:
         _fail(str(e))
@@ -150,7 +160,8 @@ def ingest(
         stats_json.write_text(json.dumps(result, indent=2))
     console.print(
         f"ingested {stats.rows} rows, {stats.dead_letters} dead letters in {stats.commits} commits "
-        f"({stats.conflicts} conflicts, {stats.resets} resets) into {settings.lake.traces_uri}"
+        f"({stats.conflicts} conflicts, {stats.resets} resets) into {settings.lake.traces_uri}; "
+        f"{stats.windows_announced} windows announced"
     )
 
 

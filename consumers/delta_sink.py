@@ -13,6 +13,8 @@ One state object, one loop, small predicates. Invariants:
   assigned partition from the table: the typed errors are control flow, not crashes.
 - Revoke flushes what is buffered, then forgets the partitions; lost partitions are dropped (another
   consumer may already own them). SIGTERM/SIGINT stop the loop, which flushes before closing.
+- With an announcer (``consumers.window_announcements``), each successful commit is counted and every
+  window's worth of committed rows is announced on the windows topic, which then must exist too.
 - Start-up asks the broker first: an unreachable one is one ``KafkaUnreachableError`` after
   ``connect_timeout_s``, before the table is opened or created; librdkafka's own log lines go through our
   logging (``core.kafka_log``), not to stderr.
@@ -41,6 +43,7 @@ from consumers.hour_compaction import HourCompactor
 from consumers.ingest_metrics import IngestMetrics
 from consumers.table import open_or_create, table_filesystem
 from consumers.trace_batch import MessageBatch, TraceBatchDecoder
+from consumers.window_announcements import WindowAnnouncer
 from core.kafka_log import librdkafka_log
 from core.settings import KafkaSettings, LakeSettings
 
@@ -84,6 +87,7 @@ class IngestStats:
     commits: int = 0
     conflicts: int = 0
     resets: int = 0
+    windows_announced: int = 0
     first_message_at: float | None = None
     last_commit_at: float | None = None
     cpu_at_first_message: float = 0.0  # process CPU seconds, all threads
@@ -103,6 +107,7 @@ class IngestStats:
             "commits": self.commits,
             "conflicts": self.conflicts,
             "resets": self.resets,
+            "windows_announced": self.windows_announced,
             "seconds_first_message_to_last_commit": span if rate else None,
             "events_per_s": rate,
             "cpu_us_per_event": (self.cpu_at_last_commit - self.cpu_at_first_message) / self.processed * 1e6
@@ -168,8 +173,10 @@ class TraceIngest:
         opts: IngestOptions,
         topic: str | None = None,
         metrics: IngestMetrics | None = None,
+        announcer: WindowAnnouncer | None = None,
     ):
         self.kafka, self.lake, self.opts = kafka, lake, opts
+        self.announcer = announcer
         self.topic = topic or kafka.traces_topic
         self.app_id = lake.app_id
         self.metrics = metrics or IngestMetrics(self.topic, opts.group, lake.traces_uri)
@@ -187,7 +194,7 @@ class TraceIngest:
             conf["stats_cb"] = self.metrics.on_stats
         self.consumer = Consumer(conf)
         try:
-            self._require_topics(self.topic, kafka.dlq_topic)
+            self._require_topics(self.topic, kafka.dlq_topic, *([kafka.windows_topic] if announcer else []))
             self.table: DeltaTable = open_or_create(lake, opts.table_properties)
         except BaseException:
             self.consumer.close()
@@ -234,6 +241,9 @@ class TraceIngest:
             self.consumer.close()
             self.worker.close()
             self.dlq.close()
+            if self.announcer is not None:
+                self.announcer.close()
+                self.stats.windows_announced = self.announcer.announced
             if self.compactor is not None:
                 self.compactor.close()
         return self.stats
@@ -394,6 +404,8 @@ class TraceIngest:
                 self._commit_kafka_offsets(r.job.txns)
                 if self.compactor is not None:
                     self.compactor.after_commit()
+                if self.announcer is not None:
+                    self.announcer.after_commit(r.job.num_rows, r.version)
                 continue
             self._needs_reset = True
             self.metrics.failed(r, isinstance(r.error, CONFLICTS))

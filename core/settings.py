@@ -56,7 +56,8 @@ class StackSettings(BaseSettings):
         True, description="DAG trace_maintenance runs: daily retention, compaction and vacuum of `traces`"
     )
     trace_watch_active: bool = Field(
-        True, description="DAG trace_watch runs: announces new trace windows and drift to drafter_flywheel"
+        True,
+        description="DAG trace_watch runs: on every window announcement, checks the champion for drift",
     )
     drafter_flywheel_active: bool = Field(
         True, description="DAG drafter_flywheel runs: train, evaluate, gate and promote on new windows"
@@ -105,6 +106,14 @@ class KafkaSettings(BaseSettings):
     traces_topic: str = "spec.traces.v1"
     dlq_topic: str = "spec.traces.dlq.v1"
     promotions_topic: str = "spec.drafter.promotions.v1"
+    windows_topic: str = Field(
+        "spec.traces.windows.v1",
+        description="window announcements: the ingest publishes one per window's worth of committed traces; "
+        "Airflow's triggerer turns them into events of the trace_windows asset (drafter_flywheel's schedule)",
+    )
+    windows_retention_ms: int = Field(
+        7 * 24 * 3600 * 1000, description="how long announcements are kept for a triggerer that was down"
+    )
     traces_partitions: int = Field(6, description="partitions of the traces topic = max parallel consumers")
     replication_factor: int | None = Field(
         None, ge=1, description="replicas of every project topic; default min(3, brokers in the cluster)"
@@ -184,6 +193,11 @@ class IngestSettings(BaseSettings):
     )
     connect_timeout_s: float = Field(
         15.0, gt=0, description="how long start-up waits for the broker to answer before giving up"
+    )
+    announce_windows: bool = Field(
+        True,
+        description="publish a WindowAnnouncement to FLYWHEEL_KAFKA_WINDOWS_TOPIC each time "
+        "FLYWHEEL_CYCLE_MIN_WINDOW_ROWS new rows are committed (what schedules drafter_flywheel)",
     )
 
 
@@ -302,6 +316,19 @@ class SparkSettings(BaseSettings):
         description="the driver JVM's stdout/stderr (Ivy resolution report, log4j lines), kept out of notebooks",
     )
     conf: dict[str, str] = Field(default_factory=dict, description="any other Spark property (JSON)")
+
+
+class AlertSettings(BaseSettings):
+    """Where a failed Airflow task is reported besides the task log (dags/flywheel_assets.py). Off by default."""
+
+    model_config = _config("ALERT")
+
+    webhook_url: str | None = Field(
+        None,
+        description="POST a JSON summary of every failed flywheel task here (a Slack/Teams/Alertmanager "
+        "webhook); None: failures are logged only",
+    )
+    webhook_timeout_s: float = Field(5.0, gt=0, description="how long one notification may take")
 
 
 class CycleSettings(BaseSettings):
@@ -468,6 +495,10 @@ class Settings:
     @cached_property
     def cluster(self) -> ClusterSettings:
         return ClusterSettings()
+
+    @cached_property
+    def alert(self) -> AlertSettings:
+        return AlertSettings()
 
 
 def get_settings() -> Settings:

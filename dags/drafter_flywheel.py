@@ -3,8 +3,10 @@
 Wiring only: each task builds the settings of this run (the environment, overridden by the run's `cycle`
 param once it passed its allow-list, core/run_params.py), lazily imports one function of flywheel.cycle
 and calls it; the typed results of flywheel.cycle cross task boundaries as JSON (XCom) and are validated
-back into their models on the other side. Runs when trace_watch announces a new window or drift, and on
-a timetable; one run at a time; training is serialised by the `training` pool. Every task is keyed on its
+back into their models on the other side. Event-driven: a run starts on each window the ingest announces
+on Kafka (the triggerer's AssetWatcher turns the message into a `trace_windows` event, dags/flywheel_assets.py)
+and on drift found by trace_watch; the 6-hourly timetable only catches an announcement that was lost. One
+run at a time; training is serialised by the `training` pool. Every task is keyed on its
 input (window, model version), so retries and re-runs never train or promote twice. The gate's reasons are
 the `gate` task's return value (XCom tab) and are logged by `promote` / `reject`.
 """
@@ -17,7 +19,9 @@ from airflow.sdk.exceptions import AirflowSkipException
 from flywheel_assets import (
     DRIFT,
     TRACES,
+    announced,
     cycle_param,
+    default_args,
     paused_upon_creation,
     run_settings,
     window_start_param,
@@ -33,7 +37,7 @@ def _announced_version() -> int | None:
     """Table version of the newest window announcement that triggered this run (None: use the latest)."""
     events = get_current_context().get("triggering_asset_events") or {}
     versions = [
-        e.extra.get("version")
+        announced(e.extra).get("version")
         for key, evs in events.items()
         if getattr(key, "name", None) == TRACES.name
         for e in evs
@@ -52,7 +56,7 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     is_paused_upon_creation=paused_upon_creation("drafter_flywheel"),
-    default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
+    default_args=default_args(retries=1, retry_delay=timedelta(minutes=1)),
     params={"cycle": cycle_param(), "window_start": window_start_param()},
     tags=["flywheel"],
     doc_md=__doc__,
@@ -60,6 +64,7 @@ with DAG(
 
     @task
     def window() -> dict:
+        """Pick the training window at the announced table version (skips the run if it is too thin)."""
         from core.run_params import window_start
         from flywheel.cycle import pick_window
 
@@ -71,6 +76,7 @@ with DAG(
 
     @task
     def gate(evaluation: dict) -> dict:
+        """Decide promote or reject from the evaluation's intervals; reasons are the XCom value."""
         from evaluation.served import Evaluation
         from flywheel.cycle import gate_challenger
 
@@ -78,11 +84,13 @@ with DAG(
 
     @task.branch
     def decide(decision: dict) -> str:
+        """Branch to `promote` or `reject` on the gate's decision."""
         print(decision["summary"], *decision["reasons"], sep="\n")
         return "promote" if decision["promote"] else "reject"
 
     @task(retries=3)
     def promote(decision: dict) -> dict:
+        """Make the challenger champion and publish the promotion to the serving nodes."""
         from evaluation.gate import GateResult
         from flywheel.cycle import promote_challenger
 
@@ -91,6 +99,7 @@ with DAG(
 
     @task
     def reject(decision: dict) -> dict:
+        """Tag the challenger rejected (and switch speculation off if the gate said so)."""
         from evaluation.gate import GateResult
         from flywheel.cycle import reject_challenger
 

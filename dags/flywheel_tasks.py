@@ -22,6 +22,12 @@ VERSION = "{{ ti.xcom_pull(task_ids='train')['version'] }}"
 CYCLE = "{{ (params.cycle or {}) | tojson }}"
 
 
+POD_DOCS = {
+    "train": "Fine-tune a challenger on the window in a pod (torchrun over the pod's GPUs) and register it.",
+    "evaluate": "Paired served evaluation in a serving-image pod: challenger vs champion vs no speculation.",
+}
+
+
 def train_and_evaluate(w):
     """Wire train -> evaluate after the window task's output ``w``; returns the evaluation's XCom."""
     from core.settings import ClusterSettings
@@ -66,6 +72,7 @@ def _pod(cluster, task_id: str, image: str, gpus: int, template: str, cmd: list[
     gpu = {"nvidia.com/gpu": str(gpus)} if gpus else None
     return KubernetesPodOperator(
         task_id=task_id,
+        doc_md=POD_DOCS[task_id],
         name=f"flywheel-{task_id}",
         namespace=cluster.namespace,
         image=image,
@@ -88,6 +95,7 @@ def _pod(cluster, task_id: str, image: str, gpus: int, template: str, cmd: list[
 
 @task(task_id="train", pool="training", execution_timeout=TRAIN_TIMEOUT, retry_exponential_backoff=2.0)
 def train_local(w: dict) -> dict:
+    """Fine-tune a challenger on the window and register it (reused if this window trained one)."""
     from consumers.windows import TraceWindow
     from flywheel.cycle import train_challenger
 
@@ -97,6 +105,7 @@ def train_local(w: dict) -> dict:
 
 @task(task_id="evaluate", execution_timeout=EVALUATE_TIMEOUT)
 def evaluate_local(trained: dict, w: dict) -> dict:
+    """Paired served evaluation: challenger vs champion vs no speculation on held-out traffic."""
     from consumers.windows import TraceWindow
     from flywheel.cycle import evaluate_challenger
 

@@ -5,7 +5,7 @@ retention only holds if this runs."""
 
 import pendulum
 from airflow.sdk import DAG, task
-from flywheel_assets import paused_upon_creation
+from flywheel_assets import default_args, paused_upon_creation
 
 with DAG(
     dag_id="trace_maintenance",
@@ -15,13 +15,14 @@ with DAG(
     catchup=False,
     is_paused_upon_creation=paused_upon_creation("trace_maintenance"),  # active unless configured off
     max_active_runs=1,
-    default_args={"retries": 2},
+    default_args=default_args(retries=2),
     tags=["flywheel", "lake"],
     doc_md=__doc__,
 ) as dag:
 
     @task
     def retention(*, logical_date=None, data_interval_end=None, dag_run=None) -> dict:
+        """Delete expired days, compact closed hours, vacuum and checkpoint `traces`; returns what it removed."""
         from consumers.retention import run_retention
         from core.settings import Settings
 

@@ -1,7 +1,8 @@
 """One flywheel cycle, as the functions the Airflow DAG tasks call (one task = one function).
 
-window -> train challenger -> served evaluation -> gate -> promote or reject; plus the two watchers that
-start cycles: enough new traces (a window) and drift (live tau below the champion's evaluated tau).
+window -> train challenger -> served evaluation -> gate -> promote or reject; plus the drift check (live tau
+below the champion's evaluated tau) that starts a cycle too. New windows are announced by the ingest
+(consumers/window_announcements.py), not looked for here.
 
 Every function takes the ``Settings`` its caller built (the DAG task, the CLI, a test) and exchanges typed
 models with the next step (``TraceWindow``, ``TrainedVersion``, ``Evaluation``, ``GateResult``); the DAG
@@ -458,13 +459,7 @@ def reject_challenger(settings: Settings, decision: GateResult) -> Rejected:
     )
 
 
-# --- watchers ----------------------------------------------------------------------------------------
-
-
-def new_window(settings: Settings, announced_version: int | None) -> TraceWindow | None:
-    """A window worth training on, if enough traces arrived since the last announced table version."""
-    cycle = settings.cycle
-    return windows.new_window(settings.lake, cycle.window_minutes, cycle.min_window_rows, announced_version)
+# --- drift ----------------------------------------------------------------------------------------
 
 
 def detect_drift(settings: Settings) -> Drift | None:

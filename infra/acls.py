@@ -9,7 +9,9 @@ bindings next to the topics they guard, from the same topic names (``FLYWHEEL_KA
 | serving   | WRITE traces; READ promotions; READ groups ``flywheel-swap-*``             | capture; hot-swaps follow promotions  |
 | ingest    | READ traces; READ groups ``flywheel-ingest*``; WRITE the DLQ               | the exactly-once sink and dead letters |
 |           | READ the DLQ; READ groups ``flywheel-dlq-reader-*``                        | `flywheel dlq inspect`/`replay` (lake) |
+|           | WRITE window announcements                                                 | what schedules drafter_flywheel       |
 | trainer   | WRITE promotions                                                           | promote, rollback, speculation on/off |
+|           | READ window announcements; READ groups ``flywheel-airflow-*``              | Airflow's triggerer (AssetWatcher)    |
 
 READ and WRITE imply DESCRIBE (metadata of the topic). Readers that only assign partitions (the promotion
 listener, the DLQ reader) commit nothing, but a consumer with a group id still looks up its coordinator. An idempotent producer needs no IDEMPOTENT_WRITE
@@ -36,6 +38,7 @@ from core.settings import KafkaSettings
 SWAP_GROUP_PREFIX = "flywheel-swap-"  # + node, pid, nonce: every serving node reads the whole topic
 INGEST_GROUP_PREFIX = "flywheel-ingest"  # the ingest's consumer group, and variants of it
 DLQ_READER_GROUP_PREFIX = "flywheel-dlq-reader-"  # + nonce: each inspect/replay reads the whole DLQ
+AIRFLOW_GROUP_PREFIX = "flywheel-airflow-"  # the triggerer's consumer of window announcements
 
 _TOPIC, _GROUP = ResourceType.TOPIC, ResourceType.GROUP
 _LITERAL, _PREFIXED = ResourcePatternType.LITERAL, ResourcePatternType.PREFIXED
@@ -56,8 +59,13 @@ def project_acls(kafka: KafkaSettings) -> list[AclBinding]:
             (_TOPIC, kafka.dlq_topic, _LITERAL, _WRITE),
             (_TOPIC, kafka.dlq_topic, _LITERAL, _READ),
             (_GROUP, DLQ_READER_GROUP_PREFIX, _PREFIXED, _READ),
+            (_TOPIC, kafka.windows_topic, _LITERAL, _WRITE),
         ],
-        "trainer": [(_TOPIC, kafka.promotions_topic, _LITERAL, _WRITE)],
+        "trainer": [
+            (_TOPIC, kafka.promotions_topic, _LITERAL, _WRITE),
+            (_TOPIC, kafka.windows_topic, _LITERAL, _READ),
+            (_GROUP, AIRFLOW_GROUP_PREFIX, _PREFIXED, _READ),
+        ],
     }
     return [
         AclBinding(kind, name, pattern, f"User:{principal}", "*", operation, AclPermissionType.ALLOW)

@@ -99,6 +99,17 @@ def project_topics(kafka: KafkaSettings) -> list[TopicSpec]:
             },
             "DrafterPromotion events, key = target model id",
         ),
+        TopicSpec(
+            kafka.windows_topic,
+            1,  # a handful of messages an hour, read by one triggerer: order is all that matters
+            {
+                "cleanup.policy": "delete",
+                "retention.ms": str(kafka.windows_retention_ms),
+                "segment.ms": str(kafka.segment_ms),
+                "compression.type": "zstd",
+            },
+            "WindowAnnouncement events (a window's worth of traces committed), key = table URI",
+        ),
     ]
 
 

@@ -20,6 +20,7 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 AVRO_DIR = Path(__file__).parent / "avro"
 TRACE_EVENT = "trace_event"
 DRAFTER_PROMOTION = "drafter_promotion"
+WINDOW_ANNOUNCEMENT = "window_announcement"
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,13 @@ def session_services() -> tuple[str, ...]:
 
 @pytest.fixture(scope="session")
 def kafka_settings(local_stack: StackSettings) -> KafkaSettings:
-    return KafkaSettings(bootstrap_servers=f"{local_stack.host}:{local_stack.kafka_port}")
+    """The suite's broker, with the window-announcement topic `flywheel ingest` publishes to (as `flywheel
+    topics create` would make it; tests make their own traces and DLQ topics)."""
+    from infra.topics import admin_client, ensure_topics, project_topics
+
+    kafka = KafkaSettings(bootstrap_servers=f"{local_stack.host}:{local_stack.kafka_port}")
+    ensure_topics(admin_client(kafka), [s for s in project_topics(kafka) if s.name == kafka.windows_topic])
+    return kafka
 
 
 @pytest.fixture(scope="session")

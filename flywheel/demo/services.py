@@ -127,7 +127,14 @@ class BackgroundIngest:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                # the demo triggers each cycle itself, on the span it chose: no window announcements, which
+                # would start drafter_flywheel runs of their own
+                env={**os.environ, "FLYWHEEL_INGEST_ANNOUNCE_WINDOWS": "false"},
             )
 
     def alive(self) -> bool:

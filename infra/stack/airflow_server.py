@@ -1,6 +1,7 @@
 """Airflow 3 standalone (scheduler, DAG processor, triggerer, API server/UI) with sqlite, on 127.0.0.1:8080.
 
-DAGs come from the repo's ``dags/`` folder. Locally everyone is admin (loopback only, no login) unless
+DAGs come from the repo's ``dags/`` folder. The triggerer runs the AssetWatcher that turns the ingest's
+window announcements into ``trace_windows`` asset events; its Kafka connection is ``kafka_connection``. Locally everyone is admin (loopback only, no login) unless
 ``FLYWHEEL_STACK_AUTH=true``: then the simple auth manager knows three users, ``admin``, ``operator`` (op)
 and ``viewer``, with the passwords of ``infra/stack/credentials.py``, the REST API wants a token from
 ``POST /auth/token``, and the tasks act as the ``trainer`` principal on Kafka and MLflow. The ``training``
@@ -24,7 +25,8 @@ from pathlib import Path
 import httpx
 
 from core.process import ServiceSpec, StackError
-from core.settings import StackSettings
+from core.settings import KafkaSettings, StackSettings
+from infra.acls import AIRFLOW_GROUP_PREFIX
 from infra.airflow_client import AirflowClient
 from infra.stack import credentials
 
@@ -63,8 +65,21 @@ def airflow_env(
         "AIRFLOW__API__WORKERS": "1",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "15",
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "True",
-        # Locally the watcher looks for new windows and drift every minute (cheap: reads the Delta table).
-        "FLYWHEEL_WATCH_CRON": os.environ.get("FLYWHEEL_WATCH_CRON", "* * * * *"),
+    }
+
+
+def kafka_connection(kafka: KafkaSettings) -> dict[str, str]:
+    """``AIRFLOW_CONN_FLYWHEEL_KAFKA`` (the triggerer's consumer of window announcements, dags/flywheel_assets.py)
+    and the topic it watches, from ``kafka``. Its group (``flywheel-airflow-windows``) starts at the earliest
+    retained announcement and then resumes where it committed; the trigger commits each message it read."""
+    extra = kafka.client_config() | {
+        "group.id": f"{AIRFLOW_GROUP_PREFIX}windows",
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": "false",
+    }
+    return {
+        "AIRFLOW_CONN_FLYWHEEL_KAFKA": json.dumps({"conn_type": "kafka", "extra": extra}),
+        "FLYWHEEL_KAFKA_WINDOWS_TOPIC": kafka.windows_topic,
     }
 
 
@@ -83,9 +98,12 @@ class AirflowStandalone(ServiceSpec):
     name = "airflow"
     stop_timeout_s = 45.0
 
-    def __init__(self, stack: StackSettings):
+    def __init__(self, stack: StackSettings, kafka: KafkaSettings | None = None):
+        """``kafka``: the broker whose window announcements the triggerer watches (default: the one the tasks
+        use, as ``trainer`` on an authenticated stack)."""
         super().__init__(stack.root)
         self.stack = stack
+        self.kafka = kafka
         self.host = stack.host
         self.port = stack.airflow_port
         self.home = stack.root / "airflow"
@@ -111,7 +129,10 @@ class AirflowStandalone(ServiceSpec):
         tasks = {}  # tasks train, register drafters and publish promotions: the trainer's principal
         if self.stack.auth:
             tasks = {"FLYWHEEL_STACK_AUTH": "true"} | credentials.principal_env(self.stack, "trainer")
-        return {**os.environ, **airflow, **active, **tasks}
+        kafka = self.kafka
+        if kafka is None:
+            kafka = credentials.kafka_settings(self.stack, "trainer") if self.stack.auth else KafkaSettings()
+        return {**os.environ, **airflow, **active, **tasks, **kafka_connection(kafka)}
 
     def healthy(self) -> bool:
         """Healthy = the API answers and scheduler, DAG processor and triggerer report healthy."""

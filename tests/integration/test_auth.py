@@ -221,8 +221,8 @@ def test_only_admin_manages_topics(auth_stack, topics):
             visible
             == {
                 "serving": {topics.traces_topic, topics.promotions_topic},
-                "ingest": {topics.traces_topic, topics.dlq_topic},
-                "trainer": {topics.promotions_topic},
+                "ingest": {topics.traces_topic, topics.dlq_topic, topics.windows_topic},
+                "trainer": {topics.promotions_topic, topics.windows_topic},
             }[principal]
         )
 

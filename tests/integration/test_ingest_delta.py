@@ -15,6 +15,7 @@ from consumers.dead_letters import DeadLetterProducer, parse_headers
 from consumers.delta_commit import CommitJob, DeltaCommitter
 from consumers.delta_log import OffsetMismatchError, txn_app_id
 from consumers.delta_sink import IngestOptions, TraceIngest
+from consumers.flush_policy import FlushPolicy
 from consumers.retention import partitions_of
 from consumers.table import (
     TABLE_PROPERTIES,
@@ -26,7 +27,9 @@ from consumers.table import (
     table_schema,
 )
 from consumers.trace_batch import MessageBatch, TraceBatchDecoder
-from core.settings import KafkaSettings, LakeSettings
+from consumers.window_announcements import WindowAnnouncer, asset_event
+from consumers.windows import pick_window
+from core.settings import CycleSettings, KafkaSettings, LakeSettings
 from schemas.arrow import PARTITION_COLUMNS, traces_table_schema
 
 pytestmark = pytest.mark.integration
@@ -179,3 +182,38 @@ def test_a_table_from_before_ingest_time_is_migrated_once_and_keeps_its_offsets(
     more = TraceBatchDecoder().decode(MessageBatch.from_values(encoded([trace(100)]), offsets=[len(records)]))
     committer.commit(CommitJob([more.rows], [], txns={0: len(records)}, expected={0: len(records) - 1}))
     assert DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id"]).num_rows == len(records) + 1
+
+
+def test_each_window_of_committed_rows_is_announced_once(kafka_settings, topic_factory, tmp_path):
+    """The ingest announces a window each time min_window_rows rows committed since its last announcement,
+    at the version that completed it; the triggerer's apply_function reads the message back."""
+    topic, dlq, windows_topic = topic_factory(), topic_factory(prefix="dlq"), topic_factory(prefix="windows")
+    produce(kafka_settings, topic, encoded([trace(i) for i in range(250)]))
+    kafka = kafka_settings.model_copy(update={"dlq_topic": dlq, "windows_topic": windows_topic})
+    lake = LakeSettings(root=str(tmp_path / "lake"))
+    cycle = CycleSettings(min_window_rows=100, window_minutes=60)
+    policy = FlushPolicy(max_events=40)  # several commits of up to 40 rows
+    opts = IngestOptions(group="windows-test", policy=policy, until_idle_s=2.0, consume_batch=40)
+
+    stats = TraceIngest(kafka, lake, opts, topic=topic, announcer=WindowAnnouncer(kafka, lake, cycle)).run()
+
+    # replay the rule over the table's own history: rows committed by each version
+    dt = DeltaTable(lake.traces_uri)
+    counts = [
+        DeltaTable(lake.traces_uri, version=v).to_pyarrow_dataset().count_rows()
+        for v in range(dt.version() + 1)
+    ]
+    expected, pending = [], 0
+    for version in range(1, len(counts)):
+        pending += counts[version] - counts[version - 1]
+        if pending >= cycle.min_window_rows:
+            expected.append((version, pending))
+            pending = 0
+    assert len(counts) > 4 and len(expected) == 2 and stats.windows_announced == 2, counts
+    events = [asset_event(m) for m in read_all(kafka, windows_topic)]
+    assert [(e["version"], e["new_rows"]) for e in events] == expected
+    for e in events:
+        window = pick_window(lake, cycle.window_minutes, cycle.min_window_rows, e["version"])
+        assert (e["key"], e["rows"], e["table"]) == (window.key, window.rows, lake.traces_uri)
+        assert e["window_end"] == window.end.isoformat()
+    assert asset_event(read_all(kafka, topic)[0]) is None  # a TraceEvent is no announcement: skipped

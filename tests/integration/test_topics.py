@@ -19,6 +19,7 @@ def test_sync_creates_and_repairs_topics(kafka_settings):
             "traces_topic": f"sync-traces-{suffix}",
             "dlq_topic": f"sync-dlq-{suffix}",
             "promotions_topic": f"sync-promotions-{suffix}",
+            "windows_topic": f"sync-windows-{suffix}",
             "traces_partitions": 4,
         }
     )
@@ -31,7 +32,7 @@ def test_sync_creates_and_repairs_topics(kafka_settings):
     ensure_topics(admin, [drifted])
     try:
         first = {r.name: r for r in sync_topics(admin, specs)}
-        assert first[kafka.dlq_topic].created and first[kafka.promotions_topic].created
+        assert all(first[t].created for t in (kafka.dlq_topic, kafka.promotions_topic, kafka.windows_topic))
         fixed = first[kafka.traces_topic]
         assert not fixed.created and fixed.partitions == (2, 4)
         assert fixed.altered["retention.ms"] == ("86400000", traces.config["retention.ms"])
@@ -39,6 +40,8 @@ def test_sync_creates_and_repairs_topics(kafka_settings):
         assert not fixed.warnings
 
         again = sync_topics(admin, specs)
-        assert [r.state for r in again] == ["as documented"] * 3
+        assert [r.state for r in again] == ["as documented"] * 4
     finally:
-        delete_topics(admin, [kafka.traces_topic, kafka.dlq_topic, kafka.promotions_topic])
+        delete_topics(
+            admin, [kafka.traces_topic, kafka.dlq_topic, kafka.promotions_topic, kafka.windows_topic]
+        )

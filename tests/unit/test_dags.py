@@ -34,15 +34,100 @@ def test_flywheel_dag_wiring(dagbag):
     assert tasks["window"].downstream_task_ids == {"train", "evaluate"}
     assert tasks["decide"].downstream_task_ids == {"promote", "reject"}
     assert tasks["gate"].upstream_task_ids == {"evaluate"}
-    # AssetOrTimeSchedule: either announcement starts a run early; the cron timetable runs it anyway
+    # AssetOrTimeSchedule: a window announcement or drift starts a run; the timetable catches a lost one
     assert {a.name for a in dag.timetable.asset_condition.objects} == {"trace_windows", "champion_drift"}
     assert "CronTriggerTimetable" in type(dag.timetable.timetable).__name__
 
 
-def test_watchers_emit_the_assets_the_flywheel_listens_to(dagbag):
-    watch = {t.task_id: t for t in dagbag.dags["trace_watch"].tasks}
-    assert [o.name for o in watch["announce_window"].outlets] == ["trace_windows"]
-    assert [o.name for o in watch["check_drift"].outlets] == ["champion_drift"]
+def test_window_announcements_on_kafka_schedule_the_flywheel(dagbag):
+    """trace_windows is watched by the Kafka provider's message-queue trigger on the windows topic; it
+    schedules drafter_flywheel and trace_watch (drift), and no DAG polls on a cron for windows."""
+    from airflow.providers.common.compat.module_loading import import_string
+    from flywheel_assets import KAFKA_CONN_ID, TRACES, announced
+
+    from consumers.window_announcements import asset_event
+    from core.settings import KafkaSettings
+
+    (watcher,) = TRACES.watchers
+    path, kwargs = watcher.trigger.serialize()  # what the triggerer gets
+    assert path.endswith("kafka.triggers.await_message.AwaitMessageTrigger")
+    assert kwargs["topics"] == [KafkaSettings().windows_topic] and kwargs["kafka_config_id"] == KAFKA_CONN_ID
+    assert import_string(kwargs["apply_function"]) is asset_event
+    # the run reads the announced table version from the event's payload (or an extra posted by hand)
+    assert announced({"from_trigger": True, "payload": {"version": 7, "key": "v7-1-2"}})["version"] == 7
+    assert announced({"version": 8})["version"] == 8
+    watch = dagbag.dags["trace_watch"]
+    assert watch.timetable.asset_condition.name == "trace_windows"
+    assert "Cron" not in type(watch.timetable).__name__
+    assert {t.task_id: [o.name for o in t.outlets] for t in watch.tasks} == {
+        "check_drift": ["champion_drift"]
+    }
+
+
+def test_every_dag_has_an_owner_a_failure_callback_and_task_docs(dagbag):
+    from flywheel_assets import OWNER, on_failure
+
+    for dag in dagbag.dags.values():
+        assert dag.default_args["owner"] == OWNER and dag.default_args["on_failure_callback"] is on_failure
+        assert dag.doc_md, dag.dag_id
+        for t in dag.tasks:
+            assert t.owner == OWNER, (dag.dag_id, t.task_id)
+            assert on_failure in _callbacks(t.on_failure_callback), (dag.dag_id, t.task_id)
+            assert t.doc_md and len(t.doc_md) > 20, (dag.dag_id, t.task_id)
+
+
+def _callbacks(cb) -> list:
+    return list(cb) if isinstance(cb, list | tuple) else [cb]
+
+
+@pytest.fixture
+def webhook():
+    """A real HTTP endpoint on loopback that records the JSON bodies POSTed to it."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/alerts", received
+    server.shutdown()
+
+
+def test_a_failed_task_is_logged_and_notified_only_when_configured(dagbag, webhook, monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from flywheel_assets import on_failure
+
+    url, received = webhook
+    ti = SimpleNamespace(dag_id="drafter_flywheel", task_id="train", run_id="r1", try_number=2)
+    context = {"ti": ti, "exception": RuntimeError("CUDA out of memory")}
+    monkeypatch.delenv("FLYWHEEL_ALERT_WEBHOOK_URL", raising=False)
+    with caplog.at_level("ERROR", logger="flywheel.dags"):
+        on_failure(context)
+    assert "drafter_flywheel" in caplog.text and "CUDA out of memory" in caplog.text
+    assert received == []  # off by default
+
+    monkeypatch.setenv("FLYWHEEL_ALERT_WEBHOOK_URL", url)
+    on_failure(context)
+    (body,) = received
+    assert body["dag_id"] == "drafter_flywheel" and body["task_id"] == "train" and body["try_number"] == 2
+    assert "CUDA out of memory" in body["text"] and "CUDA out of memory" in body["exception"]
+
+    monkeypatch.setenv("FLYWHEEL_ALERT_WEBHOOK_URL", "http://127.0.0.1:9/alerts")  # nothing listens
+    with caplog.at_level("WARNING", logger="flywheel.alerts"):
+        on_failure(context)  # logged, never raised: the task has failed already
+    assert "failure notification to 127.0.0.1 failed" in caplog.text
 
 
 def test_dag_files_only_wire(dagbag):

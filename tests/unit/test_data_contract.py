@@ -21,7 +21,7 @@ from core.settings import KafkaSettings, LakeSettings
 from infra.topics import project_topics
 from schemas import codec
 from schemas.arrow import PARTITION_COLUMNS, traces_table_schema
-from schemas.registry import TRACE_EVENT, events, versions
+from schemas.registry import TRACE_EVENT, WINDOW_ANNOUNCEMENT, current, events, versions
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "data-contract.md"
@@ -65,7 +65,9 @@ def test_every_topic_with_its_partitions_and_configs(doc, defaults):
     specs = project_topics(kafka)
     topics = section(doc, "## Topics")
     assert set(re.findall(r"^### `([^`]+)`$", topics, re.M)) == {s.name for s in specs}
-    assert {kafka.traces_topic, kafka.dlq_topic, kafka.promotions_topic} == {s.name for s in specs}
+    assert {kafka.traces_topic, kafka.dlq_topic, kafka.promotions_topic, kafka.windows_topic} == {
+        s.name for s in specs
+    }
     for spec in specs:
         rows = table_rows(section(topics, f"### `{spec.name}`"))
         assert rows["partitions"] == [str(spec.partitions)], spec.name
@@ -93,6 +95,12 @@ def test_topic_keys_and_schemas(doc, defaults):
     assert traces["value"][0].startswith("TraceEvent, `schemas/avro/trace_event/v1.avsc`")
     promotions = table_rows(section(doc, f"### `{kafka.promotions_topic}`"))
     assert "target_model_id" in promotions["key"][0]
+    windows_section = section(doc, f"### `{kafka.windows_topic}`")
+    assert "| key | the table URI (UTF-8) |" in windows_section  # (the `key` field's row shadows it below)
+    windows = table_rows(windows_section)
+    assert windows["value"][0].startswith("WindowAnnouncement, `schemas/avro/window_announcement/v1.avsc`")
+    fields = current(WINDOW_ANNOUNCEMENT).raw["fields"]
+    assert {f["name"] for f in fields} <= set(windows)  # every field is documented
 
 
 def test_the_table_its_columns_partitions_properties_and_retention(doc, defaults):

@@ -12,7 +12,15 @@ from fastavro.utils import generate_many
 from schemas import codec
 from schemas.arrow import LAKE_COLUMNS, arrow_schema, traces_table_schema
 from schemas.compatibility import backward_problems
-from schemas.registry import AVRO_DIR, DRAFTER_PROMOTION, TRACE_EVENT, current, events, versions
+from schemas.registry import (
+    AVRO_DIR,
+    DRAFTER_PROMOTION,
+    TRACE_EVENT,
+    WINDOW_ANNOUNCEMENT,
+    current,
+    events,
+    versions,
+)
 
 REQUIRED_TRACE_FIELDS = {
     "event_id",
@@ -77,7 +85,7 @@ def sample_trace(**overrides) -> dict:
 def test_trace_event_carries_the_contract_fields_and_each_is_documented():
     fields = current(TRACE_EVENT).raw["fields"]
     assert {f["name"] for f in fields} >= REQUIRED_TRACE_FIELDS
-    for schema in (current(TRACE_EVENT), current(DRAFTER_PROMOTION)):
+    for schema in (current(TRACE_EVENT), current(DRAFTER_PROMOTION), current(WINDOW_ANNOUNCEMENT)):
         undocumented = [f["name"] for f in schema.raw["fields"] if len(f.get("doc", "")) < 10]
         assert not undocumented, f"{schema.event}: fields without a doc: {undocumented}"
 
@@ -89,7 +97,7 @@ def test_released_versions_are_immutable():
     assert set(actual) == set(pinned), "new schema versions must be pinned in fingerprints.json"
 
 
-@pytest.mark.parametrize("event", [TRACE_EVENT, DRAFTER_PROMOTION])
+@pytest.mark.parametrize("event", [TRACE_EVENT, DRAFTER_PROMOTION, WINDOW_ANNOUNCEMENT])
 def test_every_version_reads_all_older_versions(event):
     """BACKWARD (transitive): the newest reader resolves every released writer, structurally and on data."""
     history = versions(event)

@@ -13,9 +13,15 @@ import pytest
 from consumers.delta_sink import IngestOptions
 from core.process import StackError
 from core.settings import KafkaSettings, MlflowSettings, StackSettings
-from infra.acls import DLQ_READER_GROUP_PREFIX, INGEST_GROUP_PREFIX, SWAP_GROUP_PREFIX, project_acls
+from infra.acls import (
+    AIRFLOW_GROUP_PREFIX,
+    DLQ_READER_GROUP_PREFIX,
+    INGEST_GROUP_PREFIX,
+    SWAP_GROUP_PREFIX,
+    project_acls,
+)
 from infra.stack import credentials
-from infra.stack.airflow_server import AirflowStandalone
+from infra.stack.airflow_server import AirflowStandalone, kafka_connection
 from infra.stack.kafka_broker import INFRA_KAFKA, KafkaBroker
 from infra.stack.mlflow_server import MlflowServer
 
@@ -137,9 +143,14 @@ def test_acl_table_and_the_groups_the_components_use():
         ("User:ingest", "WRITE", kafka.dlq_topic, "LITERAL"),
         ("User:ingest", "READ", kafka.dlq_topic, "LITERAL"),
         ("User:ingest", "READ", DLQ_READER_GROUP_PREFIX, "PREFIXED"),
+        ("User:ingest", "WRITE", kafka.windows_topic, "LITERAL"),
         ("User:trainer", "WRITE", kafka.promotions_topic, "LITERAL"),
+        ("User:trainer", "READ", kafka.windows_topic, "LITERAL"),
+        ("User:trainer", "READ", AIRFLOW_GROUP_PREFIX, "PREFIXED"),
     }
     assert IngestOptions().group.startswith(INGEST_GROUP_PREFIX)
+    connection = json.loads(kafka_connection(kafka)["AIRFLOW_CONN_FLYWHEEL_KAFKA"])  # Airflow's triggerer
+    assert connection["extra"]["group.id"].startswith(AIRFLOW_GROUP_PREFIX)
 
 
 def test_mlflow_runs_the_basic_auth_app_only_with_auth(tmp_path):
@@ -167,8 +178,11 @@ def test_airflow_has_users_with_auth_and_everyone_is_admin_without(tmp_path):
     passwords = json.loads(spec.passwords_file.read_text())
     assert passwords == {u: credentials.password(spec.stack, u) for u in ("admin", "operator", "viewer")}
     assert spec.passwords_file.stat().st_mode & 0o777 == 0o600
-    # tasks act as the trainer
+    # tasks act as the trainer, and so does the triggerer's consumer of window announcements
     assert env["FLYWHEEL_KAFKA_SASL_USERNAME"] == env["FLYWHEEL_MLFLOW_USERNAME"] == "trainer"
+    watcher = json.loads(env["AIRFLOW_CONN_FLYWHEEL_KAFKA"])["extra"]
+    assert watcher["sasl.username"] == "trainer" and watcher["security.protocol"] == "SASL_PLAINTEXT"
+    assert "sasl.username" not in json.loads(open_env["AIRFLOW_CONN_FLYWHEEL_KAFKA"])["extra"]
 
 
 def test_credentials_command_prints_a_principals_exports(tmp_path):
