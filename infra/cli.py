@@ -39,11 +39,12 @@ def _status_table(rows) -> Table:
 
 @stack_app.command("install")
 def stack_install() -> None:
-    """Install without starting: fetch the Kafka jars with Maven, format Kafka storage, make data dirs."""
+    """Install without starting: fetch the Kafka jars and the schema registry with Maven, format Kafka storage,
+    make data dirs."""
     from infra import stack
 
     try:
-        with console.status("installing the local stack (Maven fetches the Kafka jars once)..."):
+        with console.status("installing the local stack (Maven fetches the jars once)..."):
             for spec in stack.services(get_settings().stack):
                 spec.prepare()
     except stack.StackError as e:
@@ -85,6 +86,8 @@ def stack_up(
         console.print(
             f"kafka bootstrap: FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS={stack.bootstrap_servers(settings)}"
         )
+    if any(r.name == "registry" for r in rows):
+        console.print(f"schema registry: FLYWHEEL_KAFKA_SCHEMA_REGISTRY_URL={stack.registry_url(settings)}")
     if any(r.name == "airflow" for r in rows):  # up applied the DAG settings: show the result
         console.print(_dags_table(stack.dags(get_settings().stack)))
     console.print(f"stack healthy in {time.monotonic() - started:.1f}s")
