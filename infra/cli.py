@@ -196,9 +196,14 @@ def topics_create() -> None:
     documented config that differs and the declared partition count (never fewer). On an authenticated
     stack (FLYWHEEL_STACK_AUTH=true) this runs as admin unless FLYWHEEL_KAFKA_SASL_USERNAME says otherwise,
     and also creates the ACLs of infra/acls.py.
+
+    Then registers every released schema version of each topic's values under its subject (`<topic>-value`)
+    in the schema registry (FLYWHEEL_KAFKA_SCHEMA_REGISTRY_URL), with compatibility BACKWARD set on the
+    subject first, so the registry refuses a version old data cannot be read with.
     """
     from core.settings import get_settings
     from infra.topics import admin_client, cluster_topics, sync_topics
+    from schemas.schema_ids import COMPATIBILITY, RegistryUnavailable, SchemaIds, register_all
 
     settings = get_settings()
     kafka = settings.kafka
@@ -234,6 +239,14 @@ def topics_create() -> None:
                 b.resource_pattern_type.name.lower(),
             )
         Console(width=160).print(rules)
+    try:
+        registered = register_all(kafka, SchemaIds.connect(kafka))
+    except (RegistryUnavailable, ValueError) as e:
+        _fail(f"{e} (is the registry up? `flywheel stack up --only registry`)")
+    schemas = Table("subject", "schema version", "schema id", "compatibility")
+    for r in registered:
+        schemas.add_row(r.subject, f"v{r.version}", str(r.schema_id), COMPATIBILITY)
+    Console(width=160).print(schemas)
 
 
 def register(app: typer.Typer) -> None:
