@@ -142,3 +142,13 @@ def register_all(kafka: KafkaSettings, ids: SchemaIds) -> list[Registered]:
             ids.versions[schema_id] = version
             out.append(Registered(name, version.version, schema_id))
     return out
+
+
+def known_ids(kafka: KafkaSettings, ids: SchemaIds) -> dict[int, SchemaVersion]:
+    """Registry id -> version, for every released version of each topic's event (looked up, so every one
+    must be registered: `flywheel topics create`). For readers that cannot ask per message (Spark)."""
+    return {
+        ids.id_of(version, subject(topic)): version
+        for topic, event in topic_events(kafka).items()
+        for version in versions(event)
+    }
