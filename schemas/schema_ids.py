@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
@@ -75,15 +77,15 @@ class SchemaIds:
         conf = {"url": kafka.schema_registry_url, "timeout": timeout_s, "max.retries": 1}
         return cls(SchemaRegistryClient(conf))
 
-    def _call(self, what: str, fn, *args):
-        """``fn(*args)``; None if not found (404), ValueError for another refusal (a 409: incompatible),
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``; None if not found (404), ValueError for another refusal (a 409: incompatible),
         RegistryUnavailable for no answer."""
         if self.client is None:
             return None
         if time.monotonic() < self._retry_at:
             raise RegistryUnavailable(f"schema registry unavailable ({what}); retrying shortly")
         try:
-            return fn(*args)
+            return fn()
         except SchemaRegistryError as e:
             if e.http_status_code == 404:
                 return None
@@ -98,22 +100,29 @@ class SchemaIds:
     def id_of(self, version: SchemaVersion, subject_name: str) -> int:
         """The registry id of ``version`` under ``subject_name``; LookupError if it is not registered there."""
         key = (subject_name, version.fingerprint)
+        if key not in self.ids and self.client is None:  # offline: the one id ``known`` gives the version
+            self.ids[key] = next((i for i, v in self.versions.items() if v == version), -1)
+            if self.ids[key] < 0:
+                del self.ids[key]
+                raise LookupError(f"{version.event} v{version.version} has no id in this offline table")
         if key not in self.ids:
-            lookup = lambda: self.client.lookup_schema(subject_name, avro_schema(version)).schema_id  # noqa: E731
-            found = self._call(f"look up {subject_name}", lookup)
+            found = self._call(
+                f"look up {subject_name}",
+                lambda: self.client.lookup_schema(subject_name, avro_schema(version)),
+            )
             if found is None:
                 raise LookupError(
                     f"{version.event} v{version.version} is not registered under {subject_name!r}: "
                     "run `flywheel topics create` (it registers every schema version)"
                 )
-            self.ids[key] = found
-            self.versions[found] = version
+            self.ids[key] = found.schema_id
+            self.versions[found.schema_id] = version
         return self.ids[key]
 
     def version_of(self, schema_id: int) -> SchemaVersion | None:
         """Our schema version the id stands for, or None if the registry has no such id or it is not ours."""
         if schema_id not in self.versions:
-            schema = self._call(f"get schema id {schema_id}", self.client.get_schema, schema_id)
+            schema = self._call(f"get schema id {schema_id}", lambda: self.client.get_schema(schema_id))
             self.versions[schema_id] = _ours(schema)
         return self.versions[schema_id]
 
@@ -134,10 +143,14 @@ def register_all(kafka: KafkaSettings, ids: SchemaIds) -> list[Registered]:
     out = []
     for topic, event in topic_events(kafka).items():
         name = subject(topic)
-        ids._call(f"set compatibility of {name}", ids.client.set_compatibility, name, COMPATIBILITY)
+        ids._call(
+            f"set compatibility of {name}", lambda n=name: ids.client.set_compatibility(n, COMPATIBILITY)
+        )
         for version in versions(event):
             what = f"register {event} v{version.version} under {name}"
-            schema_id = ids._call(what, ids.client.register_schema, name, avro_schema(version))
+            schema_id = ids._call(
+                what, lambda n=name, v=version: ids.client.register_schema(n, avro_schema(v))
+            )
             ids.ids[(name, version.fingerprint)] = schema_id
             ids.versions[schema_id] = version
             out.append(Registered(name, version.version, schema_id))
