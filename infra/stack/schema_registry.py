@@ -109,6 +109,9 @@ class SchemaRegistry(ServiceSpec):
             "quarkus.http.host": self.host,
             "quarkus.http.port": self.port,
             "quarkus.http.access-log.enabled": "false",
+            # health and metrics (unused here: health is the API answering) would take 0.0.0.0:9000
+            "quarkus.management.host": self.host,
+            "quarkus.management.port": 0,
             "apicurio.storage.kind": "sql",
             "apicurio.storage.sql.kind": "h2",
             "apicurio.datasource.url": f"jdbc:h2:file:{self.home / 'registry'}",
