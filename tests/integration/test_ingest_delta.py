@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pytest
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-from trace_events import encoded, poison_messages, produce, read_all, read_dlq, trace
+from trace_events import OFFLINE_IDS, encoded, poison_messages, produce, read_all, read_dlq, trace
 
 from consumers.dead_letters import DeadLetterProducer, parse_headers
 from consumers.delta_commit import CommitJob, DeltaCommitter
@@ -32,11 +32,13 @@ from schemas.arrow import PARTITION_COLUMNS, traces_table_schema
 pytestmark = pytest.mark.integration
 
 
-def test_poison_goes_to_the_dlq_and_every_good_event_to_the_table(kafka_settings, topic_factory, tmp_path):
+def test_poison_goes_to_the_dlq_and_every_good_event_to_the_table(
+    kafka_settings, schema_ids, topic_factory, tmp_path
+):
     topic, dlq = topic_factory(partitions=2), topic_factory(prefix="dlq")
     good_records = [trace(i) for i in range(400)]
-    good = encoded(good_records)
-    poison = poison_messages(good[0])
+    good = encoded(good_records, schema_ids)
+    poison = poison_messages(good[0], schema_ids)
     values = list(good)
     for n, (_, _, v) in enumerate(poison):
         values.insert(25 * n + 7, v)
@@ -86,7 +88,7 @@ def test_commits_refuse_replays_and_stale_offsets(tmp_path):
         DeadLetterProducer(KafkaSettings(), "unused"),
         "app",
     )
-    decoder = TraceBatchDecoder()
+    decoder = TraceBatchDecoder(OFFLINE_IDS)
     rows = decoder.decode(MessageBatch.from_values(encoded([trace(i) for i in range(10)]))).rows
 
     first = CommitJob([rows], [], txns={0: 9}, expected={0: None})
@@ -176,6 +178,8 @@ def test_a_table_from_before_ingest_time_is_migrated_once_and_keeps_its_offsets(
         DeadLetterProducer(KafkaSettings(), "unused"),
         "app",
     )
-    more = TraceBatchDecoder().decode(MessageBatch.from_values(encoded([trace(100)]), offsets=[len(records)]))
+    more = TraceBatchDecoder(OFFLINE_IDS).decode(
+        MessageBatch.from_values(encoded([trace(100)]), offsets=[len(records)])
+    )
     committer.commit(CommitJob([more.rows], [], txns={0: len(records)}, expected={0: len(records) - 1}))
     assert DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id"]).num_rows == len(records) + 1
