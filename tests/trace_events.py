@@ -6,6 +6,7 @@ the session's ``schema_ids`` fixture; decoding in-process without one uses ``OFF
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from typing import Any
@@ -17,7 +18,7 @@ from core.settings import KafkaSettings
 from producers.trace_record import ServingIdentity, build_trace_record
 from schemas import codec
 from schemas.registry import DRAFTER_PROMOTION, TRACE_EVENT, SchemaVersion, current
-from schemas.schema_ids import SchemaIds, subject
+from schemas.schema_ids import SchemaIds, register_all, subject
 
 IDENTITY = ServingIdentity("node-a", "SmolLM2-135M-Instruct", "7ef915c9bf9d94d8", "eagle3", 3, "eagle3")
 BASE_S = 1_796_000_000.0  # 2026-11-30 00:53 UTC
@@ -57,6 +58,24 @@ def trace(i: int, finish_time_s: float | None = None, **overrides: Any) -> dict[
     )
     record.update(overrides)
     return record
+
+
+def register_topics(kafka: KafkaSettings) -> SchemaIds:
+    """What `flywheel topics create` registers, for a test's own topic names (their producers look the
+    schema id up under their topic's subject)."""
+    ids = SchemaIds.connect(kafka)
+    register_all(kafka, ids)
+    return ids
+
+
+def decode(kafka: KafkaSettings, value: bytes, expect: str) -> dict[str, Any]:
+    """A message of the suite's topics, decoded through the registry ``kafka`` names."""
+    return codec.decode(value, _registry(kafka.schema_registry_url).version_of, expect=expect)[1]
+
+
+@functools.cache
+def _registry(url: str) -> SchemaIds:
+    return SchemaIds.connect(KafkaSettings(schema_registry_url=url))
 
 
 def poison_messages(good_payload: bytes, ids: SchemaIds = OFFLINE_IDS) -> list[tuple[str, str, bytes]]:

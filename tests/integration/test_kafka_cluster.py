@@ -35,7 +35,7 @@ from core.settings import KafkaSettings, StackSettings
 from infra import stack
 from infra.topics import admin_client, cluster_topics, sync_topics
 from producers.emitter import TraceEmitter
-from producers.trace_record import encode_trace
+from producers.trace_record import TraceEncoder
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +107,7 @@ def _commits(uri: Path) -> int:
 
 
 def test_sigkill_a_broker_mid_traffic_and_mid_ingest_loses_and_duplicates_nothing(
-    cluster, kafka, tmp_path, tmp_path_factory
+    cluster, kafka, schema_ids, tmp_path, tmp_path_factory
 ):
     admin = admin_client(kafka)  # one client for every look at leaders and ISRs
     pycache = str(tmp_path_factory.mktemp("pycache"))
@@ -139,7 +139,10 @@ def test_sigkill_a_broker_mid_traffic_and_mid_ingest_loses_and_duplicates_nothin
         env=env,
         stderr=(tmp_path / "ingest.log").open("w"),
     )
-    emitter = TraceEmitter(kafka, kafka.traces_topic, encode_trace, tmp_path / "spill", probe_interval_s=0.5)
+    encoder = TraceEncoder(schema_ids, kafka.traces_topic)  # the suite's registry, beside the cluster
+    emitter = TraceEmitter(
+        kafka, kafka.traces_topic, encoder, tmp_path / "spill", probe_interval_s=0.5, frame=encoder.frame
+    )
     records: list[dict] = []
     stop_traffic = threading.Event()
 
