@@ -18,12 +18,11 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-from core.settings import KafkaSettings
 from schemas.registry import (
     DRAFTER_PROMOTION,
     TRACE_EVENT,
@@ -35,6 +34,14 @@ from schemas.registry import (
 
 COMPATIBILITY = "BACKWARD"
 RETRY_AFTER_S = 1.0  # a registry that did not answer is asked again only after this (no request storms)
+
+
+class KafkaSettings(Protocol):
+    """What these functions read of ``core.settings.KafkaSettings`` (schemas sits below core)."""
+
+    schema_registry_url: str
+    traces_topic: str
+    promotions_topic: str
 
 
 class RegistryUnavailable(RuntimeError):
