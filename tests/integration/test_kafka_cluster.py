@@ -28,7 +28,7 @@ import pytest
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import ConfigResource
 from test_ingest_exactly_once import assert_exactly_once
-from trace_events import ingest_env, trace
+from trace_events import ingest_env, register_topics, trace
 
 from core import process
 from core.settings import KafkaSettings, StackSettings
@@ -107,7 +107,7 @@ def _commits(uri: Path) -> int:
 
 
 def test_sigkill_a_broker_mid_traffic_and_mid_ingest_loses_and_duplicates_nothing(
-    cluster, kafka, schema_ids, tmp_path, tmp_path_factory
+    cluster, kafka, local_stack, tmp_path, tmp_path_factory
 ):
     admin = admin_client(kafka)  # one client for every look at leaders and ISRs
     pycache = str(tmp_path_factory.mktemp("pycache"))
@@ -139,7 +139,8 @@ def test_sigkill_a_broker_mid_traffic_and_mid_ingest_loses_and_duplicates_nothin
         env=env,
         stderr=(tmp_path / "ingest.log").open("w"),
     )
-    encoder = TraceEncoder(schema_ids, kafka.traces_topic)  # the suite's registry, beside the cluster
+    # the suite's registry serves the cluster's topics too: their subjects registered as topics create does
+    encoder = TraceEncoder(register_topics(kafka), kafka.traces_topic)
     emitter = TraceEmitter(
         kafka, kafka.traces_topic, encoder, tmp_path / "spill", probe_interval_s=0.5, frame=encoder.frame
     )
