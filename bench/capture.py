@@ -346,9 +346,11 @@ def _read_topic(kafka: KafkaSettings, topic: str, limit: int | None = None) -> l
 def emitter_capacity(kafka: KafkaSettings, topic: str, records: list[dict[str, Any]], spill: Path) -> float:
     """Events/s the capture path (encode + produce + ack) sustains on its own thread."""
     from producers.emitter import TraceEmitter
-    from producers.trace_record import encode_trace
+    from producers.trace_record import TraceEncoder
+    from schemas.schema_ids import SchemaIds
 
-    emitter = TraceEmitter(kafka, topic, encode_trace, spill, max_queue=len(records) + 1)
+    encoder = TraceEncoder(SchemaIds.connect(kafka), kafka.traces_topic)  # the traces subject's id
+    emitter = TraceEmitter(kafka, topic, encoder, spill, max_queue=len(records) + 1, frame=encoder.frame)
     started = time.perf_counter()
     for rec in records:
         emitter.submit(rec)
@@ -361,9 +363,11 @@ def emitter_capacity(kafka: KafkaSettings, topic: str, records: list[dict[str, A
 
 def _wire(stack: StackSettings, kafka: KafkaSettings, topic: str, state: Path) -> dict[str, Any]:
     from schemas import codec
+    from schemas.schema_ids import SchemaIds
 
     values = _read_topic(kafka, topic)
-    records = [codec.decode(v)[1] for v in values]
+    ids = SchemaIds.connect(kafka)
+    records = [codec.decode(v, ids.version_of)[1] for v in values]
     tokens = sum(len(r["prompt_token_ids"]) + len(r["output_token_ids"]) for r in records)
     sample = (
         # 20k events: the emitter serves delivery reports every 0.25 s while librdkafka holds messages, a

@@ -43,17 +43,17 @@ import numpy as np
 from core.settings import Settings
 from core.tau import tau
 
-EVENT_ID_AT = 12  # header (10) + schema_version varint (1) + event_id length varint (1)
+EVENT_ID_AT = 7  # header (5) + schema_version varint (1) + event_id length varint (1)
 
 
-def _encode_pool(records: list[dict[str, Any]]) -> list[bytes]:
+def _encode_pool(records: list[dict[str, Any]], schema_id: int) -> list[bytes]:
     from schemas import codec
     from schemas.registry import TRACE_EVENT
 
     placeholder = "0" * 36
     out = []
     for r in records:
-        payload = codec.encode(TRACE_EVENT, r | {"event_id": placeholder})
+        payload = codec.encode(TRACE_EVENT, r | {"event_id": placeholder}, schema_id)
         assert payload[EVENT_ID_AT : EVENT_ID_AT + 36] == placeholder.encode()
         out.append(payload)
     return out
@@ -64,9 +64,10 @@ def _with_event_id(payload: bytes, event_id: bytes) -> bytes:
 
 
 def build_pool(
-    n: int, seed: int, console, target_dir: Path
+    n: int, seed: int, console, target_dir: Path, schema_id: int
 ) -> tuple[list[bytes], np.ndarray, dict[str, Any]]:
-    """(encoded events, prompt+output tokens per event, corpus facts)."""
+    """(encoded events, prompt+output tokens per event, corpus facts); ``schema_id``: the registry's id of
+    the current TraceEvent version."""
     from bench.realistic_traces import load_corpus, realistic_record
 
     with console.status("tokenizing the real-text corpus with the target tokenizer..."):
@@ -86,7 +87,7 @@ def build_pool(
         "prompt_tokens_per_event": float(np.mean([len(r["prompt_token_ids"]) for r in records])),
         "acceptance_length_tau": tau(int(accepted.sum()), int(accepted.size)),
     }
-    return _encode_pool(records), tokens, facts
+    return _encode_pool(records, schema_id), tokens, facts
 
 
 def produce(kafka, topic: str, pool: list[bytes], events: int, console) -> tuple[int, int]:
@@ -188,7 +189,7 @@ def compacted_bytes(uri: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(uri) for f in fs)
 
 
-def stage_rates(pool: list[bytes], tokens: np.ndarray, workdir: Path) -> dict[str, Any]:
+def stage_rates(pool: list[bytes], tokens: np.ndarray, workdir: Path, schema_id: int) -> dict[str, Any]:
     """Decode-only and write-only rates on the pool, plus the pessimistic (shuffled ids) bytes/token."""
     import pyarrow as pa
     import pyarrow.fs as pafs
@@ -196,8 +197,10 @@ def stage_rates(pool: list[bytes], tokens: np.ndarray, workdir: Path) -> dict[st
 
     from consumers.lake_files import delta_writer_properties, write_data_files
     from consumers.trace_batch import MessageBatch, TraceBatchDecoder
+    from schemas.registry import TRACE_EVENT, current
+    from schemas.schema_ids import SchemaIds
 
-    decoder = TraceBatchDecoder()
+    decoder = TraceBatchDecoder(SchemaIds(None, {schema_id: current(TRACE_EVENT)}))  # decoding alone
     decoder.warm_up()
     started, batches = time.perf_counter(), []
     for i in range(0, len(pool), 10_000):
@@ -254,10 +257,17 @@ def run(
     from rich.console import Console
 
     from infra.topics import TopicSpec, admin_client, delete_topics, ensure_topics, project_topics
+    from schemas.registry import TRACE_EVENT, current
+    from schemas.schema_ids import SchemaIds, register_all, subject
 
     console = console or Console(stderr=True)
     kafka = settings.kafka
-    payloads, tokens, facts = build_pool(min(pool, events), seed, console, settings.serving.target_dir)
+    ids = SchemaIds.connect(kafka)
+    register_all(kafka, ids)  # what `flywheel topics create` registers
+    schema_id = ids.id_of(current(TRACE_EVENT), subject(kafka.traces_topic))
+    payloads, tokens, facts = build_pool(
+        min(pool, events), seed, console, settings.serving.target_dir, schema_id
+    )
     topic = f"bench-ingest-{uuid.uuid4().hex[:8]}"
     traces_config = project_topics(kafka)[0].config
     admin = admin_client(kafka)
@@ -274,7 +284,7 @@ def run(
             table = table_facts(str(lake / "traces"))
             table["compacted_bytes"] = compacted_bytes(str(lake / "traces"))
             with console.status("decode-only / write-only rates..."):
-                stages = stage_rates(payloads, tokens, Path(tmp))
+                stages = stage_rates(payloads, tokens, Path(tmp), schema_id)
     finally:
         delete_topics(admin, [topic])
     ingest_rate = ingest["events_per_s"]

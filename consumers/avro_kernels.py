@@ -1,4 +1,4 @@
-"""Compiled (numba) kernels that decode many Avro single-object messages straight into numpy buffers.
+"""Compiled (numba) kernels that decode many Avro messages (Confluent wire format) straight into numpy buffers.
 
 The kernels know nothing about TraceEvent: they run a *field program* (one row per writer-schema field,
 built by ``consumers.avro_program`` from the .avsc) over every message, so a schema change is a data change.
@@ -20,8 +20,8 @@ OP_ARRAY_INT, OP_ARRAY_LONG = 8, 9
 OK, TRUNCATED, TRAILING, BAD_UNION, BAD_LENGTH, VARINT_OVERFLOW, INT_RANGE, BAD_UTF8, BAD_BOOL, BAD_ENUM = (
     range(10)
 )
-HEADER_LEN = 10  # C3 01 + 8-byte fingerprint
-NOT_AVRO, UNKNOWN_SCHEMA = -1, -2  # scan_headers results that are not schema indexes
+HEADER_LEN = 5  # 00 + 4-byte big-endian schema registry id
+NOT_AVRO = -1  # schema_ids result for a message without the wire-format header
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
@@ -93,23 +93,19 @@ def _valid_utf8(buf, pos, end):
 
 
 @njit(cache=True, nogil=True)
-def scan_headers(buf, starts, ends, fingerprints):
-    """Index into ``fingerprints`` (uint64, little-endian CRC-64-AVRO) per message, or NOT_AVRO/UNKNOWN_SCHEMA."""
+def schema_ids(buf, starts, ends):
+    """The registry schema id in each message's header, or NOT_AVRO (no ``00`` magic, or too short)."""
     n = len(starts)
     out = np.empty(n, dtype=np.int64)
     for i in range(n):
         s = starts[i]
-        if ends[i] - s < HEADER_LEN or buf[s] != 0xC3 or buf[s + 1] != 0x01:
+        if ends[i] - s < HEADER_LEN or buf[s] != 0:
             out[i] = NOT_AVRO
             continue
-        fp = np.uint64(0)
-        for k in range(8):
-            fp |= np.uint64(buf[s + 2 + k]) << np.uint64(8 * k)
-        out[i] = UNKNOWN_SCHEMA
-        for j in range(len(fingerprints)):
-            if fingerprints[j] == fp:
-                out[i] = j
-                break
+        sid = np.int64(0)
+        for k in range(1, HEADER_LEN):
+            sid = (sid << 8) | np.int64(buf[s + k])
+        out[i] = sid
     return out
 
 

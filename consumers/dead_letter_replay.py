@@ -38,6 +38,7 @@ from consumers.trace_batch import MessageBatch, TraceBatchDecoder
 from core.kafka_log import librdkafka_log
 from core.settings import KafkaSettings, LakeSettings
 from infra.acls import DLQ_READER_GROUP_PREFIX
+from schemas.schema_ids import SchemaIds
 
 log = logging.getLogger("flywheel.dlq")
 
@@ -206,7 +207,7 @@ def replay(
 ) -> ReplayReport:
     """Redrive the letters of ``reasons`` (all if None) that decode now into the lake's ``traces`` table."""
     report = ReplayReport(dry_run=dry_run)
-    decoder = TraceBatchDecoder()
+    decoder = TraceBatchDecoder(SchemaIds.connect(kafka))
     batches: list[pa.RecordBatch] = []
     for letters in read_letters(kafka):
         report.letters += len(letters)

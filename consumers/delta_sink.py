@@ -46,6 +46,7 @@ from consumers.trace_batch import MessageBatch, TraceBatchDecoder
 from consumers.window_announcements import WindowAnnouncer
 from core.kafka_log import librdkafka_log
 from core.settings import KafkaSettings, LakeSettings
+from schemas.schema_ids import SchemaIds
 
 log = logging.getLogger("flywheel.ingest")
 CONFLICTS = (OffsetMismatchError, CommitFailedError)
@@ -180,7 +181,7 @@ class TraceIngest:
         self.topic = topic or kafka.traces_topic
         self.app_id = lake.app_id
         self.metrics = metrics or IngestMetrics(self.topic, opts.group, lake.traces_uri)
-        self.decoder = TraceBatchDecoder()
+        self.decoder = TraceBatchDecoder(SchemaIds.connect(kafka))
         # Loading the compiled kernels takes a second or two: overlap it with joining the group.
         self._warm_up = threading.Thread(
             target=self.decoder.warm_up, name="flywheel-kernel-warm-up", daemon=True

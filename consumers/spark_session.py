@@ -5,10 +5,11 @@ spark-sql-kafka + spark-avro) come from Maven Central through Ivy into ``SparkSe
 (``<state dir>/cache/ivy``): the first session on a machine downloads them, later ones resolve from that
 cache in a second or two. pyspark is imported inside the functions so importing this module stays light.
 
-Kafka messages use Avro single-object encoding (``schemas.codec``): ``C3 01`` + the writer schema's
-8-byte CRC-64-AVRO fingerprint + the Avro body. ``decode_events`` checks both header parts and decodes the
-body with ``from_avro`` using the writer version named by the fingerprint, resolved to the current
-version (BACKWARD compatibility), so a topic holding several versions reads as one schema.
+Kafka messages use the Confluent wire format (``schemas.codec``): ``00`` + the writer schema's 4-byte
+big-endian schema registry id + the Avro body. ``decode_events`` checks the header and decodes the body with
+``from_avro`` using the writer version the id stands for (:func:`schemas.schema_ids.known_ids`, asked of the
+registry when the query is built), resolved to the current version (BACKWARD compatibility), so a topic
+holding several versions reads as one schema.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.settings import KafkaSettings, SparkSettings
-from schemas.codec import HEADER_LEN, MAGIC
-from schemas.registry import TRACE_EVENT, by_fingerprint, current, versions
+from schemas.codec import HEADER_LEN, MAGIC, MALFORMED, NOT_CONFLUENT, UNKNOWN_SCHEMA, WRONG_EVENT
+from schemas.registry import TRACE_EVENT, SchemaVersion, current
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -32,10 +33,6 @@ SCALA = "2.13"  # pyspark 4.x is built for Scala 2.13 only
 
 # decode_status values (the same reason codes the ingest writes to the DLQ headers)
 DECODED = "ok"
-NOT_SINGLE_OBJECT = "not-avro-single-object"
-UNKNOWN_SCHEMA = "unknown-schema"
-WRONG_EVENT = "wrong-event-type"
-MALFORMED = "malformed-avro"
 
 
 def spark_packages(*, kafka: bool, avro: bool) -> list[str]:
@@ -164,10 +161,13 @@ def _binary(data: bytes) -> Column:
     return F.lit(bytearray(data))
 
 
-def decode_events(kafka_df: DataFrame, event: str = TRACE_EVENT, column: str = "event") -> DataFrame:
+def decode_events(
+    kafka_df: DataFrame, ids: dict[int, SchemaVersion], event: str = TRACE_EVENT, column: str = "event"
+) -> DataFrame:
     """Kafka source rows -> the same rows plus ``column`` (the decoded record as a struct of the current
-    schema version, null if undecodable), ``decode_status`` (``ok`` or a DLQ reason code) and
-    ``schema_fingerprint`` (hex, little-endian as in schemas/avro/fingerprints.json).
+    schema version, null if undecodable), ``decode_status`` (``ok`` or a DLQ reason code) and ``schema_id``
+    (the registry id in the header). ``ids``: registry id -> our version, every one the query should
+    read (``schemas.schema_ids.known_ids``); any other id is ``unknown-schema``.
 
     Malformed Avro bodies decode to null (from_avro PERMISSIVE) instead of failing the query. The ingest is
     stricter: it also rejects trailing bytes after a complete body and decodable but invalid events
@@ -177,26 +177,30 @@ def decode_events(kafka_df: DataFrame, event: str = TRACE_EVENT, column: str = "
     from pyspark.sql.avro.functions import from_avro
 
     reader = current(event).raw
-    header_ok = F.substring("value", 1, len(MAGIC)) == _binary(MAGIC)
-    fingerprint = F.substring("value", len(MAGIC) + 1, HEADER_LEN - len(MAGIC))
+    header_ok = (F.length("value") >= HEADER_LEN) & (F.substring("value", 1, len(MAGIC)) == _binary(MAGIC))
+    schema_id = F.conv(F.hex(F.substring("value", len(MAGIC) + 1, HEADER_LEN - len(MAGIC))), 16, 10).cast(
+        "long"
+    )
     body = F.expr(f"substring(value, {HEADER_LEN + 1})")
     options = {"mode": "PERMISSIVE", "avroSchema": json.dumps(reader)}
+    ours = sorted(i for i, v in ids.items() if v.event == event)
+    if not ours:
+        raise ValueError(f"no schema id of {event} given: pass schemas.schema_ids.known_ids(...)")
     decoded: Any = None
-    for version in versions(event):
-        this = header_ok & (fingerprint == _binary(version.fingerprint))
-        value = from_avro(body, json.dumps(version.raw), options)
+    for sid in ours:
+        this = header_ok & (schema_id == sid)
+        value = from_avro(body, json.dumps(ids[sid].raw), options)
         decoded = F.when(this, value) if decoded is None else decoded.when(this, value)
     # PERMISSIVE turns a body it cannot read into a struct of nulls: a null in a required field marks it
     required = [f["name"] for f in reader["fields"] if not isinstance(f["type"], list)]
     malformed = F.lit(False)
     for name in required:
         malformed = malformed | F.col(f"_decoded.{name}").isNull()
-    ours = [_binary(fp) for fp, v in by_fingerprint().items() if v.event == event]
-    others = [_binary(fp) for fp, v in by_fingerprint().items() if v.event != event]
+    others = sorted(i for i, v in ids.items() if v.event != event)
     status = (
-        F.when(F.col("value").isNull() | ~header_ok, F.lit(NOT_SINGLE_OBJECT))
-        .when(fingerprint.isin(*others), F.lit(WRONG_EVENT))
-        .when(~fingerprint.isin(*ours), F.lit(UNKNOWN_SCHEMA))
+        F.when(F.col("value").isNull() | ~header_ok, F.lit(NOT_CONFLUENT))
+        .when(schema_id.isin(*others), F.lit(WRONG_EVENT))
+        .when(~schema_id.isin(*ours), F.lit(UNKNOWN_SCHEMA))
         .when(F.col("_decoded").isNull() | malformed, F.lit(MALFORMED))
         .otherwise(F.lit(DECODED))
     )
@@ -204,6 +208,6 @@ def decode_events(kafka_df: DataFrame, event: str = TRACE_EVENT, column: str = "
         kafka_df.withColumn("_decoded", decoded)
         .withColumn("decode_status", status)
         .withColumn(column, F.when(F.col("decode_status") == DECODED, F.col("_decoded")))
-        .withColumn("schema_fingerprint", F.lower(F.hex(fingerprint)))
+        .withColumn("schema_id", F.when(header_ok, schema_id))
         .drop("_decoded")
     )

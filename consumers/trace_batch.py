@@ -1,8 +1,11 @@
 """Decode a batch of Kafka messages into rows of the Delta table ``traces``, setting poison messages aside.
 
 One call per ``consume()`` batch: message values are concatenated into one buffer, the compiled kernels
-check headers and decode every message of each writer schema in one pass, Arrow columns are built from the
-decoded buffers without per-row Python, and the semantic rules run vectorised. Every message ends up in
+read each header's schema registry id (Confluent wire format, ``schemas.codec``), every distinct id is
+mapped to one of our schema versions (``schemas.schema_ids``: asked of the registry once, then cached), and
+the kernels decode every message of each writer schema in one pass (an id that is not one of our released
+versions is a poison message: ``unknown-schema``). Arrow columns are built from the decoded buffers
+without per-row Python, and the semantic rules run vectorised. Every message ends up in
 exactly one place: a row of ``DecodedBatch.rows`` or an entry of ``DecodedBatch.rejected`` (reason +
 detail), so a poison message is isolated exactly and never takes good neighbours down with it.
 
@@ -26,7 +29,9 @@ from consumers import avro_kernels as k
 from consumers.avro_program import ArrowProjection, DecodeScratch, FieldProgram, decode_rows, status_detail
 from consumers.trace_rules import RULES, broken_rule
 from schemas.arrow import arrow_schema, traces_table_schema
-from schemas.registry import TRACE_EVENT, SchemaVersion, current, events, versions
+from schemas.codec import MALFORMED, NOT_CONFLUENT, UNKNOWN_SCHEMA, WRONG_EVENT
+from schemas.registry import TRACE_EVENT, SchemaVersion, current, versions
+from schemas.schema_ids import SchemaIds
 
 US_PER_HOUR = 3_600_000_000
 
@@ -116,7 +121,7 @@ class DecodedBatch:
 
 def _header_detail(batch: MessageBatch, i: int) -> str:
     head = batch.buf[batch.starts[i] : min(batch.ends[i], batch.starts[i] + k.HEADER_LEN)].tobytes()
-    return f"{batch.ends[i] - batch.starts[i]} bytes, header {head[:2].hex()} fingerprint {head[2:].hex()}"
+    return f"{batch.ends[i] - batch.starts[i]} bytes, header {head.hex()}"
 
 
 def lake_columns(observed: np.ndarray, partitions: np.ndarray, offsets: np.ndarray) -> list[pa.Array]:
@@ -135,24 +140,23 @@ def lake_columns(observed: np.ndarray, partitions: np.ndarray, offsets: np.ndarr
 
 
 class TraceBatchDecoder:
-    """Stateless apart from caches; one per consumer. ``decode`` is the only entry point."""
+    """Stateless apart from caches; one per consumer. ``decode`` is the only entry point. ``ids`` maps the
+    registry's schema ids to our versions (a registry that does not answer raises RegistryUnavailable out
+    of ``decode``: the batch is not committed, and the ingest resumes from its offsets)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ids: SchemaIds) -> None:
+        self.ids = ids
         self.schema = traces_table_schema()
         self.event_schema = arrow_schema(TRACE_EVENT)
-        self.known: list[SchemaVersion] = [v for e in events() for v in versions(e)]
-        self.fingerprints = np.array(
-            [int.from_bytes(v.fingerprint, "little") for v in self.known], dtype=np.uint64
-        )
-        self.programs = {
-            i: FieldProgram.for_schema(v) for i, v in enumerate(self.known) if v.event == TRACE_EVENT
-        }
+        self.programs = {v.fingerprint: FieldProgram.for_schema(v) for v in versions(TRACE_EVENT)}
         self.projection = ArrowProjection(current(TRACE_EVENT), self.event_schema)
         self.scratch = DecodeScratch()  # hence one decoder per thread
 
     def warm_up(self) -> None:
         """Load (or compile, first time on a machine) the kernels before the first real batch."""
-        self.decode(MessageBatch.from_values([b"", b"\xc3\x01" + current(TRACE_EVENT).fingerprint + b"\x02"]))
+        batch = MessageBatch.from_values([b"", b"\x00\x00\x00\x00\x00\x02"])
+        k.schema_ids(batch.buf, batch.starts, batch.ends)
+        self._decode_writer(current(TRACE_EVENT), batch, np.arange(len(batch)), [])
 
     def decode(self, batch: MessageBatch) -> DecodedBatch:
         """Table rows for the good messages, a Rejection for every other one."""
@@ -162,31 +166,40 @@ class TraceBatchDecoder:
     def decode_events(self, batch: MessageBatch) -> tuple[pa.RecordBatch, np.ndarray, list[Rejection]]:
         """Avro level only: (TraceEvent columns of the messages that decode, their batch positions,
         rejections of the others). No semantic rules, no lake columns."""
-        schema_of = k.scan_headers(batch.buf, batch.starts, batch.ends, self.fingerprints)
-        rejected: list[Rejection] = []
-        for i in np.flatnonzero(schema_of < 0):
-            reason = "not-avro-single-object" if schema_of[i] == k.NOT_AVRO else "unknown-schema"
-            rejected.append(Rejection(int(i), reason, _header_detail(batch, i)))
+        sids = k.schema_ids(batch.buf, batch.starts, batch.ends)
+        rejected = [
+            Rejection(int(i), NOT_CONFLUENT, _header_detail(batch, i)) for i in np.flatnonzero(sids < 0)
+        ]
         parts, kept = [], []
-        for s in np.unique(schema_of[schema_of >= 0]):
-            writer = self.known[s]
-            rows = np.flatnonzero(schema_of == s)
-            if writer.event != TRACE_EVENT:
-                detail = f"expected {TRACE_EVENT}, got {writer.event} v{writer.version}"
-                rejected.extend(Rejection(int(i), "wrong-event-type", detail) for i in rows)
-                continue
-            decoded = decode_rows(self.programs[s], batch.buf, batch.starts, batch.ends, rows, self.scratch)
-            for j in np.flatnonzero(decoded.status != k.OK):
-                f = decoded.failed_field[j]
-                name = decoded.program.fields[f].name if f >= 0 else None
-                detail = status_detail(int(decoded.status[j]), name)
-                rejected.append(Rejection(int(rows[j]), "malformed-avro", detail))
-            keep = np.flatnonzero(decoded.status == k.OK)
-            columns = self.projection.columns(decoded, keep)
-            parts.append(pa.RecordBatch.from_arrays(columns, schema=self.event_schema))
-            kept.append(rows[keep])
-        events_batch, index = self._concat(parts, kept)
+        for sid in np.unique(sids[sids >= 0]):
+            writer = self.ids.version_of(int(sid))
+            rows = np.flatnonzero(sids == sid)
+            if writer is None:
+                detail = f"schema id {sid} is not a registered version of our schemas"
+                rejected.extend(Rejection(int(i), UNKNOWN_SCHEMA, detail) for i in rows)
+            elif writer.event != TRACE_EVENT:
+                detail = f"expected {TRACE_EVENT}, got {writer.event} v{writer.version} (schema id {sid})"
+                rejected.extend(Rejection(int(i), WRONG_EVENT, detail) for i in rows)
+            else:
+                parts.append(self._decode_writer(writer, batch, rows, rejected))
+                kept.append(rows[parts[-1][1]])
+        events_batch, index = self._concat([p for p, _ in parts], kept)
         return events_batch, index, rejected
+
+    def _decode_writer(
+        self, writer: SchemaVersion, batch: MessageBatch, rows: np.ndarray, rejected: list[Rejection]
+    ) -> tuple[pa.RecordBatch, np.ndarray]:
+        """The messages ``rows`` of ``batch``, all written with ``writer``: (columns of those that decode,
+        their positions within ``rows``); the others are appended to ``rejected``."""
+        program = self.programs[writer.fingerprint]
+        decoded = decode_rows(program, batch.buf, batch.starts, batch.ends, rows, self.scratch)
+        for j in np.flatnonzero(decoded.status != k.OK):
+            f = decoded.failed_field[j]
+            name = decoded.program.fields[f].name if f >= 0 else None
+            rejected.append(Rejection(int(rows[j]), MALFORMED, status_detail(int(decoded.status[j]), name)))
+        keep = np.flatnonzero(decoded.status == k.OK)
+        columns = self.projection.columns(decoded, keep)
+        return pa.RecordBatch.from_arrays(columns, schema=self.event_schema), keep
 
     def _concat(
         self, parts: list[pa.RecordBatch], kept: list[np.ndarray]

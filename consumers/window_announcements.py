@@ -16,6 +16,7 @@ commit; the lake, not the topic, is the record (drafter_flywheel's timetable pic
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -29,7 +30,8 @@ from consumers.windows import EPOCH, TraceWindow, pick_window
 from core.kafka_log import librdkafka_log
 from core.settings import CycleSettings, KafkaSettings, LakeSettings
 from schemas import codec
-from schemas.registry import WINDOW_ANNOUNCEMENT
+from schemas.registry import WINDOW_ANNOUNCEMENT, current
+from schemas.schema_ids import RegistryUnavailable, SchemaIds, subject
 
 log = logging.getLogger("flywheel.ingest.windows")
 MICRO = timedelta(microseconds=1)
@@ -50,13 +52,17 @@ def announcement(window: TraceWindow, new_rows: int, now_s: float) -> dict[str, 
     }
 
 
-def publish(producer: Producer, topic: str, record: dict[str, Any], timeout_s: float) -> str | None:
-    """Produce one announcement, keyed on its table, and wait for the broker: None, or why it failed."""
+def publish(
+    producer: Producer, topic: str, record: dict[str, Any], ids: SchemaIds, timeout_s: float
+) -> str | None:
+    """Produce one announcement, keyed on its table, and wait for the broker: None, or why it failed.
+    The schema id comes from the registry (``ids``; RegistryUnavailable/LookupError propagate)."""
     errors: list[str] = []
+    schema_id = ids.id_of(current(WINDOW_ANNOUNCEMENT), subject(topic))
     producer.produce(
         topic,
         key=record["table"].encode(),
-        value=codec.encode(WINDOW_ANNOUNCEMENT, record, check=True),
+        value=codec.encode(WINDOW_ANNOUNCEMENT, record, schema_id, check=True),
         on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
     )
     if producer.flush(timeout_s):
@@ -84,6 +90,7 @@ class WindowAnnouncer:
         self.pending_rows = 0  # committed since the last announcement
         self.announced = 0
         self._producer: Producer | None = None  # made at the first window: no client for a run without one
+        self._ids: SchemaIds | None = None
         self._commits: queue.Queue[tuple[int, int] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="flywheel-window-announcer", daemon=True)
         self._thread.start()
@@ -116,8 +123,9 @@ class WindowAnnouncer:
         if self._producer is None:
             conf = {"enable.idempotence": True, "linger.ms": 0, "logger": librdkafka_log()}
             self._producer = Producer(self.kafka.client_config() | conf)
+            self._ids = SchemaIds.connect(self.kafka)
         record = announcement(window, self.pending_rows, self.clock())
-        failed = publish(self._producer, self.kafka.windows_topic, record, self.timeout_s)
+        failed = publish(self._producer, self.kafka.windows_topic, record, self._ids, self.timeout_s)
         if failed:
             log.warning("window %s not announced on %s: %s", window.key, self.kafka.windows_topic, failed)
             return
@@ -126,12 +134,20 @@ class WindowAnnouncer:
         self.announced += 1
 
 
+@functools.cache
+def _triggerer_ids() -> SchemaIds:
+    """The triggerer process's registry client (its ids are cached for good), from its environment."""
+    return SchemaIds.connect(KafkaSettings())
+
+
 def asset_event(message) -> dict[str, Any] | None:
     """The triggerer's ``apply_function``: a Kafka message -> the asset event's payload (JSON), or None to
     skip a message that is not a WindowAnnouncement of ours (logged; the trigger goes on polling)."""
     try:
-        _, record = codec.decode(message.value() or b"", expect=WINDOW_ANNOUNCEMENT)
-    except codec.DecodeError as e:
+        _, record = codec.decode(
+            message.value() or b"", _triggerer_ids().version_of, expect=WINDOW_ANNOUNCEMENT
+        )
+    except (codec.DecodeError, RegistryUnavailable) as e:
         log.warning("skipped a message on %s@%d: %s", message.topic(), message.offset(), e)
         return None
     return {

@@ -43,6 +43,11 @@ class StackSettings(BaseSettings):
     )
     mlflow_port: int = Field(5000, description="MLflow tracking server")
     airflow_port: int = Field(8080, description="Airflow standalone API server / UI")
+    registry_port: int = Field(8081, description="schema registry (Apicurio, Confluent-compatible API)")
+    registry_heap: str = Field("256m", description="schema registry JVM -Xmx")
+    registry_java: Path | None = Field(
+        None, description="a Java 21+ `java` for the schema registry (default: JAVA_HOME, PATH, /usr/lib/jvm)"
+    )
     start_timeout_s: float = Field(300.0, description="how long `stack up` waits for a service to be healthy")
     auth: bool = Field(
         False,
@@ -113,6 +118,10 @@ class KafkaSettings(BaseSettings):
     )
     windows_retention_ms: int = Field(
         7 * 24 * 3600 * 1000, description="how long announcements are kept for a triggerer that was down"
+    )
+    schema_registry_url: str = Field(
+        "http://127.0.0.1:8081/apis/ccompat/v7",
+        description="Confluent-compatible schema registry: the ids in every message's header are its ids",
     )
     traces_partitions: int = Field(6, description="partitions of the traces topic = max parallel consumers")
     replication_factor: int | None = Field(

@@ -39,13 +39,13 @@ def _status_table(rows) -> Table:
 
 @stack_app.command("install")
 def stack_install() -> None:
-    """Install without starting: fetch the Kafka jars with Maven, format Kafka storage, make data dirs; build
-    helm (deploy/helm's lint and render) from the Go module proxy into the cache."""
+    """Install without starting: fetch the Kafka jars and the schema registry with Maven, format Kafka storage,
+    make data dirs; build helm (deploy/helm's lint and render) from the Go module proxy into the cache."""
     from infra import stack
     from infra.helm import ensure_helm
 
     try:
-        with console.status("installing the local stack (Maven fetches the Kafka jars once)..."):
+        with console.status("installing the local stack (Maven fetches the jars once)..."):
             for spec in stack.services(get_settings().stack):
                 spec.prepare()
         with console.status("helm for deploy/helm (built with `go install` once, minutes)..."):
@@ -89,6 +89,8 @@ def stack_up(
         console.print(
             f"kafka bootstrap: FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS={stack.bootstrap_servers(settings)}"
         )
+    if any(r.name == "registry" for r in rows):
+        console.print(f"schema registry: FLYWHEEL_KAFKA_SCHEMA_REGISTRY_URL={stack.registry_url(settings)}")
     if any(r.name == "airflow" for r in rows):  # up applied the DAG settings: show the result
         console.print(_dags_table(stack.dags(get_settings().stack)))
     console.print(f"stack healthy in {time.monotonic() - started:.1f}s")
@@ -197,9 +199,14 @@ def topics_create() -> None:
     documented config that differs and the declared partition count (never fewer). On an authenticated
     stack (FLYWHEEL_STACK_AUTH=true) this runs as admin unless FLYWHEEL_KAFKA_SASL_USERNAME says otherwise,
     and also creates the ACLs of infra/acls.py.
+
+    Then registers every released schema version of each topic's values under its subject (`<topic>-value`)
+    in the schema registry (FLYWHEEL_KAFKA_SCHEMA_REGISTRY_URL), with compatibility BACKWARD set on the
+    subject first, so the registry refuses a version old data cannot be read with.
     """
     from core.settings import get_settings
     from infra.topics import admin_client, cluster_topics, sync_topics
+    from schemas.schema_ids import COMPATIBILITY, RegistryUnavailable, SchemaIds, register_all
 
     settings = get_settings()
     kafka = settings.kafka
@@ -235,6 +242,14 @@ def topics_create() -> None:
                 b.resource_pattern_type.name.lower(),
             )
         Console(width=160).print(rules)
+    try:
+        registered = register_all(kafka, SchemaIds.connect(kafka))
+    except (RegistryUnavailable, ValueError) as e:
+        _fail(f"{e} (is the registry up? `flywheel stack up --only registry`)")
+    schemas = Table("subject", "schema version", "schema id", "compatibility")
+    for r in registered:
+        schemas.add_row(r.subject, f"v{r.version}", str(r.schema_id), COMPATIBILITY)
+    Console(width=160).print(schemas)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,6 +9,12 @@ sleeps on the queue (long when nothing is in flight) instead of polling:
 - broker down (librdkafka reports all brokers down), or its queue full: append to the spill file;
 - broker back (a metadata probe answers): replay spill files in order, then produce directly again.
 
+The schema registry is a dependency like the broker: an encoder that cannot frame a value (its schema id
+unknown and the registry not answering) raises :class:`Pending` with the value in a spillable form, and the
+emitter spills it and counts the registry as down; replay passes every spilled value through ``frame``
+(which turns pending values into messages), and a ``frame`` that raises Pending again pauses the replay
+until the next probe. The request path never talks to the registry.
+
 Messages already handed to librdkafka never time out (``message.timeout.ms=0``): the idempotent producer
 delivers them exactly once when the broker returns. On close, whatever librdkafka still holds is purged
 into the spill, to be replayed by the next process.
@@ -39,6 +45,19 @@ from producers.spill import AckedPrefix, SpillDir, read_records
 log = logging.getLogger("flywheel.emitter")
 
 Encoder = Callable[[Any], tuple[bytes, bytes]]  # record -> (key, value)
+Framer = Callable[[bytes], bytes]  # spilled value -> the value to produce
+
+
+class Pending(Exception):
+    """Raised by an encoder or framer that cannot make the message yet (the schema registry is away):
+    ``value`` is what to spill meanwhile (an encoder's; a framer's spilled value stays where it is)."""
+
+    def __init__(self, reason: str, key: bytes = b"", value: bytes = b""):
+        super().__init__(reason)
+        self.key = key
+        self.value = value
+
+
 # Only every broker down means Kafka is down: on a cluster a transport error from one broker (it died, its
 # partitions' leadership moves) is librdkafka's to handle, and the messages it holds wait for the new leader
 _DOWN_CODES = {KafkaError._ALL_BROKERS_DOWN}
@@ -63,10 +82,12 @@ class TraceEmitter:
         probe_interval_s: float = 1.0,
         on_count: Callable[[str, int], None] | None = None,
         spill_max_bytes: int | None = None,
+        frame: Framer | None = None,
     ):
         self.kafka = kafka
         self.topic = topic
         self.encoder = encoder
+        self.frame = frame
         self.spill = SpillDir(spill_dir, max_bytes=spill_max_bytes)
         self.max_queue = max_queue
         self.probe_interval_s = probe_interval_s
@@ -202,6 +223,10 @@ class TraceEmitter:
             return
         try:
             key, value = self.encoder(record)
+        except Pending as e:  # no schema id yet: like a broker outage, the spill holds it
+            self._unframed(e)
+            self._spill(e.key, e.value)
+            return
         except Exception:  # a record we cannot encode is a bug upstream: count it, keep serving
             log.exception("cannot encode trace record; dropped")
             self._count("failed")
@@ -260,6 +285,13 @@ class TraceEmitter:
             log.error("trace event rejected by Kafka (%s); dropped", err.str())
             self._count("failed")
 
+    def _unframed(self, error: Pending) -> None:
+        """The registry is away: wait for the next probe as if the broker were down (spill, then replay)."""
+        if not self._down:
+            log.warning("%s: spilling trace events to %s", error, self.spill.directory)
+            self._down = True
+            self._next_probe = time.monotonic() + self.probe_interval_s
+
     def _probe(self) -> None:
         """While down: does the broker answer a metadata request again?"""
         self._next_probe = time.monotonic() + self.probe_interval_s
@@ -277,7 +309,11 @@ class TraceEmitter:
                 return
             self.spill.seal()  # newer events go to a new file behind the ones being replayed
             self._replay = _Replay(self.spill.files()[0], self.topic, self._count, self._io_error)
-        self._replay.hand_off(self._producer)
+        try:
+            self._replay.hand_off(self._producer, self.frame)
+        except Pending as e:  # the rest of the file waits for the registry
+            self._unframed(e)
+            return
         if self._replay.settle():
             replay, self._replay = self._replay, None
             replay.close()
@@ -341,7 +377,8 @@ class _Replay:
 
         return on_delivery
 
-    def hand_off(self, producer: Producer, budget: int = 5000) -> None:
+    def hand_off(self, producer: Producer, frame: Framer | None = None, budget: int = 5000) -> None:
+        """Hand records to librdkafka; ``frame`` raising Pending stops here, this record first next time."""
         for _ in range(budget):
             if self._next is None:
                 self._next = next(self._records, None)
@@ -349,6 +386,8 @@ class _Replay:
                     self.exhausted = True
                     return
             key, value = self._next
+            if frame is not None:
+                value = frame(value)
             try:
                 producer.produce(
                     self.topic, value=value, key=key or None, on_delivery=self._callback(self.handed)

@@ -43,9 +43,11 @@ from producers.hot_swap import EngineSwap, swap_drafter_async
 from producers.speculation import switch_engine
 from schemas import codec
 from schemas.registry import DRAFTER_PROMOTION
+from schemas.schema_ids import RegistryUnavailable, SchemaIds
 
 log = logging.getLogger("flywheel.hot_swap")
 SWAP_TIMEOUT_S = 600
+REGISTRY_RETRY_S = 5.0  # a promotion event waits for the schema registry this long between tries
 REGISTRY_SCHEME = "models:/"
 
 
@@ -113,6 +115,7 @@ class PromotionListener:
     def __init__(self, runtime: Any):
         self.runtime = runtime
         self.topic = runtime.kafka.promotions_topic
+        self.ids = SchemaIds.connect(runtime.kafka)
 
     def _consumer(self) -> Consumer:
         node = self.runtime.identity.serving_node
@@ -182,12 +185,17 @@ class PromotionListener:
 
     def _decode(self, payload: bytes) -> dict[str, Any] | None:
         """The promotion if it is readable and meant for this node's target and method, else None."""
-        try:
-            _, promotion = codec.decode(payload, expect=DRAFTER_PROMOTION)
-        except codec.DecodeError as e:
-            log.error("unreadable promotion event ignored: %s", e)
-            metrics.count_swap("ignored")
-            return None
+        while True:
+            try:
+                _, promotion = codec.decode(payload, self.ids.version_of, expect=DRAFTER_PROMOTION)
+                break
+            except RegistryUnavailable as e:  # the event waits for the registry (off the request path)
+                log.warning("%s; the promotion event waits for it", e)
+                time.sleep(REGISTRY_RETRY_S)
+            except codec.DecodeError as e:
+                log.error("unreadable promotion event ignored: %s", e)
+                metrics.count_swap("ignored")
+                return None
         identity = self.runtime.identity
         if (
             promotion["target_model_id"] != identity.target_model_id

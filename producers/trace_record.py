@@ -6,12 +6,15 @@ Pure functions: the vLLM plugin calls them on the serving path, tests and tools 
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from producers.emitter import Pending
 from schemas import codec
-from schemas.registry import TRACE_EVENT, current
+from schemas.registry import TRACE_EVENT, SchemaVersion, current
+from schemas.schema_ids import RETRY_AFTER_S, RegistryUnavailable, SchemaIds, subject
 
 SCHEMA_VERSION = current(TRACE_EVENT).version
 INITIAL_DRAFTER_VERSION = "initial"
@@ -99,9 +102,36 @@ def build_trace_record(
     }
 
 
-def encode_trace(record: dict[str, Any]) -> tuple[bytes, bytes]:
-    """(Kafka key, value): key = request id (spreads load, keeps one request's retries together)."""
-    return record["request_id"].encode(), codec.encode(TRACE_EVENT, record)
+class TraceEncoder:
+    """record -> (Kafka key, value) on the emitter thread: key = request id (spreads load, keeps one
+    request's retries together), value in the Confluent wire format with the registry id of the current
+    TraceEvent version under the topic's subject (looked up once). While that id cannot be had (registry
+    away, or the schema not registered yet) it raises :class:`Pending` with the value in pending form, and
+    asks the registry again only after a pause; ``frame`` turns spilled pending values into messages."""
+
+    def __init__(self, ids: SchemaIds, topic: str):
+        self.ids = ids
+        self.subject = subject(topic)
+        self._retry_at = 0.0
+
+    def _id_of(self, version: SchemaVersion) -> int:
+        if time.monotonic() < self._retry_at:
+            raise Pending(f"no schema id for {version.event} v{version.version} under {self.subject} yet")
+        try:
+            return self.ids.id_of(version, self.subject)
+        except (RegistryUnavailable, LookupError) as e:
+            self._retry_at = time.monotonic() + RETRY_AFTER_S
+            raise Pending(str(e)) from None
+
+    def __call__(self, record: dict[str, Any]) -> tuple[bytes, bytes]:
+        key = record["request_id"].encode()
+        try:
+            return key, codec.encode(TRACE_EVENT, record, self._id_of(current(TRACE_EVENT)))
+        except Pending as e:
+            raise Pending(str(e), key, codec.encode_pending(TRACE_EVENT, record)) from None
+
+    def frame(self, value: bytes) -> bytes:
+        return codec.frame(value, self._id_of)
 
 
 def record_from_request_output(

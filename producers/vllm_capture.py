@@ -34,7 +34,8 @@ from core.settings import KafkaSettings, MlflowSettings, ServingSettings
 from producers import metrics
 from producers.capture_policy import capture_decision
 from producers.emitter import TraceEmitter
-from producers.trace_record import INITIAL_DRAFTER_VERSION, ServingIdentity, build_trace_record, encode_trace
+from producers.trace_record import INITIAL_DRAFTER_VERSION, ServingIdentity, TraceEncoder, build_trace_record
+from schemas.schema_ids import SchemaIds
 
 log = logging.getLogger("flywheel.capture")
 DRAFTER_METADATA = "flywheel-drafter.json"  # written next to an exported drafter: id and registry version
@@ -126,14 +127,17 @@ class CaptureRuntime:
         if self._emitter is None:
             with self._lock:
                 if self._emitter is None:
+                    # the encoder asks the registry on the emitter thread, never on a request's
+                    encoder = TraceEncoder(SchemaIds.connect(self.kafka), self.kafka.traces_topic)
                     self._emitter = TraceEmitter(
                         self.kafka,
                         self.kafka.traces_topic,
-                        encode_trace,
+                        encoder,
                         self.serving.spill_dir,
                         max_queue=self.serving.queue_max_events,
                         on_count=metrics.count_emitter,
                         spill_max_bytes=self.serving.spill_max_bytes,
+                        frame=encoder.frame,
                     )
                     metrics.watch_emitter(self._emitter)
                     # On exit: flush what Kafka takes within the timeout, spill the rest for the next process.

@@ -13,6 +13,7 @@ from confluent_kafka import Producer
 from core.settings import KafkaSettings
 from schemas import codec
 from schemas.registry import DRAFTER_PROMOTION, current
+from schemas.schema_ids import SchemaIds, subject
 
 # promote: serve this drafter; rollback: serve this earlier champion again; disable: stop speculating (the
 # gate measured every drafter slower than no speculation), keeping this champion loaded for the next event
@@ -58,13 +59,15 @@ def build_promotion(
 
 
 def publish_promotion(kafka: KafkaSettings, promotion: dict[str, Any], timeout_s: float = 30.0) -> None:
-    """Publish synchronously (a promotion is rare and must not be lost): raises if not acknowledged."""
+    """Publish synchronously (a promotion is rare and must not be lost): raises if not acknowledged, or if
+    the schema registry does not give the id of the current DrafterPromotion schema."""
+    schema_id = SchemaIds.connect(kafka).id_of(current(DRAFTER_PROMOTION), subject(kafka.promotions_topic))
     producer = Producer(kafka.client_config() | {"enable.idempotence": True, "compression.type": "zstd"})
     errors: list[str] = []
     producer.produce(
         kafka.promotions_topic,
         key=promotion["target_model_id"].encode(),
-        value=codec.encode(DRAFTER_PROMOTION, promotion, check=True),
+        value=codec.encode(DRAFTER_PROMOTION, promotion, schema_id, check=True),
         on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
     )
     if producer.flush(timeout_s) or errors:

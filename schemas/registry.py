@@ -2,7 +2,8 @@
 
 ``schemas/avro/<event>/v<N>.avsc`` are immutable once released; the highest N is the current version
 (the one producers write and readers resolve to). ``fingerprints.json`` pins each released file's
-CRC-64-AVRO fingerprint so an edit to a released version fails the tests.
+CRC-64-AVRO fingerprint so an edit to a released version fails the tests; the fingerprint is also how a
+schema the registry returns for an id is matched to a version here (``schemas.schema_ids``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def _strip_logical_types(node: Any) -> Any:
     return node
 
 
-def _fingerprint(raw: dict[str, Any]) -> bytes:
+def fingerprint_of(raw: Any) -> bytes:
+    """CRC-64-AVRO of the parsing canonical form (little-endian, 8 bytes): same schema, same fingerprint."""
     canonical = to_parsing_canonical_form(raw)
     return int(fingerprint(canonical, "CRC-64-AVRO"), 16).to_bytes(8, "little")
 
@@ -63,7 +65,7 @@ def versions(event: str) -> tuple[SchemaVersion, ...]:
     for path in files:
         raw = json.loads(path.read_text())
         parsed = parse_schema(_strip_logical_types(raw), _write_hint=False, _force=True)
-        out.append(SchemaVersion(event, int(path.stem[1:]), raw, parsed, _fingerprint(raw)))
+        out.append(SchemaVersion(event, int(path.stem[1:]), raw, parsed, fingerprint_of(raw)))
     return tuple(out)
 
 

@@ -2,7 +2,8 @@
 
 The suite never works on the user's stack (the one `make demo` and `flywheel stack up` use): before any
 settings are built, the environment is re-pointed at a state dir and ports of the suite's own
-(``tests/user_state.py``: ``.flywheel/test-stack``, Kafka 19092/19093, MLflow 15000, Airflow 18080), so
+(``tests/user_state.py``: ``.flywheel/test-stack``, Kafka 19092/19093, schema registry 18081, MLflow 15000,
+Airflow 18080), so
 every fixture, CLI subprocess, ``dag.test()`` and vLLM server registers models, creates topics, writes
 lakes and runs DAGs there. Only what is read-only and expensive is shared with the user's state: the
 prepared target model and the downloaded jars (Kafka, Ivy). ``test_isolation.py``, run last, checks the
@@ -19,6 +20,8 @@ import pytest
 from user_state import TEST_STACK_ENV, USER_PATH_VARIABLES, snapshot, user_stack
 
 from core.settings import KafkaSettings, MlflowSettings, ServingSettings, StackSettings
+from infra.stack.schema_registry import registry_url
+from schemas.schema_ids import SchemaIds, register_all
 
 USER_STACK = user_stack()  # read before the environment is re-pointed below
 USER_MODELS_DIR = (
@@ -32,7 +35,7 @@ for _name in USER_PATH_VARIABLES:
 os.environ["FLYWHEEL_STACK_CACHE_DIR"] = str(USER_STACK.cache_dir)  # Kafka jars, Ivy: fetched once
 os.environ["FLYWHEEL_SERVING_MODELS_DIR"] = str(USER_MODELS_DIR)  # the prepared target, converted once
 
-SESSION_SERVICES = ("kafka", "mlflow")
+SESSION_SERVICES = ("kafka", "registry", "mlflow")
 # Every vLLM server the suite starts skips torch.compile: 97 s instead of 171 s to start on 2 cores, ~12 %
 # fewer tokens/s (bench/ measures the compiled default). Subprocesses (dag.test, the CLI) inherit it.
 os.environ.setdefault("FLYWHEEL_SERVING_ENFORCE_EAGER", "true")
@@ -62,7 +65,8 @@ def stack_settings() -> StackSettings:
 
 @pytest.fixture(scope="session")
 def local_stack(stack_settings: StackSettings) -> Iterator[StackSettings]:
-    """Bring the suite's Kafka + MLflow up (or reuse healthy ones); stop at the end only what it started.
+    """Bring the suite's Kafka, schema registry and MLflow up (or reuse healthy ones); stop at the end only
+    what it started.
 
     A service that cannot start is a failure, never a skip. Airflow standalone is not part of it: its four
     processes would tax 2 cores for the whole session, so test_airflow_standalone starts its own and
@@ -85,13 +89,25 @@ def session_services() -> tuple[str, ...]:
 
 @pytest.fixture(scope="session")
 def kafka_settings(local_stack: StackSettings) -> KafkaSettings:
-    """The suite's broker, with the window-announcement topic `flywheel ingest` publishes to (as `flywheel
-    topics create` would make it; tests make their own traces and DLQ topics)."""
+    """The suite's broker and registry, with the window-announcement topic `flywheel ingest` publishes to (as
+    `flywheel topics create` would make it; tests make their own traces and DLQ topics)."""
     from infra.topics import admin_client, ensure_topics, project_topics
 
-    kafka = KafkaSettings(bootstrap_servers=f"{local_stack.host}:{local_stack.kafka_port}")
+    kafka = KafkaSettings(
+        bootstrap_servers=f"{local_stack.host}:{local_stack.kafka_port}",
+        schema_registry_url=registry_url(local_stack),
+    )
     ensure_topics(admin_client(kafka), [s for s in project_topics(kafka) if s.name == kafka.windows_topic])
     return kafka
+
+
+@pytest.fixture(scope="session")
+def schema_ids(kafka_settings: KafkaSettings) -> SchemaIds:
+    """The suite registry's ids, every schema version registered as `flywheel topics create` does (under
+    the default topics' subjects; a schema id is valid on any topic)."""
+    ids = SchemaIds.connect(kafka_settings)
+    register_all(kafka_settings, ids)
+    return ids
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,12 @@
-"""TraceEvents and poison messages for the consumer tests (importable from any test: tests/ is on sys.path)."""
+"""TraceEvents and poison messages for the consumer tests (importable from any test: tests/ is on sys.path).
+
+Messages carry schema registry ids: tests that go through the registry (an ingest subprocess, a DAG) pass
+the session's ``schema_ids`` fixture; decoding in-process without one uses ``OFFLINE_IDS``, a fixed table.
+"""
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from typing import Any
@@ -10,12 +15,23 @@ from confluent_kafka import Producer
 from fastavro.utils import generate_many
 
 from core.settings import KafkaSettings
-from producers.trace_record import ServingIdentity, build_trace_record, encode_trace
+from producers.trace_record import ServingIdentity, build_trace_record
 from schemas import codec
-from schemas.registry import DRAFTER_PROMOTION, TRACE_EVENT, current
+from schemas.registry import DRAFTER_PROMOTION, TRACE_EVENT, WINDOW_ANNOUNCEMENT, SchemaVersion, current
+from schemas.schema_ids import SchemaIds, register_all, subject
 
 IDENTITY = ServingIdentity("node-a", "SmolLM2-135M-Instruct", "7ef915c9bf9d94d8", "eagle3", 3, "eagle3")
 BASE_S = 1_796_000_000.0  # 2026-11-30 00:53 UTC
+OFFLINE_IDS = SchemaIds(
+    None, {1: current(TRACE_EVENT), 2: current(DRAFTER_PROMOTION), 3: current(WINDOW_ANNOUNCEMENT)}
+)
+UNREGISTERED_ID = 987_654  # an id no registry of the suite gives out
+_TOPICS = {TRACE_EVENT: KafkaSettings().traces_topic, DRAFTER_PROMOTION: KafkaSettings().promotions_topic}
+
+
+def schema_id(ids: SchemaIds, version: SchemaVersion) -> int:
+    """The id of ``version`` in ``ids`` (registered under the default topics' subjects)."""
+    return ids.id_of(version, subject(_TOPICS[version.event]))
 
 
 def trace(i: int, finish_time_s: float | None = None, **overrides: Any) -> dict[str, Any]:
@@ -46,22 +62,41 @@ def trace(i: int, finish_time_s: float | None = None, **overrides: Any) -> dict[
     return record
 
 
-def poison_messages(good_payload: bytes) -> list[tuple[str, str, bytes]]:
+def register_topics(kafka: KafkaSettings) -> SchemaIds:
+    """What `flywheel topics create` registers, for a test's own topic names (their producers look the
+    schema id up under their topic's subject)."""
+    ids = SchemaIds.connect(kafka)
+    register_all(kafka, ids)
+    return ids
+
+
+def decode(kafka: KafkaSettings, value: bytes, expect: str) -> dict[str, Any]:
+    """A message of the suite's topics, decoded through the registry ``kafka`` names."""
+    return codec.decode(value, _registry(kafka.schema_registry_url).version_of, expect=expect)[1]
+
+
+@functools.cache
+def _registry(url: str) -> SchemaIds:
+    return SchemaIds.connect(KafkaSettings(schema_registry_url=url))
+
+
+def poison_messages(good_payload: bytes, ids: SchemaIds = OFFLINE_IDS) -> list[tuple[str, str, bytes]]:
     """(kind, expected DLQ reason, value): every kind of undecodable or invalid message."""
     promo = current(DRAFTER_PROMOTION)
-    header, body = good_payload[:10], good_payload[10:]
-    bad = lambda i, **o: codec.encode(TRACE_EVENT, trace(i, **o))  # noqa: E731
+    header, body = good_payload[: codec.HEADER_LEN], good_payload[codec.HEADER_LEN :]
+    bad = lambda i, **o: encoded([trace(i, **o)], ids)[0]  # noqa: E731
     return [
-        ("random bytes", "not-avro-single-object", b"random bytes \x00\xff that are not avro"),
-        ("empty value", "not-avro-single-object", b""),
+        ("random bytes", "not-confluent-avro", b"random bytes \x00\xff that are not avro"),
+        ("empty value", "not-confluent-avro", b""),
+        ("header cut short", "not-confluent-avro", b"\x00\x00\x01"),
         ("truncated avro", "malformed-avro", good_payload[: len(good_payload) // 2]),
         ("trailing bytes", "malformed-avro", good_payload + b"\x00\x02"),
         ("missing fields", "malformed-avro", header + body[:20]),
-        ("unknown schema version", "unknown-schema", b"\xc3\x01" + b"\x13\x37" * 4 + body),
+        ("unregistered schema id", "unknown-schema", codec.header(UNREGISTERED_ID) + body),
         (
             "wrong record",
             "wrong-event-type",
-            codec.encode_with(promo, next(iter(generate_many(promo.parsed, 1)))),
+            codec.encode_with(promo, next(iter(generate_many(promo.parsed, 1))), schema_id(ids, promo)),
         ),
         ("steps differ", "step-count-mismatch", bad(1, per_step_accepted=[1, 2], per_step_drafted=[3])),
         (
@@ -107,8 +142,10 @@ def produce(
     assert not failed, f"{len(failed)} deliveries failed: {failed[:3]}"
 
 
-def encoded(records: list[dict[str, Any]]) -> list[bytes]:
-    return [encode_trace(r)[1] for r in records]
+def encoded(records: list[dict[str, Any]], ids: SchemaIds = OFFLINE_IDS) -> list[bytes]:
+    """TraceEvent values in the wire format, with the current version's id in ``ids``."""
+    sid = schema_id(ids, current(TRACE_EVENT))
+    return [codec.encode(TRACE_EVENT, r, sid) for r in records]
 
 
 def read_all(kafka: KafkaSettings, topic: str, partitions: int = 1, timeout_s: float = 30.0) -> list[Any]:

@@ -18,20 +18,22 @@ from core.settings import StackSettings
 REPO = Path(__file__).resolve().parents[1]
 TEST_STATE_DIR = REPO / ".flywheel" / "test-stack"
 TEST_HOST = "127.0.0.1"
-TEST_PORTS = {"kafka": 19092, "kafka_controller": 19093, "mlflow": 15000, "airflow": 18080}
+TEST_PORTS = {"kafka": 19092, "kafka_controller": 19093, "registry": 18081, "mlflow": 15000, "airflow": 18080}
 TEST_STACK_ENV = {
     "FLYWHEEL_STACK_STATE_DIR": str(TEST_STATE_DIR),
     "FLYWHEEL_STACK_HOST": TEST_HOST,
     "FLYWHEEL_STACK_KAFKA_PORT": str(TEST_PORTS["kafka"]),
     "FLYWHEEL_STACK_KAFKA_CONTROLLER_PORT": str(TEST_PORTS["kafka_controller"]),
+    "FLYWHEEL_STACK_REGISTRY_PORT": str(TEST_PORTS["registry"]),
     "FLYWHEEL_STACK_MLFLOW_PORT": str(TEST_PORTS["mlflow"]),
     "FLYWHEEL_STACK_AIRFLOW_PORT": str(TEST_PORTS["airflow"]),
     "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": f"{TEST_HOST}:{TEST_PORTS['kafka']}",
+    "FLYWHEEL_KAFKA_SCHEMA_REGISTRY_URL": f"http://{TEST_HOST}:{TEST_PORTS['registry']}/apis/ccompat/v7",
     "FLYWHEEL_MLFLOW_TRACKING_URI": f"http://{TEST_HOST}:{TEST_PORTS['mlflow']}",
 }
 # Modules that start services of their own (auth on, a standalone Airflow) bind these: never the suite's
 # stack above, which another run may be using, nor the user's.
-OWN_PORTS = {"kafka": 19192, "kafka_controller": 19193, "mlflow": 15100, "airflow": 18180}
+OWN_PORTS = {"kafka": 19192, "kafka_controller": 19193, "registry": 18281, "mlflow": 15100, "airflow": 18180}
 # Paths the user may have set on their own; unset, each follows the suite's state dir like the rest.
 USER_PATH_VARIABLES = (
     "FLYWHEEL_LAKE_ROOT",

@@ -132,12 +132,14 @@ class Demo:
     def _stage_stack(self) -> None:
         from infra import stack
         from infra.topics import admin_client, cluster_topics, sync_topics
+        from schemas.schema_ids import SchemaIds, register_all
 
-        with self.board.stage("stack up (Kafka, MLflow, Airflow)") as st:
+        with self.board.stage("stack up (Kafka, schema registry, MLflow, Airflow)") as st:
             rows = stack.up(self.stack)
             kafka = self.settings.kafka
             admin = admin_client(kafka)
             sync_topics(admin, cluster_topics(kafka, admin))
+            register_all(kafka, SchemaIds.connect(kafka))  # as `flywheel topics create` does
             st.info(", ".join(f"{r.name} {r.state}" for r in rows))
             self.airflow = AirflowClient(f"http://{self.stack.host}:{self.stack.airflow_port}")
             self.airflow.wait_dag_parsed(DAG_ID)

@@ -70,7 +70,7 @@ def airflow_env(
 
 def kafka_connection(kafka: KafkaSettings) -> dict[str, str]:
     """``AIRFLOW_CONN_FLYWHEEL_KAFKA`` (the triggerer's consumer of window announcements, dags/flywheel_assets.py)
-    and the topic it watches, from ``kafka``. Its group (``flywheel-airflow-windows``) starts at the earliest
+    and the topic it watches (and the registry its ids are decoded by), from ``kafka``. Its group (``flywheel-airflow-windows``) starts at the earliest
     retained announcement and then resumes where it committed; the trigger commits each message it read."""
     extra = kafka.client_config() | {
         "group.id": f"{AIRFLOW_GROUP_PREFIX}windows",
@@ -80,6 +80,7 @@ def kafka_connection(kafka: KafkaSettings) -> dict[str, str]:
     return {
         "AIRFLOW_CONN_FLYWHEEL_KAFKA": json.dumps({"conn_type": "kafka", "extra": extra}),
         "FLYWHEEL_KAFKA_WINDOWS_TOPIC": kafka.windows_topic,
+        "FLYWHEEL_KAFKA_SCHEMA_REGISTRY_URL": kafka.schema_registry_url,  # the triggerer decodes by its ids
     }
 
 

@@ -40,6 +40,7 @@ from infra.cli import stack_app
 from infra.stack import credentials
 from infra.stack.airflow_server import AirflowStandalone
 from infra.topics import admin_client, delete_topics, ensure_topics, project_topics
+from schemas.schema_ids import SchemaIds, register_all
 
 pytestmark = pytest.mark.integration
 DAG_IDS = {"drafter_flywheel", "trace_watch", "trace_maintenance"}
@@ -63,6 +64,7 @@ def airflow(stack_settings, kafka_settings, tmp_path_factory):
     admin = admin_client(kafka)
     (spec,) = [s for s in project_topics(kafka_settings) if s.name == kafka_settings.windows_topic]
     ensure_topics(admin, [replace(spec, name=kafka.windows_topic)])
+    register_all(kafka, SchemaIds.connect(kafka))  # as `flywheel topics create` does: its subject too
     # traces before Airflow starts, as on a stack that has been serving: a month-old day and a recent one
     lake = LakeSettings(root=str(stack.root / "lake"))  # what the standalone's tasks resolve
     old, recent = STARTED - timedelta(days=30), STARTED - timedelta(minutes=5)
@@ -191,7 +193,8 @@ def test_a_window_announced_on_kafka_starts_a_flywheel_run(airflow):
     window = pick_window(lake, minutes=60 * 24 * 60, min_rows=1)  # the lake as it is now: its newest version
     record = announcement(window, window.rows, time.time())
     producer = Producer(spec.kafka.client_config())
-    assert publish(producer, spec.kafka.windows_topic, record, timeout_s=30) is None
+    ids = SchemaIds.connect(spec.kafka)
+    assert publish(producer, spec.kafka.windows_topic, record, ids, timeout_s=30) is None
 
     deadline = time.monotonic() + 240
     run_id, found = _run_announcing(client, window.key, deadline)
@@ -214,7 +217,7 @@ def test_a_window_announced_on_kafka_starts_a_flywheel_run(airflow):
     # the watcher goes on consuming: the next announcement is the next asset event
     later = pick_window(lake, minutes=60, min_rows=1)
     assert later.key != window.key
-    assert publish(producer, spec.kafka.windows_topic, announcement(later, 1, time.time()), 30) is None
+    assert publish(producer, spec.kafka.windows_topic, announcement(later, 1, time.time()), ids, 30) is None
     _run_announcing(client, later.key, deadline + 240)
 
 

@@ -46,9 +46,10 @@ from infra.stack.kafka_broker import KafkaBroker
 from infra.stack.mlflow_server import MlflowServer
 from producers.emitter import TraceEmitter
 from producers.promotion_listener import PromotionListener
-from producers.trace_record import encode_trace
+from producers.trace_record import TraceEncoder
 from promotion.drafter_registry import DrafterRegistry
 from promotion.promotion_events import build_promotion, publish_promotion
+from schemas.schema_ids import SchemaIds
 
 pytestmark = pytest.mark.integration
 TARGET = "auth-target"
@@ -82,8 +83,9 @@ def auth_stack(tmp_path_factory) -> StackSettings:
 
 
 @pytest.fixture(scope="module")
-def topics(auth_stack) -> KafkaSettings:
-    """`flywheel topics create` on the authenticated stack: it acts as admin and adds the ACLs."""
+def topics(auth_stack, schema_ids) -> KafkaSettings:
+    """`flywheel topics create` on the authenticated stack: it acts as admin and adds the ACLs. The schemas
+    go to the suite's registry (``schema_ids``: it runs), which has no auth of its own."""
     env = {
         "FLYWHEEL_STACK_AUTH": "true",
         "FLYWHEEL_STACK_STATE_DIR": str(auth_stack.root),
@@ -103,7 +105,9 @@ def topics(auth_stack) -> KafkaSettings:
 def served(auth_stack, topics, tmp_path_factory) -> dict[str, int]:
     """A serving node's trace emitter, as ``serving``, hands TRACES events to the broker: its counts."""
     serving = as_(auth_stack, "serving", topics)
-    emitter = TraceEmitter(serving, serving.traces_topic, encode_trace, tmp_path_factory.mktemp("spill"))
+    encoder = TraceEncoder(SchemaIds.connect(serving), serving.traces_topic)
+    spill = tmp_path_factory.mktemp("spill")
+    emitter = TraceEmitter(serving, serving.traces_topic, encoder, spill, frame=encoder.frame)
     for i in range(TRACES):
         emitter.submit(trace(i))
     deadline = time.monotonic() + 30
@@ -239,10 +243,10 @@ def test_serving_writes_traces_and_nothing_else(auth_stack, topics, served):
     assert first_error(reader, serving.dlq_topic) == "TOPIC_AUTHORIZATION_FAILED"
 
 
-def test_ingest_runs_as_ingest_and_writes_only_the_dlq(auth_stack, topics, served, tmp_path):
+def test_ingest_runs_as_ingest_and_writes_only_the_dlq(auth_stack, topics, served, schema_ids, tmp_path):
     """The exactly-once sink as ``ingest``: every trace the serving node wrote lands once in the table and
     poison goes to the DLQ (consumer-group READ, an idempotent DLQ producer, read_committed)."""
-    poison = poison_messages(encoded([trace(0)])[0])[:3]
+    poison = poison_messages(encoded([trace(0)], schema_ids)[0], schema_ids)[:3]
     serving = as_(auth_stack, "serving", topics)
     producer = Producer(serving.client_config() | {"enable.idempotence": True, "logger": _quiet})
     for _, _, value in poison:

@@ -25,7 +25,8 @@ from consumers.delta_sink import IngestOptions, TraceIngest
 from consumers.flush_policy import FlushPolicy
 from core.settings import LakeSettings
 from schemas import codec, registry
-from schemas.registry import TRACE_EVENT
+from schemas.registry import TRACE_EVENT, current
+from schemas.schema_ids import SchemaIds, register_all, subject
 
 pytestmark = pytest.mark.integration
 
@@ -69,8 +70,16 @@ def _event_ids(lake: LakeSettings) -> list[str]:
     return DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id"])["event_id"].to_pylist()
 
 
+def _v2_producer(kafka) -> int:
+    """What the upgraded producer's rollout does: `topics create` registers v2 (BACKWARD: the registry
+    accepts it); returns the id v2 messages carry."""
+    ids = SchemaIds.connect(kafka)
+    register_all(kafka, ids)
+    return ids.id_of(current(TRACE_EVENT), subject(kafka.traces_topic))
+
+
 def test_a_schema_learnt_after_the_rollout_brings_dead_letters_back_exactly_once(
-    kafka_settings, topic_factory, tmp_path, v2_schemas
+    kafka_settings, schema_ids, topic_factory, tmp_path, v2_schemas
 ):
     topic, dlq = topic_factory(partitions=2), topic_factory(prefix="dlq")
     kafka = kafka_settings.model_copy(update={"traces_topic": topic, "dlq_topic": dlq})
@@ -78,12 +87,15 @@ def test_a_schema_learnt_after_the_rollout_brings_dead_letters_back_exactly_once
 
     old = [trace(i) for i in range(60)]
     with schemas_from(v2_schemas):  # the upgraded producer
+        v2_id = _v2_producer(kafka)
         new = [trace(1000 + i, schema_version=2, priority="high") for i in range(40)]
-        new_values = [codec.encode(TRACE_EVENT, r) for r in new]
+        new_values = [codec.encode(TRACE_EVENT, r, v2_id) for r in new]
     poison = [
-        value for _, reason, value in poison_messages(encoded(old[:1])[0]) if reason == "malformed-avro"
+        value
+        for _, reason, value in poison_messages(encoded(old[:1], schema_ids)[0], schema_ids)
+        if reason == "malformed-avro"
     ]
-    produce(kafka, topic, encoded(old) + new_values + poison)
+    produce(kafka, topic, encoded(old, schema_ids) + new_values + poison)
 
     _ingest(kafka, lake, topic, "v1-consumer")  # the consumer that knows only v1
     assert sorted(_event_ids(lake)) == sorted(r["event_id"] for r in old)
@@ -117,19 +129,19 @@ def test_a_schema_learnt_after_the_rollout_brings_dead_letters_back_exactly_once
         assert len(read_dlq(kafka, dlq)) == len(new) + 1 + len(poison), "the DLQ is a log: nothing removed"
 
         later = [trace(2000 + i, schema_version=2, priority="low") for i in range(10)]
-        produce(kafka, topic, [codec.encode(TRACE_EVENT, r) for r in later])
+        produce(kafka, topic, [codec.encode(TRACE_EVENT, r, v2_id) for r in later])
         _ingest(kafka, lake, topic, "v1-consumer")  # the upgraded ingest resumes on the evolved table
     ids = _event_ids(lake)
     assert len(ids) == len(set(ids)) == len(old) + len(new) + len(later)
 
 
 def test_dlq_cli_reports_reasons_and_replays_nothing_it_cannot_decode(
-    kafka_settings, topic_factory, tmp_path
+    kafka_settings, schema_ids, topic_factory, tmp_path
 ):
     topic, dlq = topic_factory(partitions=1), topic_factory(prefix="dlq")
     kafka = kafka_settings.model_copy(update={"traces_topic": topic, "dlq_topic": dlq})
-    good = encoded([trace(1)])[0]
-    poison = poison_messages(good)
+    good = encoded([trace(1)], schema_ids)[0]
+    poison = poison_messages(good, schema_ids)
     produce(kafka, topic, [value for _, _, value in poison])
     _ingest(kafka, LakeSettings(root=str(tmp_path / "lake")), topic, "cli")
     env = ingest_env(kafka, topic, dlq, str(tmp_path / "lake"))

@@ -25,6 +25,7 @@ import mlflow
 import pytest
 import yaml
 from confluent_kafka import Consumer, KafkaError
+from trace_events import decode, register_topics
 from trainer_data import (
     trace_table_fixture,  # noqa: F401  (registers the session fixture `trace_table`)
     trained_drafter_fixture,  # noqa: F401  (registers the session fixture `trained_drafter`)
@@ -32,7 +33,6 @@ from trainer_data import (
 from typer.testing import CliRunner
 
 from core.settings import KafkaSettings, MlflowSettings
-from schemas import codec
 from schemas.registry import DRAFTER_PROMOTION
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
@@ -87,6 +87,7 @@ def cycle_env(local_stack, kafka_settings, mlflow_settings, trace_table, target_
     admin = admin_client(kafka_settings)
     topic = f"promotions-{uuid.uuid4().hex[:10]}"
     ensure_topics(admin, [TopicSpec(topic, 1, {"cleanup.policy": "compact"})])
+    register_topics(kafka_settings.model_copy(update={"promotions_topic": topic}))
     env = {
         "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
         "FLYWHEEL_KAFKA_PROMOTIONS_TOPIC": topic,
@@ -150,7 +151,7 @@ def _promotions(topic: str) -> list[dict]:
             if msg.error().code() == KafkaError._PARTITION_EOF:  # everything published so far is read
                 break
             continue
-        events.append(codec.decode(msg.value(), expect=DRAFTER_PROMOTION)[1])
+        events.append(decode(kafka, msg.value(), DRAFTER_PROMOTION))
     consumer.close()
     return events
 

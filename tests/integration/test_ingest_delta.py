@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pytest
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-from trace_events import encoded, poison_messages, produce, read_all, read_dlq, trace
+from trace_events import OFFLINE_IDS, encoded, poison_messages, produce, read_all, read_dlq, trace
 
 from consumers.dead_letters import DeadLetterProducer, parse_headers
 from consumers.delta_commit import CommitJob, DeltaCommitter
@@ -31,15 +31,18 @@ from consumers.window_announcements import WindowAnnouncer, asset_event
 from consumers.windows import pick_window
 from core.settings import CycleSettings, KafkaSettings, LakeSettings
 from schemas.arrow import PARTITION_COLUMNS, traces_table_schema
+from schemas.schema_ids import register_all
 
 pytestmark = pytest.mark.integration
 
 
-def test_poison_goes_to_the_dlq_and_every_good_event_to_the_table(kafka_settings, topic_factory, tmp_path):
+def test_poison_goes_to_the_dlq_and_every_good_event_to_the_table(
+    kafka_settings, schema_ids, topic_factory, tmp_path
+):
     topic, dlq = topic_factory(partitions=2), topic_factory(prefix="dlq")
     good_records = [trace(i) for i in range(400)]
-    good = encoded(good_records)
-    poison = poison_messages(good[0])
+    good = encoded(good_records, schema_ids)
+    poison = poison_messages(good[0], schema_ids)
     values = list(good)
     for n, (_, _, v) in enumerate(poison):
         values.insert(25 * n + 7, v)
@@ -89,7 +92,7 @@ def test_commits_refuse_replays_and_stale_offsets(tmp_path):
         DeadLetterProducer(KafkaSettings(), "unused"),
         "app",
     )
-    decoder = TraceBatchDecoder()
+    decoder = TraceBatchDecoder(OFFLINE_IDS)
     rows = decoder.decode(MessageBatch.from_values(encoded([trace(i) for i in range(10)]))).rows
 
     first = CommitJob([rows], [], txns={0: 9}, expected={0: None})
@@ -179,17 +182,20 @@ def test_a_table_from_before_ingest_time_is_migrated_once_and_keeps_its_offsets(
         DeadLetterProducer(KafkaSettings(), "unused"),
         "app",
     )
-    more = TraceBatchDecoder().decode(MessageBatch.from_values(encoded([trace(100)]), offsets=[len(records)]))
+    more = TraceBatchDecoder(OFFLINE_IDS).decode(
+        MessageBatch.from_values(encoded([trace(100)]), offsets=[len(records)])
+    )
     committer.commit(CommitJob([more.rows], [], txns={0: len(records)}, expected={0: len(records) - 1}))
     assert DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id"]).num_rows == len(records) + 1
 
 
-def test_each_window_of_committed_rows_is_announced_once(kafka_settings, topic_factory, tmp_path):
+def test_each_window_of_committed_rows_is_announced_once(kafka_settings, schema_ids, topic_factory, tmp_path):
     """The ingest announces a window each time min_window_rows rows committed since its last announcement,
     at the version that completed it; the triggerer's apply_function reads the message back."""
     topic, dlq, windows_topic = topic_factory(), topic_factory(prefix="dlq"), topic_factory(prefix="windows")
-    produce(kafka_settings, topic, encoded([trace(i) for i in range(250)]))
+    produce(kafka_settings, topic, encoded([trace(i) for i in range(250)], schema_ids))
     kafka = kafka_settings.model_copy(update={"dlq_topic": dlq, "windows_topic": windows_topic})
+    register_all(kafka, schema_ids)  # as `flywheel topics create` does: the windows topic's subject too
     lake = LakeSettings(root=str(tmp_path / "lake"))
     cycle = CycleSettings(min_window_rows=100, window_minutes=60)
     policy = FlushPolicy(max_events=40)  # several commits of up to 40 rows

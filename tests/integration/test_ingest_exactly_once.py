@@ -59,12 +59,12 @@ def assert_exactly_once(uri: Path, expected_ids: set[str]) -> pa.Table:
 
 
 def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
-    kafka_settings, topic_factory, tmp_path, pycache
+    kafka_settings, schema_ids, topic_factory, tmp_path, pycache
 ):
     topic, dlq = topic_factory(partitions=3), topic_factory(prefix="dlq")
     records = [trace(i) for i in range(3000)]
-    values = encoded(records)
-    poison = [v for _, _, v in poison_messages(values[0])]
+    values = encoded(records, schema_ids)
+    poison = [v for _, _, v in poison_messages(values[0], schema_ids)]
     rng = random.Random(20261201)
     for v in poison:
         values.insert(rng.randrange(len(values)), v)
@@ -93,7 +93,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
             assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
             more = [trace(10_000 + extra + i) for i in range(300)]
             extra += len(more)
-            produce(kafka_settings, topic, encoded(more))
+            produce(kafka_settings, topic, encoded(more, schema_ids))
             expected |= {r["event_id"] for r in more}
             continue
         proc.send_signal(signal.SIGKILL)
@@ -129,10 +129,10 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     )
 
 
-def test_two_consumers_rebalance_mid_stream(kafka_settings, topic_factory, tmp_path, pycache):
+def test_two_consumers_rebalance_mid_stream(kafka_settings, schema_ids, topic_factory, tmp_path, pycache):
     topic, dlq = topic_factory(partitions=4), topic_factory(prefix="dlq")
     records = [trace(i) for i in range(3000)]
-    values = encoded(records)
+    values = encoded(records, schema_ids)
     env = ingest_env(kafka_settings, topic, dlq, str(tmp_path / "lake"), pycache)
     uri = tmp_path / "lake" / "traces"
 
@@ -193,7 +193,7 @@ def test_two_consumers_rebalance_mid_stream(kafka_settings, topic_factory, tmp_p
 
 
 def test_zombie_writers_on_one_table_still_write_each_event_once(
-    kafka_settings, topic_factory, tmp_path, pycache
+    kafka_settings, schema_ids, topic_factory, tmp_path, pycache
 ):
     """Two consumers in *different* groups (think: a zombie after a split brain) both read every partition
     and race to commit the same offsets; the txn check and commit conflicts must make exactly one win each
@@ -226,7 +226,7 @@ def test_zombie_writers_on_one_table_still_write_each_event_once(
         assert all(run.poll() is None for run in runs), "an ingest exited before traffic started"
         time.sleep(0.2)
     for i in range(0, len(records), 100):  # a live stream: both keep finding new events to commit
-        produce(kafka_settings, topic, encoded(records[i : i + 100]))
+        produce(kafka_settings, topic, encoded(records[i : i + 100], schema_ids))
         time.sleep(0.2)
     for n, run in enumerate(runs):
         run.wait(timeout=180)

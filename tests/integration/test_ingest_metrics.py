@@ -37,11 +37,11 @@ def lags(samples: dict[tuple[str, tuple], float]) -> dict[str, float]:
 
 
 def test_metrics_endpoint_counts_rows_dead_letters_lag_and_table_version(
-    kafka_settings, topic_factory, tmp_path
+    kafka_settings, schema_ids, topic_factory, tmp_path
 ):
     topic, dlq = topic_factory(partitions=PARTITIONS), topic_factory(prefix="dlq")
-    good = encoded([trace(i) for i in range(300)])
-    poison = [value for _, _, value in poison_messages(good[0])]
+    good = encoded([trace(i) for i in range(300)], schema_ids)
+    poison = [value for _, _, value in poison_messages(good[0], schema_ids)]
     produce(kafka_settings, topic, good + poison)
     kafka = kafka_settings.model_copy(update={"dlq_topic": dlq})
     lake = LakeSettings(root=str(tmp_path / "lake"))

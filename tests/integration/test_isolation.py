@@ -74,7 +74,7 @@ def test_the_suite_runs_on_its_own_state_dir_and_ports(
     user = user_stack_settings
     assert local_stack.root == TEST_STATE_DIR.resolve() != user.root
     assert not user.root.is_relative_to(local_stack.root)
-    port_fields = ("kafka_port", "kafka_controller_port", "mlflow_port", "airflow_port")
+    port_fields = ("kafka_port", "kafka_controller_port", "registry_port", "mlflow_port", "airflow_port")
     ours = {getattr(local_stack, f) for f in port_fields}
     assert ours == set(TEST_PORTS.values())
     assert ours.isdisjoint({getattr(user, f) for f in port_fields})
@@ -87,6 +87,8 @@ def test_the_suite_runs_on_its_own_state_dir_and_ports(
     assert kafka_settings.bootstrap_servers == f"{local_stack.host}:{local_stack.kafka_port}"
     assert KafkaSettings().bootstrap_servers == kafka_settings.bootstrap_servers
     assert kafka_settings.bootstrap_servers != _default(KafkaSettings, "bootstrap_servers")
+    assert KafkaSettings().schema_registry_url == kafka_settings.schema_registry_url
+    assert kafka_settings.schema_registry_url != _default(KafkaSettings, "schema_registry_url")
     assert StackSettings().root == local_stack.root
     for path in (
         LakeSettings().root,

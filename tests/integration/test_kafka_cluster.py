@@ -28,14 +28,14 @@ import pytest
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import ConfigResource
 from test_ingest_exactly_once import assert_exactly_once
-from trace_events import ingest_env, trace
+from trace_events import ingest_env, register_topics, trace
 
 from core import process
 from core.settings import KafkaSettings, StackSettings
 from infra import stack
 from infra.topics import admin_client, cluster_topics, sync_topics
 from producers.emitter import TraceEmitter
-from producers.trace_record import encode_trace
+from producers.trace_record import TraceEncoder
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +107,7 @@ def _commits(uri: Path) -> int:
 
 
 def test_sigkill_a_broker_mid_traffic_and_mid_ingest_loses_and_duplicates_nothing(
-    cluster, kafka, tmp_path, tmp_path_factory
+    cluster, kafka, local_stack, tmp_path, tmp_path_factory
 ):
     admin = admin_client(kafka)  # one client for every look at leaders and ISRs
     pycache = str(tmp_path_factory.mktemp("pycache"))
@@ -139,7 +139,11 @@ def test_sigkill_a_broker_mid_traffic_and_mid_ingest_loses_and_duplicates_nothin
         env=env,
         stderr=(tmp_path / "ingest.log").open("w"),
     )
-    emitter = TraceEmitter(kafka, kafka.traces_topic, encode_trace, tmp_path / "spill", probe_interval_s=0.5)
+    # the suite's registry serves the cluster's topics too: their subjects registered as topics create does
+    encoder = TraceEncoder(register_topics(kafka), kafka.traces_topic)
+    emitter = TraceEmitter(
+        kafka, kafka.traces_topic, encoder, tmp_path / "spill", probe_interval_s=0.5, frame=encoder.frame
+    )
     records: list[dict] = []
     stop_traffic = threading.Event()
 

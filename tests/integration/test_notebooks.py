@@ -29,13 +29,13 @@ from trace_events import ingest_env, produce
 from trainer_data import DRAFTER_ID, cached_traces
 
 from infra.topics import TopicSpec, admin_client, delete_topics, ensure_topics
-from producers.trace_record import encode_trace
+from producers.trace_record import TraceEncoder
 from trainer.trace_window import Window, WindowReader
 
 pytestmark = pytest.mark.integration
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
-POISON = b"not an avro single-object message"
+POISON = b"not a Confluent-framed Avro message"
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def _images(nb: nbformat.NotebookNode) -> int:
 
 
 @pytest.fixture(scope="module")
-def pipeline(target_model, kafka_settings, tmp_path_factory) -> Iterator[Pipeline]:
+def pipeline(target_model, kafka_settings, schema_ids, tmp_path_factory) -> Iterator[Pipeline]:
     """Real traces -> fresh topic (3 partitions, + one poison message) -> `flywheel ingest` -> tmp lake."""
     records, _ = cached_traces(target_model.path, target_model.revision)
     admin = admin_client(kafka_settings)
@@ -102,7 +102,7 @@ def pipeline(target_model, kafka_settings, tmp_path_factory) -> Iterator[Pipelin
         for i, burst in enumerate(bursts):
             if i:
                 time.sleep(1.2)  # distinct broker timestamps, in distinct seconds
-            keyed = [encode_trace(r) for r in burst]
+            keyed = [TraceEncoder(schema_ids, kafka_settings.traces_topic)(r) for r in burst]
             keys, values = [k for k, _ in keyed], [v for _, v in keyed]
             if i == 1:
                 keys.insert(len(keys) // 2, b"poison")
@@ -225,7 +225,7 @@ def test_trace_stream_notebook_sees_exactly_the_produced_events(pipeline, tmp_pa
         decoded_path=str(decoded),
     )
     records = pipeline.records
-    assert results["statuses"] == {"ok": len(records), "not-avro-single-object": 1}
+    assert results["statuses"] == {"ok": len(records), "not-confluent-avro": 1}
     assert results["batches"] >= 3  # 61 messages, at most 25 per micro-batch
 
     events = DeltaTable(str(decoded)).to_pyarrow_table()

@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 from confluent_kafka import Consumer
+from trace_events import decode, register_topics
 
-from schemas import codec
 from schemas.registry import TRACE_EVENT
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
@@ -47,6 +47,7 @@ def test_offline_llm_requests_become_traces(kafka_settings, topic_factory, targe
     import json
 
     topic = topic_factory(partitions=2)
+    register_topics(kafka_settings.model_copy(update={"traces_topic": topic}))
     env = os.environ | {
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
@@ -75,7 +76,7 @@ def test_offline_llm_requests_become_traces(kafka_settings, topic_factory, targe
     while time.monotonic() < deadline and len(traces) < len(served) + 1:
         msg = consumer.poll(0.5)
         if msg is not None and not msg.error():
-            traces.append(codec.decode(msg.value(), expect=TRACE_EVENT)[1])
+            traces.append(decode(kafka_settings, msg.value(), TRACE_EVENT))
     consumer.close()
 
     assert sorted(t["request_id"] for t in traces) == sorted(served), (

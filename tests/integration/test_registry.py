@@ -8,10 +8,10 @@ import uuid
 import mlflow
 import pytest
 from confluent_kafka import Consumer
+from trace_events import decode, register_topics
 
 from core.settings import KafkaSettings
 from promotion.drafter_registry import DrafterRegistry, RegistryError
-from schemas import codec
 from schemas.registry import DRAFTER_PROMOTION
 
 pytestmark = pytest.mark.integration
@@ -39,7 +39,7 @@ def _promotions(kafka: KafkaSettings, n: int) -> list[dict]:
     while len(events) < n and time.monotonic() < deadline:
         msg = consumer.poll(0.5)
         if msg is not None and not msg.error():
-            events.append((msg.key().decode(), codec.decode(msg.value(), expect=DRAFTER_PROMOTION)[1]))
+            events.append((msg.key().decode(), decode(kafka, msg.value(), DRAFTER_PROMOTION)))
     consumer.close()
     return events
 
@@ -49,6 +49,7 @@ def test_register_promote_rollback(tmp_path, mlflow_settings, kafka_settings, to
         bootstrap_servers=kafka_settings.bootstrap_servers,
         promotions_topic=topic_factory(prefix="promotions", cleanup_policy="compact"),
     )
+    register_topics(kafka)
     target = f"target-{uuid.uuid4().hex[:6]}"
     registry = DrafterRegistry(target, mlflow_settings, kafka)
     versions = []
@@ -100,6 +101,7 @@ def test_lineage_head_is_the_newest_trained_version_not_rolled_back(
         bootstrap_servers=kafka_settings.bootstrap_servers,
         promotions_topic=topic_factory(prefix="promotions", cleanup_policy="compact"),
     )
+    register_topics(kafka)
     registry = DrafterRegistry(f"target-{uuid.uuid4().hex[:6]}", mlflow_settings, kafka)
     assert registry.lineage_head() is None  # nothing registered yet: the cycle trains from scratch
     trained = []

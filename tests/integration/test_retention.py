@@ -95,13 +95,13 @@ def disk_usage(root: str) -> tuple[int, int, int]:
     return data, log, log_files
 
 
-def test_retention_deletes_only_expired_partitions(kafka_settings, topic_factory, tmp_path):
+def test_retention_deletes_only_expired_partitions(kafka_settings, schema_ids, topic_factory, tmp_path):
     topic, dlq = topic_factory(partitions=2), topic_factory(prefix="dlq")
     kafka = kafka_settings.model_copy(update={"dlq_topic": dlq})
     lake = LakeSettings(root=str(tmp_path / "lake"))
     by_day = {day: day_events(day, 60) for day in range(5)}
     for day, records in by_day.items():
-        produce(kafka, topic, encoded(records))
+        produce(kafka, topic, encoded(records, schema_ids))
         ingest_all(kafka, lake, topic, clock=clock_on(day))
     dt = DeltaTable(lake.traces_uri)
     before = partitions_of(dt)
@@ -129,14 +129,14 @@ def test_retention_deletes_only_expired_partitions(kafka_settings, topic_factory
     live_parquet_files(lake.traces_uri, dt)
 
 
-def test_storage_stays_bounded_under_continuous_ingest(kafka_settings, topic_factory, tmp_path):
+def test_storage_stays_bounded_under_continuous_ingest(kafka_settings, schema_ids, topic_factory, tmp_path):
     """Six simulated days of steady traffic with retention after each: bytes on disk plateau."""
     topic, dlq = topic_factory(partitions=2), topic_factory(prefix="dlq")
     kafka = kafka_settings.model_copy(update={"dlq_topic": dlq})
     lake = LakeSettings(root=str(tmp_path / "lake"))
     sizes = []
     for day in range(6):
-        produce(kafka, topic, encoded(day_events(day, 150)))
+        produce(kafka, topic, encoded(day_events(day, 150), schema_ids))
         ingest_all(kafka, lake, topic, clock=clock_on(day))
         dt = DeltaTable(lake.traces_uri)
         now = DAY0 + timedelta(days=day + 1)  # the day is over
@@ -158,7 +158,7 @@ def test_storage_stays_bounded_under_continuous_ingest(kafka_settings, topic_fac
     assert DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id"]).num_rows == 2 * 150
 
 
-def test_retention_runs_while_the_ingest_writes(kafka_settings, topic_factory, tmp_path):
+def test_retention_runs_while_the_ingest_writes(kafka_settings, schema_ids, topic_factory, tmp_path):
     """Retention and the ingest truly concurrent: the ingest runs (this thread) while traffic for six
     simulated days streams in (a thread) and retention runs again and again on the same table (another
     thread), deleting expired days and compacting closed hours between the ingest's commits. Every event
@@ -196,7 +196,7 @@ def test_retention_runs_while_the_ingest_writes(kafka_settings, topic_factory, t
                 events = day_events(day, per_day)
                 sent[day] = {e["event_id"] for e in events}
                 for i in range(0, per_day, 30):
-                    produce(kafka, topic, encoded(events[i : i + 30]))
+                    produce(kafka, topic, encoded(events[i : i + 30], schema_ids))
                     time.sleep(0.2)
                 deadline = time.monotonic() + 120
                 while ingest.stats.processed < (day + 1) * per_day:  # the day is stamped before it ends
@@ -248,7 +248,7 @@ def test_retention_runs_while_the_ingest_writes(kafka_settings, topic_factory, t
     assert len(on_disk) <= 2 * (retention_days + 1) + 2  # compacted closed hours, and today's open ones
 
 
-def test_the_ingest_compacts_each_hour_once_it_is_closed(kafka_settings, topic_factory, tmp_path):
+def test_the_ingest_compacts_each_hour_once_it_is_closed(kafka_settings, schema_ids, topic_factory, tmp_path):
     """Four simulated hours of traffic, committed in small flushes (several files per hour): while the
     ingest runs, every hour that closed is rewritten into one file; the open hour keeps its files."""
     topic, dlq = topic_factory(partitions=2), topic_factory(prefix="dlq")
@@ -271,7 +271,9 @@ def test_the_ingest_compacts_each_hour_once_it_is_closed(kafka_settings, topic_f
             for hour in range(4):
                 sim["t"] = (DAY0 + timedelta(hours=hour, minutes=10)).timestamp()
                 for batch in range(4):
-                    produce(kafka, topic, encoded(day_events(0, 400)[hour * 100 + batch * 25 :][:25]))
+                    produce(
+                        kafka, topic, encoded(day_events(0, 400)[hour * 100 + batch * 25 :][:25], schema_ids)
+                    )
                     deadline = time.monotonic() + 60
                     while ingest.stats.processed < hour * 100 + (batch + 1) * 25:
                         assert time.monotonic() < deadline, "the ingest fell behind"
@@ -298,7 +300,7 @@ def _utc(us: int) -> datetime:
 
 @pytest.mark.parametrize("timestamp_type", ["LogAppendTime", "CreateTime"])
 def test_a_skewed_node_clock_decides_no_partition_no_deletion_and_no_window(
-    kafka_settings, topic_factory, tmp_path, timestamp_type
+    kafka_settings, schema_ids, topic_factory, tmp_path, timestamp_type
 ):
     """Events a node stamped in 2099, 2001 and 1999, next to correct ones, through the real broker and the
     real ingest: every one is kept, lands in the hour it arrived, outlives no retention horizon, is not
@@ -317,7 +319,7 @@ def test_a_skewed_node_clock_decides_no_partition_no_deletion_and_no_window(
         else None
     )
     arrived_from = datetime.now(UTC) - timedelta(seconds=1)
-    produce(kafka, topic, encoded(records), timestamps_ms=stamps)
+    produce(kafka, topic, encoded(records, schema_ids), timestamps_ms=stamps)
     ingest_all(kafka, lake, topic, group=f"skew-{timestamp_type}")
     arrived_until = datetime.now(UTC) + timedelta(seconds=1)
 

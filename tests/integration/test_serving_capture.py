@@ -21,6 +21,7 @@ import httpx
 import pytest
 import torch
 from confluent_kafka import Consumer
+from trace_events import decode, register_topics
 from trainer_data import (
     trace_table_fixture,  # noqa: F401  (registers the session fixture `trace_table`)
     trained_drafter_fixture,  # noqa: F401  (registers the session fixture `trained_drafter`)
@@ -34,7 +35,6 @@ from infra import stack
 from infra.topics import TopicSpec, admin_client, delete_topics, ensure_topics
 from producers.vllm_server import VllmServer, cpu_environment, serve_args
 from promotion.promotion_events import build_promotion, publish_promotion
-from schemas import codec
 from schemas.registry import TRACE_EVENT
 from trainer.eagle3_drafter import Eagle3Config, Eagle3Drafter
 from trainer.recipes import TrainRecipeConfig
@@ -87,6 +87,7 @@ def server(local_stack, kafka_settings, target_model, tmp_path_factory):
             TopicSpec(kafka.promotions_topic, 1, {"cleanup.policy": "compact"}),
         ],
     )
+    register_topics(kafka)
     serving = ServingSettings(port=PORT, spill_dir=tmp / "spill", node_id="test-node")
     env = cpu_environment(serving) | {
         "VLLM_SERVER_DEV_MODE": "1",
@@ -136,14 +137,14 @@ def _traces(kafka: KafkaSettings, want_ids: set[str], timeout_s: float = 60.0) -
             msg = consumer.poll(0.5)
             if msg is None or msg.error():
                 continue
-            _, rec = codec.decode(msg.value(), expect=TRACE_EVENT)
+            rec = decode(kafka, msg.value(), TRACE_EVENT)
             if rec["request_id"] in want_ids:
                 found.setdefault(rec["request_id"], []).append(rec)
         end = time.monotonic() + 2  # linger to catch duplicates
         while time.monotonic() < end:
             msg = consumer.poll(0.2)
             if msg is not None and not msg.error():
-                _, rec = codec.decode(msg.value(), expect=TRACE_EVENT)
+                rec = decode(kafka, msg.value(), TRACE_EVENT)
                 if rec["request_id"] in want_ids:
                     found.setdefault(rec["request_id"], []).append(rec)
     finally:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+import time
 
+import pytest
+from trace_events import OFFLINE_IDS
+
+from core.settings import KafkaSettings
 from producers.capture_policy import capture_decision, sampled
-from producers.trace_record import ServingIdentity, build_trace_record, encode_trace, request_labels
+from producers.emitter import Pending
+from producers.trace_record import ServingIdentity, TraceEncoder, build_trace_record, request_labels
 from producers.vllm_plugin import UnsupportedVllmVersion, check_vllm_version
 from schemas import codec
-from schemas.registry import TRACE_EVENT
+from schemas.registry import TRACE_EVENT, current
+from schemas.schema_ids import SchemaIds
 
 IDENTITY = ServingIdentity("node-a", "SmolLM2-135M-Instruct", "7ef915c9bf9d94d8", "eagle3", 3, "drafter-x")
 
@@ -66,11 +72,27 @@ def _record(**kw):
 
 def test_record_encodes_against_the_schema():
     rec = _record()
-    key, value = encode_trace(rec)
-    _, decoded = codec.decode(value, expect=TRACE_EVENT)
+    key, value = TraceEncoder(OFFLINE_IDS, KafkaSettings().traces_topic)(rec)
+    _, decoded = codec.decode(value, OFFLINE_IDS.version_of, expect=TRACE_EVENT)
     assert key == b"chatcmpl-1" and decoded == rec
+    assert codec.schema_id(value) == OFFLINE_IDS.id_of(current(TRACE_EVENT), "any")
     assert rec["arrival_time"] == 1_796_000_000_000_000 and rec["first_token_time"] == 1_796_000_000_250_000
     assert (rec["domain"], rec["drafter_version"], rec["num_spec_tokens"]) == ("prose", "initial", 3)
+
+
+def test_without_a_registry_the_encoder_hands_the_emitter_a_pending_value_and_asks_again_later():
+    """Nothing listens on port 9: the id cannot be had, so the emitter gets a value to spill (Pending)."""
+    kafka = KafkaSettings(schema_registry_url="http://127.0.0.1:9/apis/ccompat/v7")
+    encoder = TraceEncoder(SchemaIds.connect(kafka, timeout_s=1.0), kafka.traces_topic)
+    rec = _record()
+    with pytest.raises(Pending) as e:
+        encoder(rec)
+    assert e.value.key == b"chatcmpl-1" and "did not answer" in str(e.value)
+    assert e.value.value == codec.encode_pending(TRACE_EVENT, rec)
+    started = time.monotonic()
+    with pytest.raises(Pending, match="no schema id"):  # within the pause: no request at all
+        encoder.frame(e.value.value)
+    assert time.monotonic() - started < 0.05
 
 
 def test_no_speculation_has_no_drafter():

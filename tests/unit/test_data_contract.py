@@ -1,7 +1,7 @@
 """docs/data-contract.md agrees with the code: topics, configs, table, columns, properties, headers, schemas.
 
 The document is what other teams build on; every fact in it that the code also states is checked here,
-and its Python decoding snippet is executed against a message our codec wrote.
+and its Python decoding snippet is executed against messages our codec wrote, through the suite's registry.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from trace_events import trace
+from trace_events import UNREGISTERED_ID, encoded, trace
 
 from consumers.dead_letters import DeadLetter, dead_letter_headers
 from consumers.table import TABLE_PROPERTIES
@@ -21,11 +21,12 @@ from core.settings import KafkaSettings, LakeSettings
 from infra.topics import project_topics
 from schemas import codec
 from schemas.arrow import PARTITION_COLUMNS, traces_table_schema
-from schemas.registry import TRACE_EVENT, WINDOW_ANNOUNCEMENT, current, events, versions
+from schemas.registry import WINDOW_ANNOUNCEMENT, current, events, versions
+from schemas.schema_ids import subject, topic_events
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "data-contract.md"
-DECODE_REASONS = ["not-avro-single-object", "unknown-schema", "wrong-event-type", "malformed-avro"]
+DECODE_REASONS = ["not-confluent-avro", "unknown-schema", "wrong-event-type", "malformed-avro"]
 
 
 @pytest.fixture
@@ -87,9 +88,11 @@ def test_topic_keys_and_schemas(doc, defaults):
         for e in events()
         for v in versions(e)
     }
-    rows = table_rows(section(doc, "## Encoding of every message: Avro single-object encoding"))
+    rows = table_rows(section(doc, "## Encoding of every message: Confluent wire format"))
+    subjects = {event: subject(topic) for topic, event in topic_events(kafka).items()}
     for path, fp in fingerprints.items():
         assert rows[path][1] == f"`{fp}`", path
+        assert rows[path][2] == f"`{subjects[path.split('/')[2]]}`", path
     traces = table_rows(section(doc, f"### `{kafka.traces_topic}`"))
     assert "request id" in traces["key"][0]
     assert traces["value"][0].startswith("TraceEvent, `schemas/avro/trace_event/v1.avsc`")
@@ -131,25 +134,28 @@ def test_dead_letter_headers_and_reasons(doc, defaults):
         assert f"`{reason}`" in dlq, reason
 
 
-def test_the_python_decoding_snippet_reads_our_messages(doc, monkeypatch):
-    python = section(doc, "### Python: confluent-kafka + fastavro")
+@pytest.mark.integration
+def test_the_python_decoding_snippet_reads_our_messages(doc, monkeypatch, schema_ids, kafka_settings):
+    python = section(doc, "### Python: confluent-kafka's schema-registry deserializer")
     snippet = re.search(r"```python\n(.*?)```", python, re.S).group(1)
+    documented = KafkaSettings.model_fields["schema_registry_url"].default
+    assert f'"{documented}"' in snippet
+    snippet = snippet.replace(documented, kafka_settings.schema_registry_url)  # the suite's registry
     monkeypatch.chdir(REPO)  # the snippet reads schemas/avro relative to the working directory
     namespace: dict = {}
     exec(compile(snippet, str(DOC), "exec"), namespace)
 
     record = trace(3)
-    decoded = namespace["decode_trace"](codec.encode(TRACE_EVENT, record))
+    decoded = namespace["decode_trace"](encoded([record], schema_ids)[0])
     as_time = lambda us: None if us is None else datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)  # noqa: E731
     for name in ("arrival_time", "first_token_time", "finish_time"):
         assert decoded.pop(name) == as_time(record.pop(name))
     assert decoded == record  # floats of the test record are exact in float32
-    payload = codec.encode(TRACE_EVENT, trace(4))
+    payload = encoded([trace(4)], schema_ids)[0]
     for bad, error in [
-        (b"\xc3\x01" + b"\x13\x37" * 4 + payload[10:], "unknown writer schema"),
-        (b"random bytes", "not Avro single-object"),
-        (payload[: len(payload) // 2], "malformed Avro body"),
-        (payload + b"\x00", "trailing bytes"),
+        (codec.header(UNREGISTERED_ID) + payload[codec.HEADER_LEN :], "not found"),
+        (b"random bytes", "magic byte"),
+        (payload[: len(payload) // 2], None),
     ]:
-        with pytest.raises(ValueError, match=error):
+        with pytest.raises(Exception, match=error):
             namespace["decode_trace"](bad)

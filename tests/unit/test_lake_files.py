@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from trace_events import BASE_S, encoded, trace
+from trace_events import BASE_S, OFFLINE_IDS, encoded, trace
 
 from consumers.dead_letters import DeadLetter, dead_letter_headers, parse_headers
 from consumers.lake_files import TOKEN_COLUMNS, delta_stats, split_by_partition, write_data_files
@@ -22,7 +22,7 @@ def rows_at(observed: list[float], finish: list[float] | None = None) -> pa.Tabl
     finish = observed if finish is None else finish
     payloads = encoded([trace(i, finish_time_s=t) for i, t in enumerate(finish)])
     batch = MessageBatch.from_values(payloads, observed=[round(t * 1e6) for t in observed])
-    return pa.Table.from_batches([TraceBatchDecoder().decode(batch).rows])
+    return pa.Table.from_batches([TraceBatchDecoder(OFFLINE_IDS).decode(batch).rows])
 
 
 def test_split_by_partition_follows_ingest_time_hours_not_the_nodes_clock():

@@ -1,17 +1,23 @@
-"""The Avro schemas are the contract: documented, fingerprint-pinned, BACKWARD compatible, Arrow-derived."""
+"""The Avro schemas are the contract: documented, fingerprint-pinned, BACKWARD compatible, Arrow-derived.
+
+BACKWARD is judged by the Avro project's own checker (``avro.compatibility``, the Java library's port);
+the registry enforces the same rule on every registration (tests/integration/test_schema_registry.py).
+"""
 
 from __future__ import annotations
 
 import json
 import uuid
 
+import avro.schema
 import pyarrow as pa
 import pytest
+from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 from fastavro.utils import generate_many
+from trace_events import OFFLINE_IDS, UNREGISTERED_ID
 
 from schemas import codec
 from schemas.arrow import LAKE_COLUMNS, arrow_schema, traces_table_schema
-from schemas.compatibility import backward_problems
 from schemas.registry import (
     AVRO_DIR,
     DRAFTER_PROMOTION,
@@ -97,6 +103,18 @@ def test_released_versions_are_immutable():
     assert set(actual) == set(pinned), "new schema versions must be pinned in fingerprints.json"
 
 
+def backward_problems(reader: dict, writer: dict) -> list[str]:
+    """Why a reader with ``reader`` cannot read data written with ``writer`` (empty: it can)."""
+    result = ReaderWriterCompatibilityChecker().get_compatibility(
+        avro.schema.parse(json.dumps(reader)), avro.schema.parse(json.dumps(writer))
+    )
+    return [] if result.compatibility is SchemaCompatibilityType.compatible else sorted(result.messages)
+
+
+def roundtrip_ids(schema) -> int:
+    return OFFLINE_IDS.id_of(schema, "offline")
+
+
 @pytest.mark.parametrize("event", [TRACE_EVENT, DRAFTER_PROMOTION, WINDOW_ANNOUNCEMENT])
 def test_every_version_reads_all_older_versions(event):
     """BACKWARD (transitive): the newest reader resolves every released writer, structurally and on data."""
@@ -107,46 +125,59 @@ def test_every_version_reads_all_older_versions(event):
             f"{event} v{newest.version} cannot read v{old.version}"
         )
         for record in generate_many(old.parsed, 20):
-            _, decoded = codec.decode(codec.encode_with(old, record))
+            payload = codec.encode_with(old, record, roundtrip_ids(old))
+            _, decoded = codec.decode(payload, OFFLINE_IDS.version_of)
             assert set(decoded) == {f["name"] for f in newest.raw["fields"]}
 
 
 def test_round_trip_trace():
     rec = sample_trace()
-    payload = codec.encode(TRACE_EVENT, rec, check=True)
-    schema, decoded = codec.decode(payload, expect=TRACE_EVENT)
+    payload = codec.encode(TRACE_EVENT, rec, 1234567, check=True)
+    schema, decoded = codec.decode(payload, {1234567: current(TRACE_EVENT)}.get, expect=TRACE_EVENT)
     assert schema.version == 1 and decoded == rec
-    assert payload[:2] == b"\xc3\x01"
+    assert payload[:5] == b"\x00\x00\x12\xd6\x87"  # Confluent framing: magic 0, the id big-endian
 
 
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [
-        (b"", "not-avro-single-object"),
-        (b"random bytes that are not avro at all", "not-avro-single-object"),
-        (b"\xc3\x01" + b"\x00" * 8 + b"\x02", "unknown-schema"),
+        (b"", "not-confluent-avro"),
+        (b"random bytes that are not avro at all", "not-confluent-avro"),
+        (b"\x00\x00\x00\x01", "not-confluent-avro"),  # the header cut short
+        (b"\xc3\x01" + current(TRACE_EVENT).fingerprint + b"\x02", "not-confluent-avro"),  # single-object
+        (codec.header(UNREGISTERED_ID) + b"\x02", "unknown-schema"),
     ],
 )
 def test_decode_errors_have_stable_reasons(payload, reason):
     with pytest.raises(codec.DecodeError) as e:
-        codec.decode(payload)
+        codec.decode(payload, OFFLINE_IDS.version_of)
     assert e.value.reason == reason
 
 
 def test_truncated_and_padded_payloads_are_malformed():
-    payload = codec.encode(TRACE_EVENT, sample_trace())
+    payload = codec.encode(TRACE_EVENT, sample_trace(), roundtrip_ids(current(TRACE_EVENT)))
     for bad in (payload[: len(payload) // 2], payload + b"\x00\x00"):
         with pytest.raises(codec.DecodeError) as e:
-            codec.decode(bad)
+            codec.decode(bad, OFFLINE_IDS.version_of)
         assert e.value.reason == "malformed-avro"
 
 
 def test_wrong_event_type_is_rejected():
     promo = current(DRAFTER_PROMOTION)
-    payload = codec.encode_with(promo, next(iter(generate_many(promo.parsed, 1))))
+    payload = codec.encode_with(promo, next(iter(generate_many(promo.parsed, 1))), roundtrip_ids(promo))
     with pytest.raises(codec.DecodeError) as e:
-        codec.decode(payload, expect=TRACE_EVENT)
+        codec.decode(payload, OFFLINE_IDS.version_of, expect=TRACE_EVENT)
     assert e.value.reason == "wrong-event-type"
+
+
+def test_a_pending_value_is_framed_with_its_schemas_id_once_known():
+    """What the serving spill holds while the registry is away becomes the same message, id and all."""
+    rec = sample_trace()
+    pending = codec.encode_pending(TRACE_EVENT, rec)
+    assert pending[:2] == b"\xc3\x01" and pending[2:10] == current(TRACE_EVENT).fingerprint
+    framed = codec.frame(pending, lambda v: roundtrip_ids(v))
+    assert framed == codec.encode(TRACE_EVENT, rec, roundtrip_ids(current(TRACE_EVENT)))
+    assert codec.frame(framed, lambda v: 1 / 0) == framed  # already a message: left as it is
 
 
 # --- compatibility rules, table-driven ---------------------------------------------------------------

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.utils import generate_many
-from trace_events import encoded, poison_messages, trace
+from trace_events import OFFLINE_IDS, encoded, poison_messages, trace
 
 from consumers import avro_kernels as k
 from consumers.avro_program import ArrowProjection, FieldProgram, decode_rows
@@ -22,12 +22,14 @@ from schemas.registry import TRACE_EVENT, SchemaVersion, current
 
 @pytest.fixture(scope="module")
 def decoder() -> TraceBatchDecoder:
-    return TraceBatchDecoder()
+    return TraceBatchDecoder(OFFLINE_IDS)
 
 
 def fastavro_reference(payloads: list[bytes]) -> pa.Table:
     """What fastavro (schemas.codec) decodes, as the event's Arrow schema."""
-    return pa.Table.from_pylist([codec.decode(p)[1] for p in payloads], schema=arrow_schema(TRACE_EVENT))
+    return pa.Table.from_pylist(
+        [codec.decode(p, OFFLINE_IDS.version_of)[1] for p in payloads], schema=arrow_schema(TRACE_EVENT)
+    )
 
 
 def assert_columns_equal(got: pa.RecordBatch, want: pa.Table) -> None:
@@ -39,7 +41,7 @@ def assert_columns_equal(got: pa.RecordBatch, want: pa.Table) -> None:
 def test_generated_records_decode_like_fastavro(decoder):
     """Random values over the whole schema (extreme ints/longs, nulls, unicode, empty arrays)."""
     schema = current(TRACE_EVENT)
-    payloads = [codec.encode(TRACE_EVENT, r) for r in generate_many(schema.parsed, 300)]
+    payloads = encoded(list(generate_many(schema.parsed, 300)))
     events, index, rejected = decoder.decode_events(MessageBatch.from_values(payloads))
     assert rejected == [] and list(index) == list(range(300))
     assert_columns_equal(events, fastavro_reference(payloads))
@@ -144,7 +146,7 @@ def _tiny(fields: list[dict]) -> FieldProgram:
 )
 def test_kernel_status_codes(fields, body, status):
     program = _tiny(fields)
-    buf = np.frombuffer(b"\xc3\x01" + b"\x00" * 8 + body, dtype=np.uint8)
+    buf = np.frombuffer(codec.header(1) + body, dtype=np.uint8)
     rows = decode_rows(program, buf, np.array([0]), np.array([len(buf)]), np.array([0]))
     assert rows.status[0] == status
 
@@ -162,7 +164,7 @@ def test_older_writer_version_is_projected_onto_the_current_schema():
     for r in records:
         buf = io.BytesIO()
         schemaless_writer(buf, old_parsed, r)
-        payloads.append(b"\xc3\x01" + b"\x00" * 8 + buf.getvalue())
+        payloads.append(codec.header(1) + buf.getvalue())
     batch = MessageBatch.from_values(payloads)
     rows = decode_rows(
         FieldProgram.for_fields(old_parsed["fields"]), batch.buf, batch.starts, batch.ends, np.arange(50)
@@ -172,7 +174,7 @@ def test_older_writer_version_is_projected_onto_the_current_schema():
         ArrowProjection(reader, arrow_schema(TRACE_EVENT)).columns(rows, np.arange(50)),
         schema=arrow_schema(TRACE_EVENT),
     )
-    want = [schemaless_reader(io.BytesIO(p[10:]), old_parsed, reader.parsed) for p in payloads]
+    want = [schemaless_reader(io.BytesIO(p[codec.HEADER_LEN :]), old_parsed, reader.parsed) for p in payloads]
     assert_columns_equal(got, pa.Table.from_pylist(want, schema=arrow_schema(TRACE_EVENT)))
     assert got["capture_sample_rate"].to_pylist() == [1.0] * 50 and got["tenant"].null_count == 50
 
@@ -204,7 +206,7 @@ def test_type_promotions_follow_avro_resolution():
     record = {"a": -7, "b": [1, 2**31 - 1], "f": 1.5}
     buf = io.BytesIO()
     schemaless_writer(buf, parse_schema(writer), record)
-    payload = b"\xc3\x01" + b"\x00" * 8 + buf.getvalue()
+    payload = codec.header(1) + buf.getvalue()
     batch = MessageBatch.from_values([payload])
     rows = decode_rows(
         FieldProgram.for_fields(parse_schema(writer)["fields"]),
@@ -223,8 +225,5 @@ def test_type_promotions_follow_avro_resolution():
 def test_batches_with_only_poison_or_nothing(decoder):
     assert decoder.decode(MessageBatch.from_values([])).rows.num_rows == 0
     only_bad = decoder.decode(MessageBatch.from_values([b"x", None]))
-    assert (
-        only_bad.rows.num_rows == 0
-        and [r.reason for r in only_bad.rejected] == ["not-avro-single-object"] * 2
-    )
+    assert only_bad.rows.num_rows == 0 and [r.reason for r in only_bad.rejected] == ["not-confluent-avro"] * 2
     assert only_bad.rows.schema.equals(traces_table_schema())
