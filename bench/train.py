@@ -262,7 +262,7 @@ def default_table(settings: Settings, per_domain: int = 30) -> str:
     from bench.offline_traces import lake_rows, serve_to_records, write_traces
     from core.target_model import read_manifest
 
-    lake, options = settings.lake.traces_uri, settings.lake.storage_options or None
+    lake, options = settings.lake.traces_uri, settings.lake.delta_options()
     if (
         DeltaTable.is_deltatable(lake, storage_options=options)
         and DeltaTable(lake, storage_options=options).to_pyarrow_dataset().count_rows() > 0
@@ -302,7 +302,7 @@ def run(
     from trainer.trace_window import Window, WindowReader
 
     uri = table or default_table(settings)
-    options = (settings.lake.storage_options or None) if uri == settings.lake.traces_uri else None
+    options = (settings.lake.delta_options()) if uri == settings.lake.traces_uri else None
     reader = WindowReader(Window(uri, storage_options=options))
     rows, tokens = window_tokens(reader)
     target_dir = settings.serving.target_dir

@@ -45,7 +45,7 @@ def _micros(ts: datetime) -> int:
 def read_traces(lake: LakeSettings, columns: list[str], version: int | None = None):
     """(table, rows) of the traces table at ``version`` (latest when None), only ``columns``;
     (None, no rows) while the table does not exist yet."""
-    options = lake.storage_options or None
+    options = lake.delta_options()
     if version is None and not DeltaTable.is_deltatable(lake.traces_uri, storage_options=options):
         return None, pa.table({c: pa.array([], traces_table_schema().field(c).type) for c in columns})
     table = DeltaTable(lake.traces_uri, version=version, storage_options=options)
@@ -89,7 +89,7 @@ def rows_at(lake: LakeSettings, version: int) -> int:
     """Rows of the table at ``version``; 0 when that version was vacuumed away (all rows count as new).
     Counts without reading a column, so a version from before a schema change counts too."""
     try:
-        table = DeltaTable(lake.traces_uri, version=version, storage_options=lake.storage_options or None)
+        table = DeltaTable(lake.traces_uri, version=version, storage_options=lake.delta_options())
         return table.to_pyarrow_dataset().count_rows()
     except Exception:
         return 0
