@@ -138,6 +138,7 @@ class ObjectStore(ServiceSpec):
             "s3.port.lance": 0,
             "s3.iam": "false",
             "master.telemetry": "false",  # nothing leaves the machine
+            "master.electionTimeout": "1s",  # a master of one elects itself: 16 s with the default 10 s
             "master.volumeSizeLimitMB": 64,  # small volumes: a test lake does not reserve gigabytes
             "volume.max": 32,
         }
@@ -152,27 +153,30 @@ class ObjectStore(ServiceSpec):
             return False
 
     def after_healthy(self) -> None:
-        """Create the stack's bucket and write into it (idempotent): ``/healthz`` answers before the volume
-        server has registered with the master, and a put then hangs, so the stack is ready once one lands."""
+        """Write into the stack's bucket (the gateway creates it on an admin's first put; idempotent):
+        ``/healthz`` answers before the volume server has registered with the master, and a put then
+        hangs, so the stack is ready once one lands."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from deltalake.fs import DeltaStorageHandler
         from pyarrow import fs
 
-        s3 = fs.S3FileSystem(
-            access_key=ACCESS_KEY,
-            secret_key=secret_key(self.stack),
-            endpoint_override=f"http://{self.address}",
-            scheme="http",
-            region="us-east-1",
-            allow_bucket_creation=True,
-            connect_timeout=2,
-            request_timeout=5,
-            retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=1),
-        )
+        env = lake_env(self.stack)
+        options = {
+            "aws_endpoint_url": env["FLYWHEEL_LAKE_S3_ENDPOINT"],
+            "aws_access_key_id": ACCESS_KEY,
+            "aws_secret_access_key": env["FLYWHEEL_LAKE_S3_SECRET_ACCESS_KEY"],
+            "aws_region": "us-east-1",
+            "allow_http": "true",
+            "timeout": "2s",
+            "max_retries": "0",
+        }
         deadline = time.monotonic() + self.stack.start_timeout_s
         while True:
             try:
-                s3.create_dir(BUCKET)
-                with s3.open_output_stream(f"{BUCKET}/.ready") as probe:
-                    probe.write(b"ok")
+                bucket = fs.PyFileSystem(DeltaStorageHandler(f"s3://{BUCKET}", options))
+                with bucket.open_output_stream(".ready.parquet") as probe:  # the ingest's own write path
+                    pq.write_table(pa.table({"ready": [True]}), probe)
                 return
             except OSError as e:
                 if time.monotonic() > deadline:
