@@ -8,9 +8,14 @@ the readers and the storage settings themselves.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 from deltalake import DeltaTable, write_deltalake
-from lakes import objects
+from lakes import lake_env, objects
 from trace_events import IDENTITY, encoded, produce, trace
 
 from consumers.delta_sink import IngestOptions, TraceIngest
@@ -81,3 +86,26 @@ def test_two_writers_of_one_version_on_s3_both_commits_survive(lake: LakeSetting
     final = DeltaTable(lake.traces_uri, storage_options=options)
     assert final.version() == 2
     assert sorted(final.to_pyarrow_table()["x"].to_pylist()) == [0, 1, 2]
+
+
+SPARK_COUNT = """
+import json, sys
+from core.settings import get_settings
+from consumers.spark_session import delta_spark_session
+settings = get_settings()
+spark = delta_spark_session("s3-lake", settings.spark, lake=settings.lake)
+df = spark.read.format("delta").load(settings.lake.traces_uri)
+print(json.dumps({"rows": df.count(), "ids": df.select("request_id").distinct().count()}))
+"""
+
+
+def test_spark_reads_the_s3_lake_with_the_same_settings(lake_with_traces, tmp_path):
+    """The analysts' Spark session (hadoop-aws from Maven through Ivy, S3A from ``lake_conf``) reads the
+    table the ingest wrote, given nothing but the ``FLYWHEEL_LAKE_*`` environment. In a subprocess: the
+    JVM's packages are fixed at its start, and this one needs hadoop-aws."""
+    env = os.environ | lake_env(lake_with_traces) | {"FLYWHEEL_SPARK_JVM_LOG": str(tmp_path / "spark.log")}
+    run = subprocess.run(
+        [sys.executable, "-c", SPARK_COUNT], env=env, capture_output=True, text=True, timeout=540
+    )
+    assert run.returncode == 0, run.stderr[-3000:] + (tmp_path / "spark.log").read_text()[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"rows": EVENTS, "ids": EVENTS}
