@@ -4,8 +4,8 @@
 steps: decoding, producing dead letters, writing Parquet, committing. After every run the table must hold
 each event once: rows == produced, event_id unique, (kafka_partition, kafka_offset) unique.
 
-Each test runs on a local lake and on the suite's S3 server (the ``lake`` fixture): on S3 a commit is a
-put with If-None-Match (``LakeSettings.s3_conditional_put``), which the zombie writers race on.
+The kill and zombie tests run on a local lake and on the suite's S3 server (the ``lake`` fixture): on S3 a
+commit is a put with If-None-Match, which the zombie writers race on.
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     )
 
 
+@pytest.mark.parametrize("lake", ["local"], indirect=True)  # a group protocol test: the store adds nothing
 def test_two_consumers_rebalance_mid_stream(kafka_settings, topic_factory, tmp_path, pycache, lake):
     topic, dlq = topic_factory(partitions=4), topic_factory(prefix="dlq")
     records = [trace(i) for i in range(3000)]
