@@ -36,7 +36,7 @@ def traffic(settings: Settings, table: str | None) -> HeldoutTraffic:
 
     cycle, lake = settings.cycle, settings.lake
     uri = table or lake.traces_uri
-    options = lake.storage_options or None
+    options = lake.delta_options()
     if lake.heldout_fraction > 0 and DeltaTable.is_deltatable(uri, storage_options=options):
         model_id, revision = target_identity(settings.serving.target_dir)  # the served target's traces
         reader = WindowReader(

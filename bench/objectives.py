@@ -62,7 +62,7 @@ def heldout_reader(settings: Settings, table: str):
     return WindowReader(
         Window(
             table,
-            storage_options=lake.storage_options or None,
+            storage_options=lake.delta_options(),
             heldout_fraction=lake.heldout_fraction,
             heldout="only",
             target_model_id=model_id,

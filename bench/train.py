@@ -80,11 +80,20 @@ def window_tokens(reader) -> tuple[int, int]:
     return rows, tokens
 
 
-def measure_throughput(table: str, target: Path, steps: int, draft_vocab_size: int, pack_tokens: int) -> dict:
+def measure_throughput(
+    table: str,
+    target: Path,
+    steps: int,
+    draft_vocab_size: int,
+    pack_tokens: int,
+    storage_options: dict[str, str] | None = None,
+) -> dict:
     from trainer.train_loop import DrafterTrainingRecipe
     from trainer.unroll_batch import pack_features
 
-    recipe = DrafterTrainingRecipe(_recipe(table, target, draft_vocab_size, pack_tokens), argv=["bench"])
+    recipe = DrafterTrainingRecipe(
+        _recipe(table, target, draft_vocab_size, pack_tokens), argv=["bench"], storage_options=storage_options
+    )
     recipe.setup()
     stream = recipe.train_packs()
     recipe.train_step(pack_features(recipe.target, next(stream), recipe.draft_ids))  # warm up kernels
@@ -187,15 +196,20 @@ def measure_kernels(recipe, pf, repeats: int = KERNEL_REPEATS) -> dict:
     }
 
 
-def replicate_window(table: str, out_uri: str, factor: int) -> str:
+def replicate_window(
+    table: str, out_uri: str, factor: int, storage_options: dict[str, str] | None = None
+) -> str:
     """A longer window: the table's rows ``factor`` times, each copy with new event ids, offsets after the
-    last and finish times shifted past the previous copy (so the copy lands later in the window)."""
+    last and finish times shifted past the previous copy (so the copy lands later in the window). ``table``
+    is read with ``storage_options`` (the lake's, when it is the lake); the copy is a local scratch table."""
     from deltalake import DeltaTable
 
     from bench.offline_traces import lake_rows, write_traces
     from schemas.arrow import traces_table_schema
 
-    base = pa.table(DeltaTable(table).to_pyarrow_table()).select(traces_table_schema().names)
+    base = pa.table(DeltaTable(table, storage_options=storage_options).to_pyarrow_table()).select(
+        traces_table_schema().names
+    )
     span = pc.max(base["finish_time"]).value - pc.min(base["finish_time"]).value + 1_000_000
     records = base.drop_columns(
         ["kafka_partition", "kafka_offset", "ingest_time", "date", "hour"]
@@ -262,7 +276,7 @@ def default_table(settings: Settings, per_domain: int = 30) -> str:
     from bench.offline_traces import lake_rows, serve_to_records, write_traces
     from core.target_model import read_manifest
 
-    lake, options = settings.lake.traces_uri, settings.lake.storage_options or None
+    lake, options = settings.lake.traces_uri, settings.lake.delta_options()
     if (
         DeltaTable.is_deltatable(lake, storage_options=options)
         and DeltaTable(lake, storage_options=options).to_pyarrow_dataset().count_rows() > 0
@@ -302,7 +316,7 @@ def run(
     from trainer.trace_window import Window, WindowReader
 
     uri = table or default_table(settings)
-    options = (settings.lake.storage_options or None) if uri == settings.lake.traces_uri else None
+    options = (settings.lake.delta_options()) if uri == settings.lake.traces_uri else None
     reader = WindowReader(Window(uri, storage_options=options))
     rows, tokens = window_tokens(reader)
     target_dir = settings.serving.target_dir
@@ -324,10 +338,10 @@ def run(
         "pack_tokens": pack_tokens,
         "torch_threads": torch.get_num_threads(),
     }
-    result |= measure_throughput(uri, target_dir, steps, draft_vocab_size, pack_tokens)
+    result |= measure_throughput(uri, target_dir, steps, draft_vocab_size, pack_tokens, options)
     factor = max(2, math.ceil(large_rows / rows))
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        large = replicate_window(uri, str(Path(tmp) / "traces"), factor)
+        large = replicate_window(uri, str(Path(tmp) / "traces"), factor, options)
         small_probe = _probe_subprocess(uri, target_dir, draft_vocab_size, pack_tokens)
         large_probe = _probe_subprocess(large, target_dir, draft_vocab_size, pack_tokens)
     result |= {

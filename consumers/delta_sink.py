@@ -201,7 +201,7 @@ class TraceIngest:
             self.consumer.close()
             raise
         self.metrics.table_version.set(self.table.version())
-        writer_table = DeltaTable(lake.traces_uri, storage_options=lake.storage_options or None)
+        writer_table = DeltaTable(lake.traces_uri, storage_options=lake.delta_options())
         self.dlq = DeadLetterProducer(kafka, kafka.dlq_topic)
         self.worker = CommitWorker(
             DeltaCommitter(writer_table, table_filesystem(lake), self.dlq, self.app_id)

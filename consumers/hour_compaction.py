@@ -65,7 +65,7 @@ class HourCompactor:
 
     def _pass(self, now_s: float) -> None:
         try:
-            dt = DeltaTable(self.lake.traces_uri, storage_options=self.lake.storage_options or None)
+            dt = DeltaTable(self.lake.traces_uri, storage_options=self.lake.delta_options())
             now = datetime.fromtimestamp(now_s, UTC)
             plan = plan_retention(partitions_of(dt), now, self.lake.retention_days, grace=self.grace)
             for p in plan.compact:

@@ -148,7 +148,7 @@ def run_retention(
     commit that loses a race with the ingest's is re-planned on the new table version and applied again
     (each step is idempotent), up to ``attempts`` times."""
     days = retention_days or lake.retention_days
-    options = lake.storage_options or None
+    options = lake.delta_options()
     if not DeltaTable.is_deltatable(lake.traces_uri, storage_options=options):
         return RetentionReport(plan_retention([], now, days), dry_run)
     for attempt in range(1, attempts + 1):

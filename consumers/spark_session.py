@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.settings import KafkaSettings, SparkSettings
+from core.settings import KafkaSettings, LakeSettings, SparkSettings
 from schemas.codec import HEADER_LEN, MAGIC, MALFORMED, NOT_CONFLUENT, UNKNOWN_SCHEMA, WRONG_EVENT
 from schemas.registry import TRACE_EVENT, SchemaVersion, current
 
@@ -35,7 +35,7 @@ SCALA = "2.13"  # pyspark 4.x is built for Scala 2.13 only
 DECODED = "ok"
 
 
-def spark_packages(*, kafka: bool, avro: bool) -> list[str]:
+def spark_packages(*, kafka: bool, avro: bool, s3: bool = False) -> list[str]:
     """Maven coordinates besides delta-spark (which ``configure_spark_with_delta_pip`` adds)."""
     import importlib.metadata
 
@@ -45,7 +45,44 @@ def spark_packages(*, kafka: bool, avro: bool) -> list[str]:
         packages.append(f"org.apache.spark:spark-sql-kafka-0-10_{SCALA}:{spark}")
     if avro:
         packages.append(f"org.apache.spark:spark-avro_{SCALA}:{spark}")
+    if s3:  # S3A must match the Hadoop that pyspark bundles (and brings the AWS SDK v2 bundle)
+        packages.append(f"org.apache.hadoop:hadoop-aws:{bundled_hadoop_version()}")
     return packages
+
+
+def bundled_hadoop_version() -> str:
+    """The Hadoop version of pyspark's own client jars (``hadoop-client-api-<version>.jar``)."""
+    import pyspark
+
+    jars = sorted((Path(pyspark.__file__).parent / "jars").glob("hadoop-client-api-*.jar"))
+    if not jars:
+        raise RuntimeError("pyspark bundles no hadoop-client-api jar: cannot pick a matching hadoop-aws")
+    return jars[-1].stem.removeprefix("hadoop-client-api-")
+
+
+def lake_conf(lake: LakeSettings) -> dict[str, str]:
+    """Hadoop S3A properties for a lake on S3, from the same settings delta-rs reads
+    (``LakeSettings.delta_options``); empty for a local lake. ``s3://`` URIs, the ones the ingest writes
+    and the windows name, are served by S3A too."""
+    if not lake.on_s3:
+        return {}
+    conf = {
+        "fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
+        "fs.s3a.endpoint.region": lake.s3_region,
+    }
+    if lake.s3_endpoint:  # an S3-compatible server: path-style buckets, plain HTTP when the URL says so
+        conf |= {
+            "fs.s3a.endpoint": lake.s3_endpoint,
+            "fs.s3a.path.style.access": "true",
+            "fs.s3a.connection.ssl.enabled": str(lake.s3_endpoint.startswith("https://")).lower(),
+        }
+    if lake.s3_access_key_id and lake.s3_secret_access_key:
+        conf |= {
+            "fs.s3a.aws.credentials.provider": "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
+            "fs.s3a.access.key": lake.s3_access_key_id,
+            "fs.s3a.secret.key": lake.s3_secret_access_key.get_secret_value(),
+        }
+    return {f"spark.hadoop.{k}": v for k, v in conf.items()}
 
 
 def session_conf(settings: SparkSettings, app_name: str) -> dict[str, str]:
@@ -76,11 +113,13 @@ def delta_spark_session(
     kafka: bool = False,
     avro: bool | None = None,
     conf: dict[str, str] | None = None,
+    lake: LakeSettings | None = None,
 ) -> SparkSession:
     """A SparkSession with Delta Lake (and, with ``kafka``, the Kafka source and ``from_avro``).
 
-    ``avro`` defaults to ``kafka`` (decoding the topics needs it). Packages are fixed when the JVM starts:
-    an already running session of this process is returned as is, so ask for ``kafka=True`` first.
+    ``avro`` defaults to ``kafka`` (decoding the topics needs it). ``lake`` on S3 adds hadoop-aws and the
+    S3A settings of :func:`lake_conf`. Packages are fixed when the JVM starts: an already running session of
+    this process is returned as is, so ask for ``kafka=True`` (and the lake) first.
     The JVM's own output goes to ``settings.jvm_log``; a JVM that fails to start raises with its tail.
     """
     from delta import configure_spark_with_delta_pip
@@ -90,9 +129,11 @@ def delta_spark_session(
     os.environ.setdefault("SPARK_LOCAL_IP", settings.local_ip)
     settings.ivy_dir.mkdir(parents=True, exist_ok=True)
     builder = SparkSession.builder
-    for key, value in (session_conf(settings, app_name) | (conf or {})).items():
+    s3 = lake is not None and lake.on_s3
+    every = session_conf(settings, app_name) | (lake_conf(lake) if s3 else {}) | (conf or {})
+    for key, value in every.items():
         builder = builder.config(key, value)
-    packages = spark_packages(kafka=kafka, avro=kafka if avro is None else avro)
+    packages = spark_packages(kafka=kafka, avro=kafka if avro is None else avro, s3=s3)
     builder = configure_spark_with_delta_pip(builder, extra_packages=packages)
     if SparkContext._gateway is not None:  # this process already runs a JVM: nothing is spawned
         spark = builder.getOrCreate()

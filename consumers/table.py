@@ -202,7 +202,7 @@ def open_or_create(lake: LakeSettings, properties: dict[str, str] | None = None)
 
     ``properties`` overrides TABLE_PROPERTIES at creation only (tests shorten retention durations).
     """
-    uri, options = lake.traces_uri, lake.storage_options or None
+    uri, options = lake.traces_uri, lake.delta_options()
     if not DeltaTable.is_deltatable(uri, storage_options=options):
         try:
             DeltaTable.create(
@@ -241,4 +241,4 @@ def table_filesystem(lake: LakeSettings) -> pafs.FileSystem:
         return pafs.SubTreeFileSystem(uri.removeprefix("file://"), pafs.LocalFileSystem())
     from deltalake.fs import DeltaStorageHandler
 
-    return pafs.PyFileSystem(DeltaStorageHandler(uri, lake.storage_options or None))
+    return pafs.PyFileSystem(DeltaStorageHandler(uri, lake.delta_options()))

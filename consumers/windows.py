@@ -46,7 +46,7 @@ def _micros(ts: datetime) -> int:
 
 def open_traces(lake: LakeSettings, version: int | None = None) -> DeltaTable | None:
     """The traces table at ``version`` (latest when None); None while it does not exist yet."""
-    options = lake.storage_options or None
+    options = lake.delta_options()
     if version is None and not DeltaTable.is_deltatable(lake.traces_uri, storage_options=options):
         return None
     return DeltaTable(lake.traces_uri, version=version, storage_options=options)

@@ -42,6 +42,10 @@ class StackSettings(BaseSettings):
         "kafka_port + 2(i-1) and kafka_controller_port + 2(i-1), services kafka, kafka-2, kafka-3, ...",
     )
     mlflow_port: int = Field(5000, description="MLflow tracking server")
+    s3_port: int = Field(
+        8333,
+        description="S3 gateway of the local object store (SeaweedFS: its other ports are the next 3, +1000)",
+    )
     airflow_port: int = Field(8080, description="Airflow standalone API server / UI")
     registry_port: int = Field(8081, description="schema registry (Apicurio, Confluent-compatible API)")
     registry_heap: str = Field("256m", description="schema registry JVM -Xmx")
@@ -168,7 +172,20 @@ class LakeSettings(BaseSettings):
         description="local path or s3://, gs://, az:// URI",
     )
     traces_table: str = "traces"
-    storage_options: dict[str, str] = Field(default_factory=dict, description="delta-rs storage options")
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="any other delta-rs storage option (JSON); wins over the s3_* ones"
+    )
+    s3_endpoint: str | None = Field(
+        None, description="S3-compatible server (MinIO, Ceph RGW, SeaweedFS) URL; unset: AWS S3 itself"
+    )
+    s3_access_key_id: str | None = Field(None, description="S3 access key (unset: the AWS default chain)")
+    s3_secret_access_key: SecretStr | None = None
+    s3_region: str = Field("us-east-1", description="S3 region (most S3-compatible servers accept any)")
+    s3_conditional_put: str | None = Field(
+        "etag",
+        description="delta-rs `conditional_put`: commits are a put with If-None-Match, atomic without a lock "
+        "table (AWS S3, MinIO, SeaweedFS, R2 support it); empty for a server that does not",
+    )
     retention_days: int = Field(7, description="trace partitions older than this are deleted")
     heldout_fraction: float = Field(
         0.1,
@@ -184,6 +201,28 @@ class LakeSettings(BaseSettings):
         if "://" in self.root:
             return f"{self.root.rstrip('/')}/{self.traces_table}"
         return str(Path(self.root).resolve() / self.traces_table)
+
+    @property
+    def on_s3(self) -> bool:
+        return self.root.startswith(("s3://", "s3a://"))
+
+    def delta_options(self) -> dict[str, str] | None:
+        """delta-rs ``storage_options`` for every reader and writer of the lake: the one place the s3_*
+        settings become client options (None for a local lake with nothing set)."""
+        options: dict[str, str] = {}
+        if self.on_s3:
+            options["aws_region"] = self.s3_region
+            if self.s3_endpoint:
+                options["aws_endpoint_url"] = self.s3_endpoint
+                options["allow_http"] = str(self.s3_endpoint.startswith("http://")).lower()
+            if self.s3_access_key_id:
+                options["aws_access_key_id"] = self.s3_access_key_id
+            if self.s3_secret_access_key:
+                options["aws_secret_access_key"] = self.s3_secret_access_key.get_secret_value()
+            if self.s3_conditional_put:
+                options["conditional_put"] = self.s3_conditional_put
+        options.update(self.storage_options)
+        return options or None
 
 
 class IngestSettings(BaseSettings):

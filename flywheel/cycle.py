@@ -265,7 +265,7 @@ def heldout_traffic(settings: Settings, window: TraceWindow) -> HeldoutTraffic:
                 window.start,
                 window.end,
                 window.version,
-                storage_options=lake.storage_options or None,
+                storage_options=lake.delta_options(),
                 heldout_fraction=lake.heldout_fraction,
                 heldout="only",
                 target_model_id=model_id,

@@ -14,7 +14,7 @@ from core.settings import get_settings
 
 console = Console()
 stack_app = typer.Typer(
-    help="Run the embedded local stack (Kafka KRaft broker, MLflow server, Airflow standalone).",
+    help="Run the embedded local stack (Kafka KRaft broker, MLflow server, S3 object store, Airflow standalone).",
     no_args_is_help=True,
 )
 topics_app = typer.Typer(
@@ -39,8 +39,9 @@ def _status_table(rows) -> Table:
 
 @stack_app.command("install")
 def stack_install() -> None:
-    """Install without starting: fetch the Kafka jars and the schema registry with Maven, format Kafka storage,
-    make data dirs; build helm (deploy/helm's lint and render) from the Go module proxy into the cache."""
+    """Install without starting: fetch the Kafka jars and the schema registry with Maven, build the S3 server
+    (SeaweedFS) with Go, format Kafka storage, make data dirs; build helm (deploy/helm's lint and render) from
+    the Go module proxy into the cache."""
     from infra import stack
     from infra.helm import ensure_helm
 
@@ -163,9 +164,22 @@ def stack_credentials(
         print(f"export {name}={shlex.quote(value)}")
 
 
+@stack_app.command("s3-env")
+def stack_s3_env() -> None:
+    """Print the exports that put the lake on the local object store (service s3):
+    `eval "$(flywheel stack s3-env)"` sets FLYWHEEL_LAKE_ROOT=s3://flywheel/lake, the endpoint and the keys.
+    For a real S3, MinIO or Ceph set the same FLYWHEEL_LAKE_* variables yourself (see README)."""
+    import shlex
+
+    from infra.stack.object_store import lake_env
+
+    for name, value in lake_env(get_settings().stack).items():
+        print(f"export {name}={shlex.quote(value)}")
+
+
 @stack_app.command("logs")
 def stack_logs(
-    service: Annotated[str, typer.Argument(help="kafka (kafka-2, ... in a cluster) | mlflow | airflow")],
+    service: Annotated[str, typer.Argument(help="kafka (kafka-2, ... in a cluster) | mlflow | s3 | airflow")],
     lines: Annotated[int, typer.Option("-n", "--lines", help="how many trailing lines")] = 50,
     follow: Annotated[bool, typer.Option("-f", "--follow", help="keep printing new lines")] = False,
 ) -> None:

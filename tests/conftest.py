@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from user_state import TEST_STACK_ENV, USER_PATH_VARIABLES, snapshot, user_stack
 
-from core.settings import KafkaSettings, MlflowSettings, ServingSettings, StackSettings
+from core import process
+from core.settings import KafkaSettings, LakeSettings, MlflowSettings, ServingSettings, StackSettings
 from infra.stack.schema_registry import registry_url
 from schemas.schema_ids import SchemaIds, register_all
 
@@ -134,6 +135,36 @@ def topic_factory(kafka_settings: KafkaSettings) -> Iterator[Callable[..., str]]
     yield make
     if made:
         delete_topics(admin, made)
+
+
+@pytest.fixture(scope="session")
+def object_store(stack_settings: StackSettings) -> Iterator[StackSettings]:
+    """The suite's S3 server (service ``s3``, SeaweedFS on 18333), started on first use and kept for the
+    session; stopped at the end only if started here. A server that cannot start fails the test."""
+    from infra import stack
+
+    ran = process.read_pid(stack.service("s3", stack_settings)) is not None
+    stack.up(stack_settings, only=["s3"])
+    yield stack_settings
+    if not ran:
+        stack.down(stack_settings, only=["s3"])
+
+
+@pytest.fixture(params=["local", "s3"])
+def lake(request: pytest.FixtureRequest, tmp_path) -> LakeSettings:
+    """The test's own lake, once on local disk and once on the suite's S3 server (a fresh prefix of its
+    bucket), with the settings a deployment would use: ``FLYWHEEL_LAKE_ROOT=s3://...`` and the keys."""
+    if request.param == "local":
+        return LakeSettings(root=str(tmp_path / "lake"))
+    from infra.stack.object_store import lake_env
+
+    env = lake_env(request.getfixturevalue("object_store"))
+    return LakeSettings(
+        root=f"{env['FLYWHEEL_LAKE_ROOT']}/{uuid.uuid4().hex[:12]}",
+        s3_endpoint=env["FLYWHEEL_LAKE_S3_ENDPOINT"],
+        s3_access_key_id=env["FLYWHEEL_LAKE_S3_ACCESS_KEY_ID"],
+        s3_secret_access_key=env["FLYWHEEL_LAKE_S3_SECRET_ACCESS_KEY"],
+    )
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,9 @@ from typing import Any
 
 from confluent_kafka import Producer
 from fastavro.utils import generate_many
+from lakes import lake_env
 
-from core.settings import KafkaSettings
+from core.settings import KafkaSettings, LakeSettings
 from producers.trace_record import ServingIdentity, build_trace_record
 from schemas import codec
 from schemas.registry import DRAFTER_PROMOTION, TRACE_EVENT, WINDOW_ANNOUNCEMENT, SchemaVersion, current
@@ -172,21 +173,29 @@ def read_dlq(kafka: KafkaSettings, topic: str) -> list[Any]:
 
 
 def ingest_env(
-    kafka: KafkaSettings, traces_topic: str, dlq_topic: str, lake_root: str, pycache: str | None = None
+    kafka: KafkaSettings,
+    traces_topic: str,
+    dlq_topic: str,
+    lake: str | LakeSettings,
+    pycache: str | None = None,
 ) -> dict[str, str]:
-    """Environment for a `flywheel ingest` subprocess pointed at the test's broker, topics and lake.
+    """Environment for a `flywheel ingest` subprocess pointed at the test's broker, topics and lake
+    (``lake``: a local root, or the settings of a lake anywhere).
 
     ``pycache``: a private bytecode cache. Where PYTHONDONTWRITEBYTECODE is set, every restart would
     otherwise recompile numba, pyarrow & co. from source (seconds per start, times 11 starts).
     """
     import os
 
-    env = os.environ | {
-        "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "FLYWHEEL_KAFKA_TRACES_TOPIC": traces_topic,
-        "FLYWHEEL_KAFKA_DLQ_TOPIC": dlq_topic,
-        "FLYWHEEL_LAKE_ROOT": lake_root,
-    }
+    env = (
+        os.environ
+        | {
+            "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+            "FLYWHEEL_KAFKA_TRACES_TOPIC": traces_topic,
+            "FLYWHEEL_KAFKA_DLQ_TOPIC": dlq_topic,
+        }
+        | lake_env(LakeSettings(root=lake) if isinstance(lake, str) else lake)
+    )
     if pycache:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = pycache

@@ -18,7 +18,14 @@ from core.settings import StackSettings
 REPO = Path(__file__).resolve().parents[1]
 TEST_STATE_DIR = REPO / ".flywheel" / "test-stack"
 TEST_HOST = "127.0.0.1"
-TEST_PORTS = {"kafka": 19092, "kafka_controller": 19093, "registry": 18081, "mlflow": 15000, "airflow": 18080}
+TEST_PORTS = {
+    "kafka": 19092,
+    "kafka_controller": 19093,
+    "registry": 18081,
+    "mlflow": 15000,
+    "airflow": 18080,
+    "s3": 18333,
+}
 TEST_STACK_ENV = {
     "FLYWHEEL_STACK_STATE_DIR": str(TEST_STATE_DIR),
     "FLYWHEEL_STACK_HOST": TEST_HOST,
@@ -27,6 +34,7 @@ TEST_STACK_ENV = {
     "FLYWHEEL_STACK_REGISTRY_PORT": str(TEST_PORTS["registry"]),
     "FLYWHEEL_STACK_MLFLOW_PORT": str(TEST_PORTS["mlflow"]),
     "FLYWHEEL_STACK_AIRFLOW_PORT": str(TEST_PORTS["airflow"]),
+    "FLYWHEEL_STACK_S3_PORT": str(TEST_PORTS["s3"]),  # its weed master/volume/filer: 18334-6, gRPC 19333-6
     "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": f"{TEST_HOST}:{TEST_PORTS['kafka']}",
     "FLYWHEEL_KAFKA_SCHEMA_REGISTRY_URL": f"http://{TEST_HOST}:{TEST_PORTS['registry']}/apis/ccompat/v7",
     "FLYWHEEL_MLFLOW_TRACKING_URI": f"http://{TEST_HOST}:{TEST_PORTS['mlflow']}",
@@ -34,9 +42,14 @@ TEST_STACK_ENV = {
 # Modules that start services of their own (auth on, a standalone Airflow) bind these: never the suite's
 # stack above, which another run may be using, nor the user's.
 OWN_PORTS = {"kafka": 19192, "kafka_controller": 19193, "registry": 18281, "mlflow": 15100, "airflow": 18180}
-# Paths the user may have set on their own; unset, each follows the suite's state dir like the rest.
+# Paths the user may have set on their own; unset, each follows the suite's state dir like the rest (and
+# the user's object-store lake settings go with the root: a test lake names its own).
 USER_PATH_VARIABLES = (
     "FLYWHEEL_LAKE_ROOT",
+    "FLYWHEEL_LAKE_STORAGE_OPTIONS",
+    "FLYWHEEL_LAKE_S3_ENDPOINT",
+    "FLYWHEEL_LAKE_S3_ACCESS_KEY_ID",
+    "FLYWHEEL_LAKE_S3_SECRET_ACCESS_KEY",
     "FLYWHEEL_MLFLOW_ARTIFACT_CACHE_DIR",
     "FLYWHEEL_SERVING_SPILL_DIR",
     "FLYWHEEL_TRAINING_OUTPUT_DIR",

@@ -133,7 +133,7 @@ def replay_eval(
                 end,
                 version,
                 after_version,
-                storage_options=settings.lake.storage_options or None,
+                storage_options=settings.lake.delta_options(),
                 target_model_id=model_id,
                 target_revision=revision,
             )

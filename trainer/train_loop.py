@@ -505,7 +505,7 @@ def run_recipe(
         cfg,
         argv,
         settings.mlflow if settings is not None else None,
-        storage_options=(settings.lake.storage_options or None) if settings is not None else None,
+        storage_options=(settings.lake.delta_options()) if settings is not None else None,
     )
     recipe.setup()
     try:

@@ -158,9 +158,9 @@ class BackgroundIngest:
 def _table(lake: LakeSettings):
     from deltalake import DeltaTable
 
-    if not DeltaTable.is_deltatable(lake.traces_uri, storage_options=lake.storage_options or None):
+    if not DeltaTable.is_deltatable(lake.traces_uri, storage_options=lake.delta_options()):
         return None
-    return DeltaTable(lake.traces_uri, storage_options=lake.storage_options or None)
+    return DeltaTable(lake.traces_uri, storage_options=lake.delta_options())
 
 
 def rows_from(lake: LakeSettings, node: str, since: datetime) -> tuple[int, datetime | None]:

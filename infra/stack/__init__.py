@@ -1,5 +1,5 @@
-"""The embedded local stack: Kafka (KRaft), the schema registry, MLflow and Airflow standalone, started and
-stopped as one unit.
+"""The embedded local stack: Kafka (KRaft), the schema registry, MLflow, an S3 object store (SeaweedFS) and
+Airflow standalone, started and stopped as one unit.
 
 Each service is a ServiceSpec, so adding one is one class and one line in ``services()``.
 """
@@ -14,6 +14,7 @@ from core.settings import StackSettings
 from infra.stack.airflow_server import AirflowStandalone, DagState
 from infra.stack.kafka_broker import AUTH_CLUSTER, KafkaBroker, bootstrap_servers
 from infra.stack.mlflow_server import MlflowServer
+from infra.stack.object_store import ObjectStore
 from infra.stack.schema_registry import SchemaRegistry, registry_url
 
 __all__ = [
@@ -46,7 +47,7 @@ def services(stack: StackSettings) -> list[ServiceSpec]:
     """Every service of the local stack, in start order (Kafka nodes first: kafka, kafka-2, ...)."""
     nodes = kafka_nodes(stack)
     kafka = [KafkaBroker(stack, node, nodes) for node in range(1, nodes + 1)]
-    return [*kafka, SchemaRegistry(stack), MlflowServer(stack), AirflowStandalone(stack)]
+    return [*kafka, SchemaRegistry(stack), MlflowServer(stack), ObjectStore(stack), AirflowStandalone(stack)]
 
 
 def _chosen(spec: ServiceSpec, only: list[str] | None) -> bool:

@@ -3,6 +3,9 @@
 `flywheel ingest` runs as a subprocess with small flushes (many commits), so kills land between any two
 steps: decoding, producing dead letters, writing Parquet, committing. After every run the table must hold
 each event once: rows == produced, event_id unique, (kafka_partition, kafka_offset) unique.
+
+The kill and zombie tests run on a local lake and on the suite's S3 server (the ``lake`` fixture): on S3 a
+commit is a put with If-None-Match, which the zombie writers race on.
 """
 
 from __future__ import annotations
@@ -15,12 +18,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from deltalake import DeltaTable
+from lakes import commits, open_table
 from trace_events import encoded, ingest_env, poison_messages, produce, read_dlq, trace
 
 from consumers.dead_letters import parse_headers
@@ -40,26 +42,21 @@ def ingest_cmd(group: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "flywheel.cli", "ingest", "--group", group, "--no-progress", *extra]
 
 
-def commits(uri: Path) -> int:
-    log = uri / "_delta_log"
-    return len(list(log.glob("*.json"))) if log.exists() else 0
-
-
-def assert_exactly_once(uri: Path, expected_ids: set[str]) -> pa.Table:
-    table = DeltaTable(str(uri)).to_pyarrow_table(columns=["event_id", "kafka_partition", "kafka_offset"])
-    assert table.num_rows == len(expected_ids), "rows != events produced"
-    assert set(table["event_id"].to_pylist()) == expected_ids, "missing or unexpected events"
+def assert_exactly_once(lake, expected_ids: set[str]) -> pa.Table:
+    rows = open_table(lake).to_pyarrow_table(columns=["event_id", "kafka_partition", "kafka_offset"])
+    assert rows.num_rows == len(expected_ids), "rows != events produced"
+    assert set(rows["event_id"].to_pylist()) == expected_ids, "missing or unexpected events"
     pairs = pc.count_distinct(
         pc.binary_join_element_wise(
-            pc.cast(table["kafka_partition"], pa.string()), pc.cast(table["kafka_offset"], pa.string()), ":"
+            pc.cast(rows["kafka_partition"], pa.string()), pc.cast(rows["kafka_offset"], pa.string()), ":"
         )
     )
-    assert pairs.as_py() == table.num_rows, "a (partition, offset) appears twice"
-    return table
+    assert pairs.as_py() == rows.num_rows, "a (partition, offset) appears twice"
+    return rows
 
 
 def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
-    kafka_settings, schema_ids, topic_factory, tmp_path, pycache
+    kafka_settings, schema_ids, topic_factory, tmp_path, pycache, lake
 ):
     topic, dlq = topic_factory(partitions=3), topic_factory(prefix="dlq")
     records = [trace(i) for i in range(3000)]
@@ -70,8 +67,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
         values.insert(rng.randrange(len(values)), v)
     produce(kafka_settings, topic, values)
     expected = {r["event_id"] for r in records}
-    env = ingest_env(kafka_settings, topic, dlq, str(tmp_path / "lake"), pycache)
-    uri = tmp_path / "lake" / "traces"
+    env = ingest_env(kafka_settings, topic, dlq, lake, pycache)
     cmd = ingest_cmd(
         "kill-test", "--instance-id", "kill-test-0", "--session-timeout-ms", "6000", *SMALL_BATCHES
     )
@@ -80,13 +76,13 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     give_up = time.monotonic() + 300
     while kills < 10:
         assert time.monotonic() < give_up, f"only {kills} kills in 300 s"
-        before = commits(uri)
+        before = commits(lake)
         proc = subprocess.Popen(cmd + ["--until-idle-s", "2"], env=env, stderr=subprocess.PIPE)
         if rng.random() < 0.3:  # sometimes during start-up or the first batch, whatever it is doing
             time.sleep(rng.uniform(0.5, 3.0))
         else:  # usually mid-stream: after this process committed, at a random point of what follows
             deadline = time.monotonic() + 90
-            while commits(uri) == before and proc.poll() is None and time.monotonic() < deadline:
+            while commits(lake) == before and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
             time.sleep(rng.uniform(0.0, 0.25))
         if proc.poll() is not None:  # it finished the topic before the kill: give it more to do
@@ -109,7 +105,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     )
     assert final.returncode == 0, final.stderr.decode()[-3000:]
     assert kills >= 10
-    assert_exactly_once(uri, expected)
+    assert_exactly_once(lake, expected)
     dead = read_dlq(kafka_settings, dlq)
     # a kill between the DLQ flush and the Delta commit may send a dead letter twice, never lose one
     sources = {
@@ -129,12 +125,14 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     )
 
 
-def test_two_consumers_rebalance_mid_stream(kafka_settings, schema_ids, topic_factory, tmp_path, pycache):
+@pytest.mark.parametrize("lake", ["local"], indirect=True)  # a group protocol test: the store adds nothing
+def test_two_consumers_rebalance_mid_stream(
+    kafka_settings, schema_ids, topic_factory, tmp_path, pycache, lake
+):
     topic, dlq = topic_factory(partitions=4), topic_factory(prefix="dlq")
     records = [trace(i) for i in range(3000)]
     values = encoded(records, schema_ids)
-    env = ingest_env(kafka_settings, topic, dlq, str(tmp_path / "lake"), pycache)
-    uri = tmp_path / "lake" / "traces"
+    env = ingest_env(kafka_settings, topic, dlq, lake, pycache)
 
     def stream() -> None:  # keeps producing while consumers join and leave
         for i in range(0, len(values), 150):
@@ -148,7 +146,7 @@ def test_two_consumers_rebalance_mid_stream(kafka_settings, schema_ids, topic_fa
         ingest_cmd("rebalance", *SMALL_BATCHES, "--stats-json", str(a_stats)), env=env, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + 90
-    while commits(uri) < 3 and time.monotonic() < deadline:  # A is ingesting alone
+    while commits(lake) < 3 and time.monotonic() < deadline:  # A is ingesting alone
         time.sleep(0.05)
     b = subprocess.Popen(
         ingest_cmd(
@@ -183,7 +181,7 @@ def test_two_consumers_rebalance_mid_stream(kafka_settings, schema_ids, topic_fa
     b.wait(timeout=180)
     assert b.returncode == 0, "".join(b_log)[-3000:]
 
-    assert_exactly_once(uri, {r["event_id"] for r in records})
+    assert_exactly_once(lake, {r["event_id"] for r in records})
     a_rows, b_rows = json.loads(a_stats.read_text())["rows"], json.loads(b_stats.read_text())["rows"]
     assert a_rows > 0 and b_rows > 0 and a_rows + b_rows == len(records)
     assignments = [line for line in b_log if re.search(r"assigned \{\d", line)]
@@ -193,7 +191,7 @@ def test_two_consumers_rebalance_mid_stream(kafka_settings, schema_ids, topic_fa
 
 
 def test_zombie_writers_on_one_table_still_write_each_event_once(
-    kafka_settings, schema_ids, topic_factory, tmp_path, pycache
+    kafka_settings, schema_ids, topic_factory, tmp_path, pycache, lake
 ):
     """Two consumers in *different* groups (think: a zombie after a split brain) both read every partition
     and race to commit the same offsets; the txn check and commit conflicts must make exactly one win each
@@ -201,7 +199,7 @@ def test_zombie_writers_on_one_table_still_write_each_event_once(
     is produced, and events arrive while they run, so the race is provoked, and asserted to have happened."""
     topic, dlq = topic_factory(partitions=2), topic_factory(prefix="dlq")
     records = [trace(i) for i in range(2000)]
-    env = ingest_env(kafka_settings, topic, dlq, str(tmp_path / "lake"), pycache)
+    env = ingest_env(kafka_settings, topic, dlq, lake, pycache)
     logs = [tmp_path / f"{n}.log" for n in range(2)]
     runs = [
         subprocess.Popen(
@@ -231,7 +229,7 @@ def test_zombie_writers_on_one_table_still_write_each_event_once(
     for n, run in enumerate(runs):
         run.wait(timeout=180)
         assert run.returncode == 0, logs[n].read_text()[-3000:]
-    assert_exactly_once(tmp_path / "lake" / "traces", {r["event_id"] for r in records})
+    assert_exactly_once(lake, {r["event_id"] for r in records})
     stats = [json.loads((tmp_path / f"{n}.json").read_text()) for n in range(2)]
     print(json.dumps({"zombie_stats": stats}))
     assert sum(s["rows"] for s in stats) == len(records)

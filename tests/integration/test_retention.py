@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -20,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
+from lakes import objects, open_table
 from trace_events import encoded, produce, read_dlq, trace
 
 from consumers.delta_sink import IngestOptions, TraceIngest
@@ -68,51 +68,40 @@ def ingest_all(kafka, lake, topic, clock=time.time, group="retention") -> None:
     TraceIngest(kafka, lake, opts, topic=topic).run()
 
 
-def live_parquet_files(root: str, dt: DeltaTable) -> set[str]:
+def live_parquet_files(lake: LakeSettings, dt: DeltaTable) -> set[str]:
     """The Parquet files under the table root, asserted to be exactly the table's live files (nothing
     removed is left behind after vacuum, nothing live is missing)."""
-    on_disk = {
-        os.path.join(d, f)
-        for d, _, fs in os.walk(root)
-        for f in fs
-        if f.endswith(".parquet") and "_delta_log" not in d
-    }
-    assert on_disk == {u.removeprefix("file://") for u in dt.file_uris()}, (
-        "storage holds files the table lost"
-    )
-    return on_disk
+    stored = {p for p in objects(lake) if p.endswith(".parquet") and not p.startswith("_delta_log/")}
+    root = lake.traces_uri.rstrip("/") + "/"
+    live = {u.removeprefix("file://").removeprefix(root) for u in dt.file_uris()}
+    assert stored == live, "storage holds files the table lost"
+    return stored
 
 
-def disk_usage(root: str) -> tuple[int, int, int]:
+def disk_usage(lake: LakeSettings) -> tuple[int, int, int]:
     """(Parquet bytes, _delta_log bytes, _delta_log files) under the table root."""
-    data = log = log_files = 0
-    for folder, _, files in os.walk(root):
-        size = sum(os.path.getsize(os.path.join(folder, f)) for f in files)
-        if "_delta_log" in folder:
-            log, log_files = log + size, log_files + len(files)
-        else:
-            data += size
-    return data, log, log_files
+    stored = objects(lake)
+    log = [size for p, size in stored.items() if p.startswith("_delta_log/")]
+    return sum(stored.values()) - sum(log), sum(log), len(log)
 
 
-def test_retention_deletes_only_expired_partitions(kafka_settings, schema_ids, topic_factory, tmp_path):
+def test_retention_deletes_only_expired_partitions(kafka_settings, schema_ids, topic_factory, lake):
     topic, dlq = topic_factory(partitions=2), topic_factory(prefix="dlq")
     kafka = kafka_settings.model_copy(update={"dlq_topic": dlq})
-    lake = LakeSettings(root=str(tmp_path / "lake"))
     by_day = {day: day_events(day, 60) for day in range(5)}
     for day, records in by_day.items():
         produce(kafka, topic, encoded(records, schema_ids))
         ingest_all(kafka, lake, topic, clock=clock_on(day))
-    dt = DeltaTable(lake.traces_uri)
+    dt = open_table(lake)
     before = partitions_of(dt)
     assert {p.date for p in before} == {f"2026-11-0{d}" for d in range(1, 6)}
 
     now = DAY0 + timedelta(days=4, hours=12)  # retention 2 days -> cutoff 2026-11-03
     dry = apply_retention(dt, plan_retention(before, now, 2), dry_run=True)
-    assert dry.dry_run and partitions_of(DeltaTable(lake.traces_uri)) == before  # a dry run changes nothing
+    assert dry.dry_run and partitions_of(open_table(lake)) == before  # a dry run changes nothing
 
     report = apply_retention(dt, plan_retention(before, now, 2), vacuum_retention_hours=0)
-    dt = DeltaTable(lake.traces_uri)
+    dt = open_table(lake)
     after = partitions_of(dt)
     assert {p.date for p in after} == {"2026-11-03", "2026-11-04", "2026-11-05"}
     kept = [r for day in (2, 3, 4) for r in by_day[day]]
@@ -126,25 +115,24 @@ def test_retention_deletes_only_expired_partitions(kafka_settings, schema_ids, t
     assert report.compacted and set(report.compacted) == {
         f"{p.date}/{p.hour:02d}" for p in before if p in report.plan.compact
     }
-    live_parquet_files(lake.traces_uri, dt)
+    live_parquet_files(lake, dt)
 
 
-def test_storage_stays_bounded_under_continuous_ingest(kafka_settings, schema_ids, topic_factory, tmp_path):
+def test_storage_stays_bounded_under_continuous_ingest(kafka_settings, schema_ids, topic_factory, lake):
     """Six simulated days of steady traffic with retention after each: bytes on disk plateau."""
     topic, dlq = topic_factory(partitions=2), topic_factory(prefix="dlq")
     kafka = kafka_settings.model_copy(update={"dlq_topic": dlq})
-    lake = LakeSettings(root=str(tmp_path / "lake"))
     sizes = []
     for day in range(6):
         produce(kafka, topic, encoded(day_events(day, 150), schema_ids))
         ingest_all(kafka, lake, topic, clock=clock_on(day))
-        dt = DeltaTable(lake.traces_uri)
+        dt = open_table(lake)
         now = DAY0 + timedelta(days=day + 1)  # the day is over
         apply_retention(
             dt, plan_retention(partitions_of(dt), now, retention_days=2), vacuum_retention_hours=0
         )
-        sizes.append(disk_usage(lake.traces_uri))
-        assert {p.date for p in partitions_of(DeltaTable(lake.traces_uri))} == {
+        sizes.append(disk_usage(lake))
+        assert {p.date for p in partitions_of(open_table(lake))} == {
             f"{DAY0 + timedelta(days=d):%Y-%m-%d}" for d in range(max(0, day - 1), day + 1)
         }
     print("per day: (parquet bytes, log bytes, log files):", sizes)
@@ -155,17 +143,16 @@ def test_storage_stays_bounded_under_continuous_ingest(kafka_settings, schema_id
     assert max(log_files) <= 15 and max(log[2:]) <= 2 * max(log[:3])
     assert data[-1] + log[-1] <= 1.5 * (data[2] + log[2])
     # and the consumer resumed from the offsets kept in checkpoints: every day ingested exactly once
-    assert DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id"]).num_rows == 2 * 150
+    assert open_table(lake).to_pyarrow_table(columns=["event_id"]).num_rows == 2 * 150
 
 
-def test_retention_runs_while_the_ingest_writes(kafka_settings, schema_ids, topic_factory, tmp_path):
+def test_retention_runs_while_the_ingest_writes(kafka_settings, schema_ids, topic_factory, lake):
     """Retention and the ingest truly concurrent: the ingest runs (this thread) while traffic for six
     simulated days streams in (a thread) and retention runs again and again on the same table (another
     thread), deleting expired days and compacting closed hours between the ingest's commits. Every event
     of a kept day is in the table once, none of an expired day, and only the live files stay on disk."""
     topic, dlq = topic_factory(partitions=2), topic_factory(prefix="dlq")
     kafka = kafka_settings.model_copy(update={"dlq_topic": dlq})
-    lake = LakeSettings(root=str(tmp_path / "lake"))
     days, per_day, retention_days = 6, 150, 2
     sim = {"day": 0}
     readings = itertools.count()
@@ -175,6 +162,10 @@ def test_retention_runs_while_the_ingest_writes(kafka_settings, schema_ids, topi
 
     # deleted files outlive the longest an ingest file waits between being written and committed
     properties = FAST_EXPIRY | {"delta.deletedFileRetentionDuration": "interval 10 seconds"}
+    if lake.on_s3:  # and log entries the longest a reader takes from listing the log to reading its
+        # checkpoint: at 1 s the retention thread found checkpoints the ingest's log clean-up had deleted
+        # (the real table keeps its log 7 days)
+        properties["delta.logRetentionDuration"] = "interval 10 seconds"
     opts = IngestOptions(
         group="retention-live",
         until_idle_s=8,
@@ -213,7 +204,7 @@ def test_retention_runs_while_the_ingest_writes(kafka_settings, schema_ids, topi
                 now = DAY0 + timedelta(
                     days=sim["day"], hours=2
                 )  # today's hour 0 closed: compacted while live
-                if DeltaTable.is_deltatable(lake.traces_uri):
+                if DeltaTable.is_deltatable(lake.traces_uri, storage_options=lake.delta_options()):
                     retention_runs.append(
                         (ingest.stats.commits, run_retention(lake, now, retention_days=retention_days))
                     )
@@ -231,7 +222,7 @@ def test_retention_runs_while_the_ingest_writes(kafka_settings, schema_ids, topi
 
     kept_days = range(days - 1 - retention_days, days)
     expected = set().union(*(sent[d] for d in kept_days))
-    table = DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id", "date"])
+    table = open_table(lake).to_pyarrow_table(columns=["event_id", "date"])
     ids = table["event_id"].to_pylist()
     assert len(ids) == len(set(ids)), "an event is in the table twice"
     assert set(ids) == expected, "rows != the events of the kept days"
@@ -244,7 +235,7 @@ def test_retention_runs_while_the_ingest_writes(kafka_settings, schema_ids, topi
     run_retention(lake, last, retention_days=retention_days)  # compacts what the last commits left
     time.sleep(11)  # past deletedFileRetentionDuration: what retention removed can now be vacuumed
     run_retention(lake, last, retention_days=retention_days)
-    on_disk = live_parquet_files(lake.traces_uri, DeltaTable(lake.traces_uri))
+    on_disk = live_parquet_files(lake, open_table(lake))
     assert len(on_disk) <= 2 * (retention_days + 1) + 2  # compacted closed hours, and today's open ones
 
 
@@ -286,11 +277,11 @@ def test_the_ingest_compacts_each_hour_once_it_is_closed(kafka_settings, schema_
     stats = ingest.run()
     producer.join()
     assert not errors, errors
-    files = {p.hour: p.files for p in partitions_of(DeltaTable(lake.traces_uri))}
+    files = {p.hour: p.files for p in partitions_of(open_table(lake))}
     assert files[0] == files[1] == files[2] == 1, files  # closed (3:10 on the clock): compacted live
     assert files[3] >= 2, files  # the open hour is left to its appends
     assert ingest.compactor.files_removed >= 3 * 2 and ingest.compactor.failures == 0
-    table = DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id"])
+    table = open_table(lake).to_pyarrow_table(columns=["event_id"])
     assert table.num_rows == len(set(table["event_id"].to_pylist())) == 400 == stats.rows
 
 
@@ -324,7 +315,7 @@ def test_a_skewed_node_clock_decides_no_partition_no_deletion_and_no_window(
     arrived_until = datetime.now(UTC) + timedelta(seconds=1)
 
     # every event is kept (no clock reason sends it to the DLQ), with the node's times as data
-    dt = DeltaTable(lake.traces_uri)
+    dt = open_table(lake)
     table = dt.to_pyarrow_table(columns=["event_id", "finish_time", "ingest_time", "date", "hour"])
     assert sorted(table["event_id"].to_pylist()) == sorted(r["event_id"] for r in records)
     assert read_dlq(kafka, dlq) == []
@@ -344,7 +335,7 @@ def test_a_skewed_node_clock_decides_no_partition_no_deletion_and_no_window(
     for now in (arrived_until, first + timedelta(days=7) - timedelta(microseconds=1)):
         report = run_retention(lake, now, vacuum_retention_hours=0)
         assert report.plan.expired == [] and report.deleted_files == 0, now
-    assert DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id"]).num_rows == len(records)
+    assert open_table(lake).to_pyarrow_table(columns=["event_id"]).num_rows == len(records)
 
     # ... and it is in the window of the time it arrived, for the flywheel and for the trainer
     window = pick_window(lake, minutes=60, min_rows=1)
@@ -364,5 +355,5 @@ def test_a_skewed_node_clock_decides_no_partition_no_deletion_and_no_window(
     # no partition outside the horizon: once the arrival day is retention_days behind, every row is gone
     report = run_retention(lake, last + timedelta(days=8, seconds=1), vacuum_retention_hours=0)
     assert report.deleted_files >= 1
-    assert DeltaTable(lake.traces_uri).to_pyarrow_table(columns=["event_id"]).num_rows == 0
-    assert partitions_of(DeltaTable(lake.traces_uri)) == []
+    assert open_table(lake).to_pyarrow_table(columns=["event_id"]).num_rows == 0
+    assert partitions_of(open_table(lake)) == []

@@ -49,3 +49,25 @@ def test_cache_dir_defaults_under_the_state_dir_and_can_be_shared(monkeypatch, t
     assert SparkSettings().ivy_dir == tmp_path / "shared" / "ivy"
     # drafter copies are keyed by registry name/version, so they stay with the state dir's registry
     assert MlflowSettings().artifact_cache_dir == tmp_path / "fw" / "cache" / "drafters"
+
+
+def test_lake_storage_options_from_the_s3_settings(monkeypatch):
+    assert LakeSettings(root="/data/lake", s3_endpoint="http://127.0.0.1:8333").delta_options() is None
+    aws = LakeSettings(root="s3://b/p", s3_conditional_put="").delta_options()
+    assert aws == {"aws_region": "us-east-1"}  # AWS itself: the default credential chain, no endpoint
+    monkeypatch.setenv("FLYWHEEL_LAKE_ROOT", "s3://lake-bucket/prefix")
+    monkeypatch.setenv("FLYWHEEL_LAKE_S3_ENDPOINT", "http://127.0.0.1:8333")
+    monkeypatch.setenv("FLYWHEEL_LAKE_S3_ACCESS_KEY_ID", "ak")
+    monkeypatch.setenv("FLYWHEEL_LAKE_S3_SECRET_ACCESS_KEY", "sk")
+    monkeypatch.setenv("FLYWHEEL_LAKE_STORAGE_OPTIONS", '{"aws_region": "eu-west-1", "timeout": "30s"}')
+    lake = LakeSettings()
+    assert "sk" not in repr(lake)
+    assert lake.delta_options() == {
+        "aws_region": "eu-west-1",  # FLYWHEEL_LAKE_STORAGE_OPTIONS wins
+        "aws_endpoint_url": "http://127.0.0.1:8333",
+        "allow_http": "true",
+        "aws_access_key_id": "ak",
+        "aws_secret_access_key": "sk",
+        "conditional_put": "etag",
+        "timeout": "30s",
+    }

@@ -66,3 +66,29 @@ def test_importing_flywheel_spark_does_not_import_pyspark():
     code = "import sys, consumers.spark_session; assert 'pyspark' not in sys.modules, 'pyspark imported'"
     repo = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=repo)
+
+
+def test_s3_lake_adds_hadoop_aws_of_the_bundled_hadoop_and_s3a_settings():
+    from consumers.spark_session import bundled_hadoop_version, lake_conf
+    from core.settings import LakeSettings
+
+    hadoop = bundled_hadoop_version()
+    assert spark_packages(kafka=False, avro=False, s3=True) == [f"org.apache.hadoop:hadoop-aws:{hadoop}"]
+    assert any(
+        p.name == f"hadoop-client-api-{hadoop}.jar"
+        for p in (Path(__import__("pyspark").__file__).parent / "jars").iterdir()
+    )
+    assert lake_conf(LakeSettings(root="/data/lake")) == {}
+    conf = lake_conf(
+        LakeSettings(
+            root="s3://b/p",
+            s3_endpoint="http://127.0.0.1:8333",
+            s3_access_key_id="ak",
+            s3_secret_access_key="sk",
+        )
+    )
+    assert conf["spark.hadoop.fs.s3.impl"] == "org.apache.hadoop.fs.s3a.S3AFileSystem"
+    assert conf["spark.hadoop.fs.s3a.endpoint"] == "http://127.0.0.1:8333"
+    assert conf["spark.hadoop.fs.s3a.connection.ssl.enabled"] == "false"
+    assert conf["spark.hadoop.fs.s3a.path.style.access"] == "true"
+    assert (conf["spark.hadoop.fs.s3a.access.key"], conf["spark.hadoop.fs.s3a.secret.key"]) == ("ak", "sk")
