@@ -46,12 +46,18 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise SystemExit(f"error: vLLM was not healthy within {timeout_s:.0f} s")
 
 
-def _traces(kafka: KafkaSettings, want: set[str], timeout_s: float) -> dict[str, list[dict]]:
+def traces_of(
+    kafka: KafkaSettings, want: set[str], timeout_s: float = 60.0, linger_s: float = 2.0
+) -> dict[str, list[dict]]:
+    """Every trace on the traces topic whose request id is in ``want``, decoded by the registry's ids: waits
+    until all are there (or ``timeout_s``), then ``linger_s`` more to catch duplicates."""
     from confluent_kafka import Consumer
 
     from schemas import codec
     from schemas.registry import TRACE_EVENT
+    from schemas.schema_ids import SchemaIds
 
+    ids = SchemaIds.connect(kafka)
     consumer = Consumer(
         kafka.client_config() | {"group.id": uuid.uuid4().hex, "auto.offset.reset": "earliest"}
     )
@@ -59,11 +65,13 @@ def _traces(kafka: KafkaSettings, want: set[str], timeout_s: float) -> dict[str,
     found: dict[str, list[dict]] = {}
     deadline = time.monotonic() + timeout_s
     try:
-        while time.monotonic() < deadline and not want <= found.keys():
-            msg = consumer.poll(0.5)
+        while time.monotonic() < deadline:
+            if want <= found.keys():
+                deadline = min(deadline, time.monotonic() + linger_s)
+            msg = consumer.poll(0.2)
             if msg is None or msg.error():
                 continue
-            _, rec = codec.decode(msg.value(), expect=TRACE_EVENT)
+            _, rec = codec.decode(msg.value(), ids.version_of, expect=TRACE_EVENT)
             if rec["request_id"] in want:
                 found.setdefault(rec["request_id"], []).append(rec)
     finally:
@@ -150,7 +158,7 @@ def main(
             resp = httpx.post(f"{url}/v1/chat/completions", json=payload, timeout=300)
             resp.raise_for_status()
             responses.append(resp.json())
-        traces = _traces(kafka, {r["id"] for r in responses}, timeout_s=120)
+        traces = traces_of(kafka, {r["id"] for r in responses}, timeout_s=120)
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
     finally:
         proc.terminate()

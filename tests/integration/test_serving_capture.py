@@ -20,8 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from confluent_kafka import Consumer
-from trace_events import decode, register_topics
+from trace_events import register_topics
 from trainer_data import (
     trace_table_fixture,  # noqa: F401  (registers the session fixture `trace_table`)
     trained_drafter_fixture,  # noqa: F401  (registers the session fixture `trained_drafter`)
@@ -31,11 +30,11 @@ from bench.offline_traces import lake_rows, pick_prompts, write_traces
 from core import process
 from core.drafter_artifacts import weights_sha256
 from core.settings import KafkaSettings, ServingSettings, StackSettings
+from flywheel.serving_check import traces_of
 from infra import stack
 from infra.topics import TopicSpec, admin_client, delete_topics, ensure_topics
 from producers.vllm_server import VllmServer, cpu_environment, serve_args
 from promotion.promotion_events import build_promotion, publish_promotion
-from schemas.registry import TRACE_EVENT
 from trainer.eagle3_drafter import Eagle3Config, Eagle3Drafter
 from trainer.recipes import TrainRecipeConfig
 from trainer.replay_eval import replay_sequences
@@ -124,34 +123,6 @@ def _chat(server: Server, text: str, domain: str, max_tokens: int = 24, **xargs)
     return resp.json()
 
 
-def _traces(kafka: KafkaSettings, want_ids: set[str], timeout_s: float = 60.0) -> dict[str, list[dict]]:
-    """Every trace on the topic whose request id is in ``want_ids`` (waits until all are there)."""
-    consumer = Consumer(
-        kafka.client_config() | {"group.id": uuid.uuid4().hex, "auto.offset.reset": "earliest"}
-    )
-    consumer.subscribe([kafka.traces_topic])
-    found: dict[str, list[dict]] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline and not want_ids <= found.keys():
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error():
-                continue
-            rec = decode(kafka, msg.value(), TRACE_EVENT)
-            if rec["request_id"] in want_ids:
-                found.setdefault(rec["request_id"], []).append(rec)
-        end = time.monotonic() + 2  # linger to catch duplicates
-        while time.monotonic() < end:
-            msg = consumer.poll(0.2)
-            if msg is not None and not msg.error():
-                rec = decode(kafka, msg.value(), TRACE_EVENT)
-                if rec["request_id"] in want_ids:
-                    found.setdefault(rec["request_id"], []).append(rec)
-    finally:
-        consumer.close()
-    return found
-
-
 PROMPTS = [
     ("code", "Write a Python function that returns the square of a number."),
     ("code", "Complete: def fibonacci(n):"),
@@ -162,7 +133,7 @@ PROMPTS = [
 
 def test_each_request_becomes_one_trace_with_its_labels(server, target_model):
     responses = [_chat(server, text, domain, tenant="acme") for domain, text in PROMPTS]
-    traces = _traces(server.kafka, {r["id"] for r in responses})
+    traces = traces_of(server.kafka, {r["id"] for r in responses})
     assert sorted(len(v) for v in traces.values()) == [1] * len(PROMPTS), "exactly one trace per request"
     for (domain, _), resp in zip(PROMPTS, responses, strict=True):
         rec = traces[resp["id"]][0]
@@ -179,7 +150,7 @@ def test_each_request_becomes_one_trace_with_its_labels(server, target_model):
 
 def test_per_step_arrays_account_for_every_output_token(server):
     responses = [_chat(server, text, domain, max_tokens=40) for domain, text in PROMPTS]
-    for rec in (v[0] for v in _traces(server.kafka, {r["id"] for r in responses}).values()):
+    for rec in (v[0] for v in traces_of(server.kafka, {r["id"] for r in responses}).values()):
         accepted, drafted = rec["per_step_accepted"], rec["per_step_drafted"]
         assert len(accepted) == len(drafted) > 0
         assert all(0 <= a <= d <= K for a, d in zip(accepted, drafted, strict=True))
@@ -210,7 +181,7 @@ def test_a_request_the_client_abandons_is_captured_once_as_aborted(server):
                 if chunks == 8:
                     break  # leaving the block closes the connection mid-stream
     assert request_id is not None
-    rec = _traces(server.kafka, {request_id})[request_id]
+    rec = traces_of(server.kafka, {request_id})[request_id]
     assert len(rec) == 1, "one trace per request, even when aborted"
     rec = rec[0]
     assert rec["finish_reason"] == "abort"
@@ -221,7 +192,7 @@ def test_a_request_the_client_abandons_is_captured_once_as_aborted(server):
 def test_opt_out_requests_leave_no_trace(server):
     opted = [_chat(server, "Say hello.", "prose", flywheel_opt_out=True) for _ in range(3)]
     normal = [_chat(server, "Say goodbye.", "prose") for _ in range(2)]
-    traces = _traces(server.kafka, {r["id"] for r in opted + normal}, timeout_s=20)
+    traces = traces_of(server.kafka, {r["id"] for r in opted + normal}, timeout_s=20)
     assert set(traces) == {r["id"] for r in normal}
 
 
@@ -235,7 +206,7 @@ def test_broker_outage_fails_no_request_and_loses_no_trace(server, local_stack):
         process.start(broker, local_stack.start_timeout_s)
     after = [_chat(server, "Name a fruit.", "prose", max_tokens=12)]
     served = {r["id"] for r in before + during + after}
-    traces = _traces(server.kafka, served, timeout_s=120)
+    traces = traces_of(server.kafka, served, timeout_s=120)
     assert {k: len(v) for k, v in traces.items()} == dict.fromkeys(served, 1)
     metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
     assert 'flywheel_trace_events_total{outcome="spilled"}' in metrics
@@ -284,7 +255,7 @@ def test_promotion_hot_swaps_the_drafter_without_restart(server):
     )
     _wait_version(server, "2")
     resp = _chat(server, "Write a haiku about Kafka.", "prose")
-    rec = _traces(server.kafka, {resp["id"]})[resp["id"]][0]
+    rec = traces_of(server.kafka, {resp["id"]})[resp["id"]][0]
     assert (rec["drafter_id"], rec["drafter_version"]) == ("test-drafter", "2")
 
     publish_promotion(
@@ -306,7 +277,7 @@ def test_promotion_hot_swaps_the_drafter_without_restart(server):
         metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
     assert _weight_version(server) == "2", "a failed load must keep serving the previous drafter"
     resp = _chat(server, "Name three rivers.", "prose")
-    assert _traces(server.kafka, {resp["id"]})[resp["id"]][0]["drafter_version"] == "2"
+    assert traces_of(server.kafka, {resp["id"]})[resp["id"]][0]["drafter_version"] == "2"
     assert 'flywheel_drafter_swaps_total{outcome="ignored"}' in metrics
     assert process.read_pid(server.spec) == pid, "the server was not restarted"
 
@@ -356,7 +327,7 @@ def test_forged_promotions_are_rejected_and_serving_continues(server, tmp_path):
     )
     assert _weight_version(server) == "20"
     resp = _chat(server, "Name three rivers.", "prose")
-    assert _traces(server.kafka, {resp["id"]})[resp["id"]][0]["drafter_version"] == "20"
+    assert traces_of(server.kafka, {resp["id"]})[resp["id"]][0]["drafter_version"] == "20"
 
     publish_promotion(
         server.kafka,
@@ -404,7 +375,7 @@ def test_disable_switches_speculation_off_and_the_next_promotion_on(server):
     _wait_metric(server, "flywheel_speculation_enabled", 0)
     before = _metric(server, drafts)
     resp = _chat(server, "Name three rivers.", "prose", max_tokens=32)
-    rec = _traces(server.kafka, {resp["id"]})[resp["id"]][0]
+    rec = traces_of(server.kafka, {resp["id"]})[resp["id"]][0]
     assert _metric(server, drafts) == before, "the engine still drafted"
     assert (rec["spec_method"], rec["num_spec_tokens"], rec["drafter_id"]) == ("none", 0, None)
     assert rec["per_step_accepted"] == [] and len(rec["output_token_ids"]) == 32
@@ -421,7 +392,7 @@ def test_disable_switches_speculation_off_and_the_next_promotion_on(server):
     )
     _wait_metric(server, "flywheel_speculation_enabled", 1)
     resp = _chat(server, "Name three rivers.", "prose", max_tokens=32)
-    rec = _traces(server.kafka, {resp["id"]})[resp["id"]][0]
+    rec = traces_of(server.kafka, {resp["id"]})[resp["id"]][0]
     assert _metric(server, drafts) > before
     assert (rec["spec_method"], rec["drafter_version"]) == ("eagle3", served) and rec["per_step_accepted"]
     assert process.read_pid(server.spec) == pid, "the server was not restarted"
@@ -461,7 +432,7 @@ def test_a_trained_drafter_drafts_in_vllm_what_replay_says(
     _wait_version(server, "trained")
     prompts = pick_prompts(["code", "prose", "docs"], 2, held_out=True)
     responses = [_chat(server, p.text, p.domain, max_tokens=64) for p in prompts]
-    traces = _traces(server.kafka, {r["id"] for r in responses})
+    traces = traces_of(server.kafka, {r["id"] for r in responses})
     records = [traces[r["id"]][0] for r in responses]
     assert sorted(r["domain"] for r in records) == ["code", "code", "docs", "docs", "prose", "prose"]
     for r in records:
