@@ -74,7 +74,14 @@ def test_the_suite_runs_on_its_own_state_dir_and_ports(
     user = user_stack_settings
     assert local_stack.root == TEST_STATE_DIR.resolve() != user.root
     assert not user.root.is_relative_to(local_stack.root)
-    port_fields = ("kafka_port", "kafka_controller_port", "registry_port", "mlflow_port", "airflow_port")
+    port_fields = (
+        "kafka_port",
+        "kafka_controller_port",
+        "registry_port",
+        "mlflow_port",
+        "airflow_port",
+        "s3_port",
+    )
     ours = {getattr(local_stack, f) for f in port_fields}
     assert ours == set(TEST_PORTS.values())
     assert ours.isdisjoint({getattr(user, f) for f in port_fields})

@@ -22,16 +22,16 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import ConfigResource
+from lakes import commits
 from test_ingest_exactly_once import assert_exactly_once
 from trace_events import ingest_env, register_topics, trace
 
 from core import process
-from core.settings import KafkaSettings, StackSettings
+from core.settings import KafkaSettings, LakeSettings, StackSettings
 from infra import stack
 from infra.topics import admin_client, cluster_topics, sync_topics
 from producers.emitter import TraceEmitter
@@ -101,18 +101,13 @@ def _leaders(admin, kafka: KafkaSettings, timeout_s: float = 60) -> dict[int, in
                 raise
 
 
-def _commits(uri: Path) -> int:
-    log = uri / "_delta_log"
-    return len(list(log.glob("*.json"))) if log.exists() else 0
-
-
 def test_sigkill_a_broker_mid_traffic_and_mid_ingest_loses_and_duplicates_nothing(
     cluster, kafka, local_stack, tmp_path, tmp_path_factory
 ):
     admin = admin_client(kafka)  # one client for every look at leaders and ISRs
     pycache = str(tmp_path_factory.mktemp("pycache"))
-    env = ingest_env(kafka, kafka.traces_topic, kafka.dlq_topic, str(tmp_path / "lake"), pycache)
-    uri = tmp_path / "lake" / "traces"
+    lake = LakeSettings(root=str(tmp_path / "lake"))
+    env = ingest_env(kafka, kafka.traces_topic, kafka.dlq_topic, lake, pycache)
     stats_path = tmp_path / "ingest.json"
     ingest = subprocess.Popen(
         [
@@ -159,7 +154,7 @@ def test_sigkill_a_broker_mid_traffic_and_mid_ingest_loses_and_duplicates_nothin
     server.start()
     try:
         deadline = time.monotonic() + 90
-        while _commits(uri) < 3:  # the ingest is committing: mid-ingest
+        while commits(lake) < 3:  # the ingest is committing: mid-ingest
             assert time.monotonic() < deadline, (tmp_path / "ingest.log").read_text()[-3000:]
             assert ingest.poll() is None, (tmp_path / "ingest.log").read_text()[-3000:]
             time.sleep(0.05)
@@ -188,7 +183,7 @@ def test_sigkill_a_broker_mid_traffic_and_mid_ingest_loses_and_duplicates_nothin
     for bad in ("dropped", "failed", "spill_dropped", "spilled"):
         assert counts[bad] == 0, counts
     assert counts["sent"] == len(records), counts
-    assert_exactly_once(uri, {r["event_id"] for r in records})
+    assert_exactly_once(lake, {r["event_id"] for r in records})
     deadline = time.monotonic() + 60
     while True:  # the restarted node is back in every ISR
         meta = admin.list_topics(kafka.traces_topic, timeout=10)

@@ -29,8 +29,8 @@ from infra.stack.schema_registry import SchemaRegistry, registry_url
 from producers.emitter import TraceEmitter
 from producers.trace_record import TraceEncoder
 from schemas import codec
-from schemas.registry import DRAFTER_PROMOTION, TRACE_EVENT, current, versions
-from schemas.schema_ids import COMPATIBILITY, SchemaIds, register_all, subject
+from schemas.registry import TRACE_EVENT, current, versions
+from schemas.schema_ids import COMPATIBILITY, SchemaIds, register_all, subject, topic_events
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +42,7 @@ def _topics(kafka: KafkaSettings) -> KafkaSettings:
             "traces_topic": f"reg-traces-{tag}",
             "dlq_topic": f"reg-dlq-{tag}",
             "promotions_topic": f"reg-promotions-{tag}",
+            "windows_topic": f"reg-windows-{tag}",
         }
     )
 
@@ -82,6 +83,7 @@ def test_topics_create_registers_every_version_under_value_subjects_with_backwar
         "FLYWHEEL_KAFKA_TRACES_TOPIC": kafka.traces_topic,
         "FLYWHEEL_KAFKA_DLQ_TOPIC": kafka.dlq_topic,
         "FLYWHEEL_KAFKA_PROMOTIONS_TOPIC": kafka.promotions_topic,
+        "FLYWHEEL_KAFKA_WINDOWS_TOPIC": kafka.windows_topic,
         "COLUMNS": "200",
     }
     cli = typer.Typer()
@@ -89,7 +91,7 @@ def test_topics_create_registers_every_version_under_value_subjects_with_backwar
     out = CliRunner().invoke(cli, ["topics", "create"], env=env)
     assert out.exit_code == 0, out.output
     client = SchemaRegistryClient({"url": kafka.schema_registry_url})
-    for topic, event in ((kafka.traces_topic, TRACE_EVENT), (kafka.promotions_topic, DRAFTER_PROMOTION)):
+    for topic, event in topic_events(kafka).items():
         name = subject(topic)
         assert name in out.output and client.get_compatibility(name) == COMPATIBILITY
         assert client.get_versions(name) == list(range(1, len(versions(event)) + 1))
@@ -103,12 +105,12 @@ def test_topics_create_registers_every_version_under_value_subjects_with_backwar
     assert client.test_compatibility(subject(kafka.traces_topic), Schema(json.dumps(broken), "AVRO"))
     again = register_all(kafka, SchemaIds.connect(kafka))  # idempotent: the same ids
     assert {r.schema_id for r in again} == {
-        SchemaIds.connect(kafka).id_of(current(e), subject(t))
-        for t, e in ((kafka.traces_topic, TRACE_EVENT), (kafka.promotions_topic, DRAFTER_PROMOTION))
+        SchemaIds.connect(kafka).id_of(current(e), subject(t)) for t, e in topic_events(kafka).items()
     }
     from infra.topics import admin_client, delete_topics
 
-    delete_topics(admin_client(kafka), [kafka.traces_topic, kafka.dlq_topic, kafka.promotions_topic])
+    topics = [kafka.traces_topic, kafka.dlq_topic, kafka.promotions_topic, kafka.windows_topic]
+    delete_topics(admin_client(kafka), topics)
 
 
 def test_confluent_avro_deserializer_reads_what_the_emitter_writes(
