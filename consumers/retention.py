@@ -145,19 +145,22 @@ def run_retention(
 ) -> RetentionReport:
     """Plan and apply retention on the lake's ``traces`` table as of ``now`` (CLI and Airflow call this).
     No table yet (nothing ingested): an empty plan, nothing done. It runs next to a streaming ingest: a
-    commit that loses a race with the ingest's is re-planned on the new table version and applied again
-    (each step is idempotent), up to ``attempts`` times."""
+    commit that loses a race with the ingest's (or a load whose log the ingest's log clean-up changed under
+    it) is re-planned on the new table version and applied again (each step is idempotent), up to
+    ``attempts`` times."""
     days = retention_days or lake.retention_days
     options = lake.delta_options()
     if not DeltaTable.is_deltatable(lake.traces_uri, storage_options=options):
         return RetentionReport(plan_retention([], now, days), dry_run)
     for attempt in range(1, attempts + 1):
-        dt = DeltaTable(lake.traces_uri, storage_options=options)
-        plan = plan_retention(partitions_of(dt), now, days)
         try:
+            dt = DeltaTable(lake.traces_uri, storage_options=options)
+            plan = plan_retention(partitions_of(dt), now, days)
             return apply_retention(dt, plan, dry_run=dry_run, vacuum_retention_hours=vacuum_retention_hours)
-        except CommitFailedError as e:
+        except (CommitFailedError, FileNotFoundError) as e:
+            # FileNotFoundError: a log file or checkpoint listed when the table was loaded was cleaned up
+            # by the writer's log retention before it was read; the next load lists the log afresh
             if attempt == attempts:
                 raise
-            log.info("retention lost a commit race with a writer (%s); re-planning (attempt %d)", e, attempt)
+            log.info("retention lost a race with a writer (%s); re-planning (attempt %d)", e, attempt)
     raise AssertionError("unreachable")
