@@ -52,6 +52,7 @@ from evaluation.paired import Interval, ratio_interval, t_quantile
 from infra.topics import TopicSpec, admin_client, delete_topics, ensure_topics
 from producers.traffic import Phase, TrafficReport, replay
 from producers.vllm_server import VllmServer, cpu_environment, serve_args
+from schemas.schema_ids import SchemaIds, register_all
 
 LEVELS = (1, 8, 32)
 MAX_TOKENS = 96
@@ -408,6 +409,9 @@ def run(
     topic = f"bench-capture-{uuid.uuid4().hex[:8]}"
     admin = admin_client(kafka)
     ensure_topics(admin, [TopicSpec(topic, 3, {"compression.type": "producer"})])
+    # what `flywheel topics create` does for a topic: without its subject the plugin has no schema id and
+    # spills every event (the bench would time the spill, not capture)
+    register_all(kafka.model_copy(update={"traces_topic": topic}), SchemaIds.connect(kafka))
     model = serving.target_model
     halves = (False, True) if crossover else (False,)
     per_half = math.ceil(rounds / len(halves))
@@ -480,4 +484,10 @@ def run(
     result["load_average_end"] = os.getloadavg()
     result.update(_wire(stack, kafka, topic, state))
     delete_topics(admin, [topic])
+    sent = sum(v["emitter_sent"] for v in per_level.values())
+    if not result["events"] or not sent:
+        raise RuntimeError(
+            f"the plugin server captured nothing onto {topic} ({result['events']} events on the topic, "
+            f"{sent:.0f} sent by the emitter): the ratios above time something else; see its log under {state}"
+        )
     return result

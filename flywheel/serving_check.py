@@ -111,6 +111,7 @@ def main(
     """Serve the target with the plugin and a drafter; every request must arrive on Kafka as one trace."""
     from infra.topics import TopicSpec, admin_client, delete_topics, ensure_topics
     from producers.vllm_server import serve_args
+    from schemas.schema_ids import SchemaIds, register_all
 
     if not (drafter / "config.json").exists():
         raise typer.BadParameter(
@@ -128,6 +129,7 @@ def main(
             TopicSpec(kafka.promotions_topic, 1, {"cleanup.policy": "compact"}),
         ],
     )
+    register_all(kafka, SchemaIds.connect(kafka))  # as `flywheel topics create` does: the plugin needs the ids
     serving = ServingSettings(host="127.0.0.1", port=port)
     env = os.environ | {
         "VLLM_PLUGINS": "spec_flywheel",
