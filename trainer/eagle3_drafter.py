@@ -425,10 +425,14 @@ class Eagle3Drafter(nn.Module):
         assert len(draft_ids) == self.config.draft_vocab_size
         self.d2t.copy_(draft_ids - torch.arange(len(draft_ids)))
 
-    def forward(self, embeds, aux, pos, seg, steps: int, active=None) -> list[torch.Tensor]:
+    def forward(self, embeds, aux, pos, seg, steps: int, active=None, rows=None) -> list[torch.Tensor]:
         """TTT unroll. embeds (B, T, H) frozen target embeddings of x_0..x_{T-1}; aux (B, T, 3H_t);
         pos (B, T) rope positions; seg (B, T) sequence ids of packed slots. Returns ``steps`` logits
         (B, T, Vd): entry i at slot t predicts x_{t+2+i}.
+
+        ``rows``: None, or (R,) long flat slot indices (into B * T, ascending) to return instead: every
+        step's logits are then (R, Vd), row r for slot ``rows[r]``, so the losses run on the slots they
+        read and the full (B, T, Vd) tensors are never built (``active`` must lie inside ``rows``).
 
         ``active``: None (every logit), or (S, B, T) / (B, T) (same at every step) bool: the logits the
         caller reads. Then entries outside ``active`` are zeros (no gradient flows through them) and the
@@ -444,20 +448,25 @@ class Eagle3Drafter(nn.Module):
             assert active.shape == (steps, *seg.shape), (active.shape, steps, seg.shape)
         h = self.fc(aux.to(dtype))  # (B, T, H)
         if active is not None and spans is not None:
-            return self._forward_active(embeds, h, pos, spans, steps, active, dtype)
+            return self._forward_active(embeds, h, pos, spans, steps, active, dtype, rows)
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         logits = []
         for i in range(steps):
             tok = F.pad(embeds[:, 1 + i :], (0, 0, 0, 1 + i)).to(dtype)  # x_{t+1+i}; tail slots are junk
             h = self.layers[0](tok, h, pos + i, mask0, cache)
             lg = self.lm_head(self.norm(h))
-            logits.append(lg if active is None else lg.masked_fill(~active[i, ..., None], 0))
+            lg = lg if active is None else lg.masked_fill(~active[i, ..., None], 0)
+            logits.append(lg if rows is None else lg.flatten(0, 1)[rows])
         return logits
 
-    def _forward_active(self, embeds, h, pos, spans, steps, active, dtype) -> list[torch.Tensor]:
+    def _forward_active(self, embeds, h, pos, spans, steps, active, dtype, rows) -> list[torch.Tensor]:
         """``forward`` with ``active`` on the flash kernel: step 0 on every slot, steps >= 1 on the
         compacted alive slots (active at that step or later), the LM head on the active ones."""
         B, T = pos.shape
+        out_rows = B * T if rows is None else len(rows)
+        if rows is not None:  # row of each returned slot; active slots outside ``rows`` would be lost
+            row_of = torch.full((B * T,), -1, dtype=torch.long, device=pos.device)
+            row_of[rows] = torch.arange(len(rows), device=pos.device)
         alive = active.flip(0).cummax(0).values.flip(0)  # (S, B, T): active at step i or later
         doc_start = torch.zeros(B, T, dtype=torch.long, device=pos.device)
         for b, a, e in spans:
@@ -484,7 +493,9 @@ class Eagle3Drafter(nn.Module):
             where[idx] = torch.arange(len(idx), device=pos.device)
             need = active[i].flatten().nonzero().squeeze(1)
             lg = self.lm_head(self.norm(h[where[need]]))  # (n_active, Vd)
-            logits.append(lg.new_zeros(B * T, Vd).index_copy_(0, need, lg).view(B, T, Vd))  # one write
+            at = need if rows is None else row_of[need]  # -1 (outside rows): index_copy_ raises
+            out = lg.new_zeros(out_rows, Vd).index_copy_(0, at, lg)  # one write
+            logits.append(out.view(B, T, Vd) if rows is None else out)
         return logits
 
     # -- vLLM checkpoint format -------------------------------------------------------------------

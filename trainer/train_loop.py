@@ -211,28 +211,52 @@ class DrafterTrainingRecipe:
             return None
         return unroll_mask(pf, steps, False)[:, None]
 
+    def loss_rows(self, pf: PackFeatures, steps: int) -> torch.Tensor:
+        """(R,) the slots some unroll step trains (``unroll_mask`` at any step), ascending: the only rows
+        the losses and metrics read (every other slot is masked at every step), so the unroll returns and
+        the losses compute just these (with prompts not trained on, about half of a pack's slots)."""
+        return unroll_mask(pf, steps, self.cfg.data.train_on_prompt).any(0).nonzero().squeeze(1)
+
     def make_batch(
-        self, pf: PackFeatures, logits: list[torch.Tensor], active: torch.Tensor | None = None
+        self,
+        pf: PackFeatures,
+        logits: list[torch.Tensor],
+        active: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> UnrollBatch:
         """The losses' view of the unroll; rollouts and the reference unroll only for the terms that read
         them (other recipes pay nothing). ``pf`` is on the training device; ``active``: what the unroll
-        computed (``active_slots``)."""
+        computed (``active_slots``); ``rows``: the slots the unroll returned (``loss_rows``: its logits
+        are (R, Vd) per step, and every per-slot field is taken at those slots), None: every slot
+        ((1, N, Vd) per step)."""
         S = len(logits)
         mask = unroll_mask(pf, S, self.cfg.data.train_on_prompt)
         rejected, rejected_mask = regenerate_rejected(pf, S, self.store, self.draft_index)
+        weight = position_weights(pf, self.versions, self.cfg.staleness_half_life)
+        temperature = slot_temperature(pf)
+        logp, argmax = shifted(pf.feats.logp, S), self.draft_index[shifted(pf.feats.argmax, S)]
+        roots = rejection_roots(pf) if "rollout" in self.fields else None
+        if rows is None:
+            draft_logits = torch.stack([lg[0] for lg in logits])
+        else:  # the same fields at the returned slots only: (S, R, ...) and (R,)
+            draft_logits = torch.stack(logits)
+            mask, rejected, rejected_mask = mask[:, rows], rejected[:, rows], rejected_mask[:, rows]
+            logp, argmax = logp[:, rows], argmax[:, rows]
+            weight, temperature = weight[rows], temperature[rows]
+            roots = roots[rows] if roots is not None else None
         batch = UnrollBatch(
-            draft_logits=torch.stack([lg[0] for lg in logits]),
-            target_logp=shifted(pf.feats.logp, S),
+            draft_logits=draft_logits,
+            target_logp=logp,
             mask=mask,
             rejected=rejected,
             rejected_mask=rejected_mask & mask,
-            weight=position_weights(pf, self.versions, self.cfg.staleness_half_life),
-            target_argmax=self.draft_index[shifted(pf.feats.argmax, S)],
-            temperature=slot_temperature(pf),
+            weight=weight,
+            target_argmax=argmax,
+            temperature=temperature,
         )
         if "rollout" in self.fields:
             rl = self.cfg.rl
-            weight = torch.where(rejection_roots(pf), rl.rejected_weight, 1.0)
+            weight = torch.where(roots, rl.rejected_weight, 1.0)
             batch.rollout = sample_rollout(
                 batch.draft_logits,
                 batch.target_logp,
@@ -246,8 +270,8 @@ class DrafterTrainingRecipe:
             )
         if "reference_logits" in self.fields:
             with torch.no_grad(), self.autocast():
-                ref = self.reference(*drafter_inputs(pf), steps=S, active=active)
-            batch.reference_logits = torch.stack([lg[0] for lg in ref])
+                ref = self.reference(*drafter_inputs(pf), steps=S, active=active, rows=rows)
+            batch.reference_logits = torch.stack(ref if rows is not None else [lg[0] for lg in ref])
         return batch
 
     def rollout_generator(self) -> torch.Generator:
@@ -261,9 +285,10 @@ class DrafterTrainingRecipe:
         t0 = time.perf_counter()
         pf = pf.to(self.device)
         active = self.active_slots(pf, cfg.ttt_steps)
+        rows = self.loss_rows(pf, cfg.ttt_steps)
         with self.autocast():
-            logits = self.model(*drafter_inputs(pf), steps=cfg.ttt_steps, active=active)
-        batch = self.make_batch(pf, logits, active)
+            logits = self.model(*drafter_inputs(pf), steps=cfg.ttt_steps, active=active, rows=rows)
+        batch = self.make_batch(pf, logits, active, rows)
         loss, parts = mix_losses(
             batch,
             {k: v.weight for k, v in cfg.losses.items()},
