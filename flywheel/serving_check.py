@@ -129,7 +129,8 @@ def main(
             TopicSpec(kafka.promotions_topic, 1, {"cleanup.policy": "compact"}),
         ],
     )
-    register_all(kafka, SchemaIds.connect(kafka))  # as `flywheel topics create` does: the plugin needs the ids
+    # as `flywheel topics create` does: the plugin needs the schema ids under the topics' subjects
+    register_all(kafka, SchemaIds.connect(kafka))
     serving = ServingSettings(host="127.0.0.1", port=port)
     env = os.environ | {
         "VLLM_PLUGINS": "spec_flywheel",

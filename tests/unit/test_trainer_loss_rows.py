@@ -127,7 +127,9 @@ def test_rl_rollouts_on_the_trained_rows_are_scored_at_those_slots():
     pf = _pack([12, 20], [6, 9], [0.0, 0.0])
     rows = recipe.loss_rows(pf, S)
     active = unroll_mask(pf, S, False)[:, None]
-    batch = recipe.make_batch(pf, drafter(*drafter_inputs(pf), steps=S, active=active, rows=rows), active, rows)
+    batch = recipe.make_batch(
+        pf, drafter(*drafter_inputs(pf), steps=S, active=active, rows=rows), active, rows
+    )
     r = batch.rollout
     assert r.samples.shape == (4, S, len(rows)) and r.rewards.shape == (4, len(rows))
     # the CORRECTION labels root rejected chains: their rows carry the rejected weight
