@@ -30,6 +30,7 @@ import asyncio
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -344,18 +345,25 @@ def _read_topic(kafka: KafkaSettings, topic: str, limit: int | None = None) -> l
     return values
 
 
-def emitter_capacity(kafka: KafkaSettings, topic: str, records: list[dict[str, Any]], spill: Path) -> float:
+def emitter_capacity(
+    kafka: KafkaSettings, topic: str, records: list[dict[str, Any]], spill: Path, timeout_s: float = 120.0
+) -> float:
     """Events/s the capture path (encode + produce + ack) sustains on its own thread."""
     from producers.emitter import TraceEmitter
     from producers.trace_record import TraceEncoder
     from schemas.schema_ids import SchemaIds
 
-    encoder = TraceEncoder(SchemaIds.connect(kafka), kafka.traces_topic)  # the traces subject's id
+    shutil.rmtree(spill, ignore_errors=True)  # a stale spill would be replayed first and counted
+    encoder = TraceEncoder(SchemaIds.connect(kafka), topic)  # the id under the bench topic's subject
     emitter = TraceEmitter(kafka, topic, encoder, spill, max_queue=len(records) + 1, frame=encoder.frame)
     started = time.perf_counter()
     for rec in records:
         emitter.submit(rec)
-    while emitter.counts["sent"] < len(records):
+    deadline = time.monotonic() + timeout_s
+    while emitter.counts["sent"] + emitter.counts["replayed"] < len(records):
+        if time.monotonic() > deadline:
+            emitter.close()
+            raise RuntimeError(f"the emitter sent {emitter.counts} of {len(records)} events in {timeout_s} s")
         time.sleep(0.01)
     elapsed = time.perf_counter() - started
     emitter.close()
