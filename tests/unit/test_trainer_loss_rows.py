@@ -9,6 +9,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from test_eagle3_drafter import TINY
 
 from trainer.eagle3_drafter import Eagle3Config, Eagle3Drafter
 from trainer.losses import mix_losses
@@ -17,16 +18,6 @@ from trainer.trace_window import Label, TraceSequence
 from trainer.train_loop import DrafterTrainingRecipe
 from trainer.unroll_batch import PackFeatures, assemble, drafter_inputs, unroll_mask
 
-TINY = dict(
-    hidden_size=16,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=4,
-    intermediate_size=24,
-    vocab_size=40,
-    draft_vocab_size=40,
-    target_hidden_size=16,
-)
 S = 3
 
 
