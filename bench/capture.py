@@ -351,7 +351,6 @@ def emitter_capacity(
     """Events/s the capture path (encode + produce + ack) sustains on its own thread."""
     from producers.emitter import TraceEmitter
     from producers.trace_record import TraceEncoder
-    from schemas.schema_ids import SchemaIds
 
     shutil.rmtree(spill, ignore_errors=True)  # a stale spill would be replayed first and counted
     encoder = TraceEncoder(SchemaIds.connect(kafka), topic)  # the id under the bench topic's subject
@@ -372,7 +371,6 @@ def emitter_capacity(
 
 def _wire(stack: StackSettings, kafka: KafkaSettings, topic: str, state: Path) -> dict[str, Any]:
     from schemas import codec
-    from schemas.schema_ids import SchemaIds
 
     values = _read_topic(kafka, topic)
     ids = SchemaIds.connect(kafka)

@@ -16,7 +16,7 @@ from trainer.losses import mix_losses
 from trainer.target_features import TargetFeatures
 from trainer.trace_window import Label, TraceSequence
 from trainer.train_loop import DrafterTrainingRecipe
-from trainer.unroll_batch import PackFeatures, assemble, drafter_inputs, unroll_mask
+from trainer.unroll_batch import PackFeatures, assemble, drafter_inputs, rejection_roots, unroll_mask
 
 S = 3
 
@@ -123,8 +123,9 @@ def test_rl_rollouts_on_the_trained_rows_are_scored_at_those_slots():
     )
     r = batch.rollout
     assert r.samples.shape == (4, S, len(rows)) and r.rewards.shape == (4, len(rows))
-    # the CORRECTION labels root rejected chains: their rows carry the rejected weight
-    assert set(r.weight.unique().tolist()) <= {1.0, 2.0}
+    # the CORRECTION labels root rejected chains: their rows, and only theirs, carry the rejected weight
+    roots = rejection_roots(pf)[rows]
+    assert roots.any() and torch.equal(r.weight, torch.where(roots, 2.0, 1.0))
     assert batch.mask.shape == (S, len(rows)) and batch.weight.shape == (len(rows),)
 
 
