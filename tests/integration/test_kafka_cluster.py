@@ -74,11 +74,25 @@ def kafka(cluster: StackSettings) -> KafkaSettings:
     return settings
 
 
+def _metadata_listing(admin, names: tuple[str, ...], timeout_s: float = 60):
+    """Cluster metadata listing ``names``. Each broker keeps its own copy of the KRaft metadata log and a
+    metadata request goes to any of them: one that has not replayed the creations yet answers without
+    the new topics for a moment, so ask until an answer has them all."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        meta = admin.list_topics(timeout=30)
+        if all(n in meta.topics and not meta.topics[n].error for n in names) or time.monotonic() > deadline:
+            return meta
+        time.sleep(0.2)
+
+
 def test_three_brokers_and_topics_replicated_three_ways_min_insync_two(cluster, kafka):
     admin = admin_client(kafka)
-    meta = admin.list_topics(timeout=30)
+    names = (kafka.traces_topic, kafka.dlq_topic, kafka.promotions_topic)
+    meta = _metadata_listing(admin, names)
     assert sorted(meta.brokers) == [1, 2, 3]
-    for name in (kafka.traces_topic, kafka.dlq_topic, kafka.promotions_topic):
+    for name in names:
+        assert name in meta.topics, (name, sorted(meta.topics))
         partitions = meta.topics[name].partitions.values()
         assert {len(p.replicas) for p in partitions} == {3}, name
         assert {len(p.isrs) for p in partitions} == {3}, name
