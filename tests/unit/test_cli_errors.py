@@ -87,3 +87,8 @@ def test_train_on_a_missing_table_names_the_table(tmp_path):
     line = the_error(result)
     assert result.returncode == 1
     assert f"no Delta table at {lake / 'traces'}" in line and "flywheel ingest" in line
+
+
+def test_prepare_drafter_on_an_unknown_domain_lists_the_domains():
+    line = the_error(flywheel("models", "prepare-drafter", "--domains", "docs,poetry"))
+    assert "--domains takes some of code, prose, docs, not 'docs,poetry'" in line
