@@ -93,7 +93,9 @@ def models_prepare_drafter(
     tau = built.heldout_tau
     console.print(
         f"{verb} {built.path}: {p['steps']} steps on {p['data']['traces']} {'+'.join(p['data']['domains'])} "
-        f"traces, held-out tau {tau:.3f}" if tau is not None else f"{verb} {built.path} (no held-out tau)"
+        f"traces, held-out tau {tau:.3f}"
+        if tau is not None
+        else f"{verb} {built.path} (no held-out tau)"
     )
     if not built.reused:
         console.print(f"seconds: {p['seconds']}")
