@@ -142,8 +142,9 @@ def cycle_recipe(cycle: CycleSettings, warm: bool) -> TrainRecipeConfig:
 def train_challenger(settings: Settings, window: TraceWindow) -> TrainedVersion:
     """Train on the window and register the challenger.
 
-    Warm start from the lineage head (``cycle.warm_start='lineage'``, the newest trained version) or the
-    champion; from scratch when the registry has neither.
+    Warm start from ``DrafterRegistry.training_parent``: the lineage head (``cycle.warm_start='lineage'``,
+    the newest trained version; before anything was trained, a day-0 champion) or the champion; from
+    scratch when there is none.
     """
     from trainer.train_loop import git_sha, run_recipe
 
@@ -151,7 +152,7 @@ def train_challenger(settings: Settings, window: TraceWindow) -> TrainedVersion:
     existing = reg.client.search_model_versions(f"name='{reg.name}' and tags.window_key='{window.key}'")
     if existing:
         return TrainedVersion(version=existing[0].version, reused=True)
-    parent = reg.lineage_head() if cycle.warm_start == "lineage" else reg.by_alias("champion")
+    parent = reg.training_parent(cycle.warm_start)
     base = cycle_recipe(cycle, warm=parent is not None)
     update: dict[str, Any] = {
         "window": base.window.model_copy(

@@ -128,6 +128,19 @@ class DrafterRegistry:
                 return DrafterVersion(self.name, mv.version, mv.source, dict(mv.tags))
         return None
 
+    def training_parent(self, warm_start: str) -> DrafterVersion | None:
+        """What the next cycle trains from (None: from scratch). ``champion``: the serving champion.
+        ``lineage``: the lineage head; before anything was trained, the champion, a drafter registered by
+        hand (a day-0 drafter: the flywheel adapts the off-the-shelf head it started from), unless it is
+        tagged ``init=random`` (a random head teaches nothing; from scratch, the vocabulary comes from the
+        window)."""
+        if warm_start == "champion":
+            return self.by_alias("champion")
+        if (head := self.lineage_head()) is not None:
+            return head
+        champion = self.by_alias("champion")
+        return champion if champion is not None and champion.tags.get("init") != "random" else None
+
     def tag(self, version: str, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, str(version), key, str(value))

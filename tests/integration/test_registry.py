@@ -116,3 +116,31 @@ def test_lineage_head_is_the_newest_trained_version_not_rolled_back(
     registry.promote(trained[1])
     registry.rollback(reason="bad")  # a rolled-back version is a dead branch
     assert registry.lineage_head().version == trained[0]
+
+
+def test_the_first_cycle_trains_from_a_day0_champion_never_from_a_random_one(
+    tmp_path, mlflow_settings, kafka_settings, topic_factory
+):
+    kafka = KafkaSettings(
+        bootstrap_servers=kafka_settings.bootstrap_servers,
+        promotions_topic=topic_factory(prefix="promotions", cleanup_policy="compact"),
+    )
+    register_topics(kafka)
+    registry = DrafterRegistry(f"target-{uuid.uuid4().hex[:6]}", mlflow_settings, kafka)
+    assert registry.training_parent("lineage") is None and registry.training_parent("champion") is None
+
+    run_id, uri, d = _log_drafter(tmp_path, mlflow_settings, b"r" * 64)
+    random_head = registry.register(run_id, uri, d, {"init": "random"}).version
+    registry.promote(random_head)
+    assert registry.training_parent("lineage") is None  # from scratch: the window picks the vocabulary
+    assert registry.training_parent("champion").version == random_head
+
+    run_id, uri, d = _log_drafter(tmp_path, mlflow_settings, b"d" * 64)
+    day0 = registry.register(run_id, uri, d, {"init": "day0"}).version
+    registry.promote(day0)
+    assert registry.training_parent("lineage").version == day0  # adapt the head the fleet started from
+
+    run_id, uri, d = _log_drafter(tmp_path, mlflow_settings, b"t" * 64)
+    trained = registry.register(run_id, uri, d, {"window_key": "w0", "parent_version": day0}).version
+    assert registry.training_parent("lineage").version == trained  # then the lineage, promoted or not
+    assert registry.training_parent("champion").version == day0
