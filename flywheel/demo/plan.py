@@ -11,6 +11,10 @@ class DemoPlan:
     """Sizes of one demo. A flywheel cycle runs after every traffic segment of a phase but the last."""
 
     mode: str
+    # what F and S start from: "day0" = the day-0 drafter (`flywheel models prepare-drafter`, the normal
+    # case: a deployment starts from an off-the-shelf head; S keeps it, F adapts it); "scratch" = a
+    # randomly initialised head for F, and S trained once on phase A (the harder, from-scratch case)
+    start: str
     segments_a: tuple[int, ...]  # code requests per segment before the shift
     segments_b: tuple[int, ...]  # prose requests per segment after it (to F and S alike)
     max_tokens: int
@@ -68,6 +72,7 @@ class DemoPlan:
 # traffic): a quick window holds only a handful, so its intervals are wide and the gate says so.
 QUICK = DemoPlan(
     "quick",
+    "day0",
     segments_a=(32, 16),
     segments_b=(32, 16),
     max_tokens=48,
@@ -88,6 +93,7 @@ QUICK = DemoPlan(
 # cores: 68 min (`make demo` wall, set-up included); three trainings of 120 steps take ~10 min each.
 FULL = DemoPlan(
     "full",
+    "scratch",
     segments_a=(160, 96),
     segments_b=(128, 96, 96),
     max_tokens=96,
@@ -104,10 +110,16 @@ FULL = DemoPlan(
 )
 
 
-def sized(quick: bool, train_steps: int | None = None, requests: int | None = None) -> DemoPlan:
+def sized(
+    quick: bool, train_steps: int | None = None, requests: int | None = None, start: str | None = None
+) -> DemoPlan:
     """The plan of a mode; ``train_steps`` / ``requests`` (first segment of each phase; later ones get half)
-    resize it, e.g. for a machine busier or faster than 2 idle cores."""
+    resize it, e.g. for a machine busier or faster than 2 idle cores; ``start`` replaces its start."""
     plan = QUICK if quick else FULL
+    if start:
+        if start not in ("day0", "scratch"):
+            raise ValueError(f"start is day0 or scratch, not {start!r}")
+        plan = replace(plan, start=start)
     if train_steps:
         plan = replace(plan, train_steps=train_steps)
     if requests:

@@ -75,6 +75,7 @@ class RequestRecord:
     latency_s: float
     drafter_version: str | None = None
     ok: bool = True
+    prompt_id: str | None = None  # pairs F's and S's requests of the same held-out prompt
 
 
 @dataclass
@@ -101,6 +102,25 @@ def served_tau(requests: Sequence[Sequence[int]]) -> float | None:
     return pooled_tau(requests)
 
 
+def paired_tau_ratio(series: DemoSeries, phase: str, confidence: float = 0.95) -> dict[str, Any] | None:
+    """F's tau ÷ S's tau per prompt both served in ``phase`` (a held-out probe: the same prompts to each),
+    as the served evaluation pairs speeds: the geometric mean over prompts with its t interval
+    (``evaluation.paired``). None without a prompt both served."""
+    from evaluation.paired import ratio_interval
+
+    def per_prompt(server: str) -> dict[str, float | None]:
+        return {
+            r.prompt_id: served_tau([r.per_step_accepted]) for r in series.of(server, phase) if r.prompt_id
+        }
+
+    f, s = per_prompt("flywheel"), per_prompt("static")
+    ratios = [f[k] / s[k] for k in sorted(f.keys() & s.keys()) if f[k] and s[k]]
+    interval = ratio_interval(ratios, confidence)
+    if interval is None:
+        return None
+    return {"point": interval.point, "low": interval.low, "high": interval.high, "n": interval.n}
+
+
 def compute_figures(series: DemoSeries, last_n: int, window: int) -> dict[str, Any]:
     """The tau keys of report.json: F and S on the held-out probes before (``A-heldout``) and after
     (``B-heldout``) the shift; recovery from F's rolling tau over the post-shift traffic against its tau
@@ -114,6 +134,9 @@ def compute_figures(series: DemoSeries, last_n: int, window: int) -> dict[str, A
         "recovery_requests": recovery_requests(
             after_f, pooled_tau(tail(series.steps("flywheel", "A"), last_n)), window
         ),
+        # per held-out prompt, F ÷ S: the claims' intervals
+        "flywheel_vs_static_before_shift": paired_tau_ratio(series, "A-heldout"),
+        "flywheel_vs_static_after_shift": paired_tau_ratio(series, "B-heldout"),
     }
 
 
@@ -122,8 +145,13 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
     f, s = report.get("tau_after_shift_flywheel"), report.get("tau_after_shift_static")
     bar = TARGETS["flywheel_vs_static"]
     rec, sp = report.get("recovery_requests"), report.get("speedup_champion")
+    paired = report.get("flywheel_vs_static_after_shift")
     return {
         "flywheel_beats_static": None if f is None or s is None else f > s,
+        # the paired per-prompt interval: True / False only when it excludes 1.0, else None (inconclusive)
+        "flywheel_beats_static_paired": None
+        if not paired or paired["low"] <= 1.0 <= paired["high"]
+        else paired["low"] > 1.0,
         "flywheel_vs_static_ratio": None if f is None or not s else f / s,
         "flywheel_vs_static_target_met": None if f is None or not s else f >= bar * s,
         "recovery_target_met": None if rec is None else rec <= TARGETS["recovery_requests"],
@@ -216,6 +244,14 @@ def _interval(iv: dict[str, Any] | None) -> str:
     return f"[{iv['low']:.3f}, {iv['high']:.3f}] (95 %, n={iv['n']})"
 
 
+def _paired(iv: dict[str, Any] | None) -> str:
+    return "n/a" if not iv else f"{iv['point']:.3f} {_interval(iv)}"
+
+
+def _verdict(v: bool | None) -> str:
+    return "inconclusive (the interval holds 1.0, or nothing was paired)" if v is None else str(v)
+
+
 def render_markdown(report: dict[str, Any], context: dict[str, Any]) -> str:
     """report.md: the figures, the verdict against the targets, the timeline and the honest why."""
     v = report["verdict"]
@@ -237,6 +273,10 @@ def render_markdown(report: dict[str, Any], context: dict[str, Any]) -> str:
         f"{_fmt(report['tau_after_shift_static'])} | |",
         f"| tau_after_shift_flywheel (the same prompts) | "
         f"{_fmt(report['tau_after_shift_flywheel'])} | >= 1.15 x static |",
+        f"| flywheel ÷ static tau per held-out prompt, before the shift | "
+        f"{_paired(report.get('flywheel_vs_static_before_shift'))} | |",
+        f"| flywheel ÷ static tau per held-out prompt, after the shift | "
+        f"{_paired(report.get('flywheel_vs_static_after_shift'))} | > 1 |",
         f"| training steps: static / flywheel lineage | {_fmt(report.get('static_steps'))} / "
         f"{_fmt(report.get('flywheel_trained_steps'))} | equal |",
         f"| recovery_requests (rolling {context['window']} of traffic, 90 % of the last "
@@ -253,6 +293,9 @@ def render_markdown(report: dict[str, Any], context: dict[str, Any]) -> str:
         f"- Flywheel beats static after the shift: **{_fmt(v['flywheel_beats_static'])}** "
         f"(ratio {_fmt(v['flywheel_vs_static_ratio'])}; target >= 1.15 met: "
         f"{_fmt(v['flywheel_vs_static_target_met'])})",
+        f"- Flywheel beats static per held-out prompt (paired, 95 % interval excludes 1.0): "
+        f"**{_verdict(v.get('flywheel_beats_static_paired'))}** "
+        f"({_paired(report.get('flywheel_vs_static_after_shift'))})",
         f"- Recovery target met: {_fmt(v['recovery_target_met'])}",
         f"- Speedup target met: {_fmt(v['speedup_target_met'])}",
         "",
@@ -293,7 +336,12 @@ def explain(report: dict[str, Any], plan) -> list[str]:
             "is 1.0: one token per target forward) until a challenger clears the floor. "
             + off[0].get("gate", "")
         )
-    if report["promotions"] == 0:
+    if report["promotions"] == 0 and plan.start == "day0":
+        notes.append(
+            "No challenger passed the gate, so the flywheel server kept serving the day-0 drafter, as the "
+            "static server does: F and S differ only by measurement noise."
+        )
+    elif report["promotions"] == 0:
         notes.append(
             "No challenger passed the gate, so the flywheel server kept serving its randomly initialised "
             "head; its tau stays near 1 and cannot beat a trained static drafter."
@@ -308,7 +356,8 @@ def explain(report: dict[str, Any], plan) -> list[str]:
     elif v["flywheel_beats_static"]:
         notes.append(
             "After the shift the flywheel, retrained on post-shift traces, accepted more draft tokens "
-            "than the static code-only drafter on the same prose prompts."
+            f"than the static {'day-0' if plan.start == 'day0' else 'code-only'} drafter on the same "
+            "prose prompts."
         )
     if report["recovery_requests"] is None:
         notes.append("The flywheel's rolling tau never reached 90 % of its pre-shift tau within the demo.")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,6 +98,17 @@ def register_drafter(registry, mlflow_settings, drafter: Path, run_name: str, ta
         info = log_drafter_model(drafter)
     tags = tags | {"spec_method": "eagle3"}
     return registry.register(run.info.run_id, info.model_uri, drafter, tags, model_id=info.model_id).version
+
+
+def copy_head(source: Path, out: Path, meta: dict) -> Path:
+    """A copy of the drafter dir ``source`` with ``meta`` added to its flywheel metadata (the demo's own
+    drafter id), so that what the demo registers and serves never changes the cached original."""
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(source, out)
+    info = out / "flywheel-drafter.json"
+    extra = json.loads(info.read_text()) if info.exists() else {}
+    info.write_text(json.dumps(extra | meta, indent=1, default=str))
+    return out
 
 
 def random_head(target_dir: Path, out: Path, draft_vocab_size: int, seed: int, meta: dict) -> Path:

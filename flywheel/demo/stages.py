@@ -81,6 +81,9 @@ class Demo:
         self.final_speedup: dict[str, Any] | None = None  # the champion's own paired run at the end
         self.serving = serving
         self.registry = registry(self.settings)
+        self.day0: dict[str, Any] | None = None  # the day-0 drafter's provenance, when the plan starts there
+        self.initial_steps = 0  # training steps behind the head F starts from
+        self.static_steps = plan.static_steps  # behind S's drafter (the day-0 head's, in that mode)
 
     # --- stages ------------------------------------------------------------------------------------
 
@@ -93,7 +96,10 @@ class Demo:
                 self._stage_start_flywheel()
                 phase_a_start = svc.utc_now()
                 self._phase("A", "code", self.plan.segments_a, phase_a_start)
-                self._stage_static(phase_a_start)
+                if self.day0 is not None:
+                    self._stage_static_day0()
+                else:
+                    self._stage_static(phase_a_start)
                 self._probe("A", "code")
                 shift = svc.utc_now()
                 self._phase("B", "prose", self.plan.segments_b, shift)
@@ -128,6 +134,35 @@ class Demo:
             prepared = prepare_target(self.serving.models_dir)
             st.info(f"{prepared.path.name} revision {prepared.revision}")
             self.target_revision = prepared.revision
+        if self.plan.start == "day0":
+            self._stage_day0()
+
+    def _stage_day0(self) -> None:
+        """The day-0 drafter F and S start from: built once (about 11 min on 2 cores, set-up, reported
+        apart from the demo's own time), verified and reused after that."""
+        from flywheel.day0 import Day0Spec, prepare_day0
+
+        with self.board.stage("set-up: day-0 drafter (built once, checksummed)") as st:
+            day0 = prepare_day0(
+                self.serving.target_dir,
+                self.serving.models_dir,
+                Day0Spec(draft_vocab_size=self.plan.draft_vocab_size),
+                on_stage=st.info,
+            )
+            p = day0.provenance
+            self.day0 = {
+                "path": str(day0.path),
+                "reused": day0.reused,
+                "domains": p["data"]["domains"],
+                "traces": p["data"]["traces"],
+                "steps": p["steps"],
+                "heldout_tau": day0.heldout_tau,
+                "build_seconds": p["seconds"],
+            }
+            self.initial_steps = self.static_steps = p["steps"]
+            tau = f"{day0.heldout_tau:.2f}" if day0.heldout_tau is not None else "n/a"
+            verb = "verified" if day0.reused else "built"
+            st.info(f"{verb}: {p['steps']} steps on {p['data']['traces']} docs traces, held-out tau {tau}")
 
     def _stage_stack(self) -> None:
         from infra import stack
@@ -145,35 +180,47 @@ class Demo:
             self.airflow.wait_dag_parsed(DAG_ID)
 
     def _stage_reset(self) -> None:
-        """Start the flywheel from scratch: archive earlier drafters of this target, then register and
-        promote a randomly initialised head like any other drafter (F serves the newest promotion)."""
-        with self.board.stage("reset: scratch drafter, fresh registry") as st:
+        """Archive earlier drafters of this target, then register and promote the head F starts from (the
+        day-0 drafter, or a randomly initialised one) like any other drafter: F serves the newest promotion.
+        Its ``init`` tag says which: the first cycle continues a day-0 head, never a random one."""
+        label = "day-0 drafter" if self.plan.start == "day0" else "scratch drafter"
+        with self.board.stage(f"reset: {label}, fresh registry") as st:
             archived = self.registry.archive()
             if archived:
                 self.notes.append(f"earlier drafters of this target were archived as `{archived}`")
             self.demo_id = svc.run_id("demo")
-            self.scratch = svc.random_head(
-                self.serving.target_dir,
-                self.state / "drafters" / "scratch",
-                self.plan.draft_vocab_size,
-                seed=0,
-                meta={"drafter_id": "scratch", "demo": self.demo_id},
-            )
-            st.info("registering the scratch head")
+            meta = {"drafter_id": self.plan.start, "demo": self.demo_id}
+            if self.day0 is not None:
+                self.initial = svc.copy_head(Path(self.day0["path"]), self.state / "drafters" / "day0", meta)
+            else:
+                self.initial = svc.random_head(
+                    self.serving.target_dir,
+                    self.state / "drafters" / "scratch",
+                    self.plan.draft_vocab_size,
+                    seed=0,
+                    meta=meta,
+                )
+            st.info(f"registering the {label}")
             version = svc.register_drafter(
                 self.registry,
                 self.settings.mlflow,
-                self.scratch,
-                f"{self.demo_id}-scratch",
-                {"num_spec_tokens": self.plan.k, "target_revision": self.target_revision},
+                self.initial,
+                f"{self.demo_id}-{self.plan.start}",
+                {
+                    "num_spec_tokens": self.plan.k,
+                    "target_revision": self.target_revision,
+                    "init": "day0" if self.day0 is not None else "random",
+                },
             )
-            self.registry.promote(version, reason=f"{self.demo_id}: start from a randomly initialised head")
-            self.evals = eval_servers(self.settings, self.scratch)
+            self.initial_version = version
+            reason = "the day-0 drafter" if self.day0 is not None else "a randomly initialised head"
+            self.registry.promote(version, reason=f"{self.demo_id}: start from {reason}")
+            self.evals = eval_servers(self.settings, self.initial)
             assert self.airflow is not None
             for dag, want in ((DAG_ID, False), ("trace_watch", True)):
                 self.paused_before[dag] = self.airflow.is_paused(dag)
                 self.airflow.set_paused(dag, want)
-            st.info(f"scratch head v{version} promoted; {DAG_ID} unpaused; trace_watch paused")
+            st.info(f"{label} v{version} promoted; {DAG_ID} unpaused; trace_watch paused")
 
     def _stage_start_flywheel(self) -> None:
         """F in the foreground; S and the served-evaluation servers warm up in the background meanwhile."""
@@ -191,7 +238,7 @@ class Demo:
                     self.state,
                     self.stack,
                     self.serving.model_copy(update={"port": port}),
-                    self.scratch,
+                    self.initial,
                     self.plan.k,
                     capture=capture,
                     follow=capture,
@@ -227,11 +274,11 @@ class Demo:
             seed=900,
             subset="heldout",
         )
-        self.probe_steps[phase] = {"flywheel": self._lineage_steps(), "static": self.plan.static_steps}
+        self.probe_steps[phase] = {"flywheel": self._lineage_steps(), "static": self.static_steps}
 
     def _lineage_steps(self) -> int:
         """Steps the flywheel has trained so far along its lineage (the newest trained head's)."""
-        return max((c["lineage_steps"] or 0 for c in self.cycles), default=0)
+        return max((c["lineage_steps"] or 0 for c in self.cycles), default=self.initial_steps)
 
     def _stage_champion_speedup(self) -> None:
         """The final champion against no speculation in its own paired run: held-out prose prompts, the
@@ -294,6 +341,7 @@ class Demo:
                             r.latency_s,
                             versions[server],
                             r.ok,
+                            r.prompt_id,
                         )
                     )
                     steps[server].extend(r.per_step_accepted)
@@ -406,7 +454,9 @@ class Demo:
         if version is not None:
             parent = self.registry.get(version).tags.get("parent_version")
         # steps accumulate along the lineage (CycleSettings.warm_start): the parent's plus this cycle's
-        earlier = {c["version"]: c["lineage_steps"] for c in self.cycles}
+        earlier = {c["version"]: c["lineage_steps"] for c in self.cycles} | {
+            self.initial_version: self.initial_steps
+        }
         return {
             "run_id": run_id,
             "phase": phase,
@@ -435,6 +485,13 @@ class Demo:
                 raise RuntimeError(f"F never hot-swapped to v{version} (see {server.spec.log_file})")
             time.sleep(2)
         self.swaps.append({"version": str(version), "at_request": len(self.series.of("flywheel"))})
+
+    def _stage_static_day0(self) -> None:
+        with self.board.stage("static server S: the day-0 drafter, never changed") as st:
+            server = self.servers["static"]
+            st.info(f"waiting for vLLM on {server.spec.address} (capture off, no promotions)")
+            self.background.wait(server.spec.name)
+            st.info(f"serving the day-0 drafter ({server.weight_version()})")
 
     def _stage_static(self, phase_a_start: datetime) -> None:
         with self.board.stage("static drafter: train once on code") as st:
@@ -484,7 +541,9 @@ class Demo:
             "speedup_champion": (self.final_speedup or {}).get("speedup", {}).get("point"),
             "speedup_champion_interval": (self.final_speedup or {}).get("speedup"),
             "speedup_champion_run": self.final_speedup,
-            "static_steps": self.plan.static_steps,
+            "static_steps": self.static_steps,
+            "start": self.plan.start,
+            "day0": self.day0,
             "flywheel_trained_steps": self._lineage_steps(),
             "probe_steps": self.probe_steps,
             "trace_bytes_per_token": lake["trace_bytes_per_token"],
@@ -523,7 +582,7 @@ class Demo:
             "probe_prompts": self.plan.probe_prompts,
             "cycles": self.cycles,
             "notes": self.notes + rep.explain(report, self.plan) + rep.lake_notes(lake),
-            "settings": asdict(self.plan) | {"static_steps": self.plan.static_steps},
+            "settings": asdict(self.plan) | {"static_steps": self.static_steps},
         }
         (self.out_dir / "report.md").write_text(rep.render_markdown(report, context))
         return report
@@ -556,7 +615,9 @@ def main(
     console: Console | None = None,
     train_steps: int | None = None,
     requests: int | None = None,
+    start: str | None = None,
 ) -> dict[str, Any]:
-    """Run the demo with the plan of its mode (resized by ``train_steps`` / ``requests``)."""
-    plan = sized(quick, train_steps, requests)
+    """Run the demo with the plan of its mode (resized by ``train_steps`` / ``requests``; ``start``: what F
+    and S start from, the mode's own by default)."""
+    plan = sized(quick, train_steps, requests, start)
     return Demo(plan, out_dir, console or Console(), settings).run()

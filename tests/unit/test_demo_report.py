@@ -55,9 +55,8 @@ def _series() -> rep.DemoSeries:
         ("B-heldout", "static", [[0, 0], [1]]),
     ):
         for i, st in enumerate(steps):
-            s.records.append(
-                rep.RequestRecord(server, phase, "code" if phase[0] == "A" else "prose", i, st, 8, 0.1)
-            )
+            domain = "code" if phase[0] == "A" else "prose"
+            s.records.append(rep.RequestRecord(server, phase, domain, i, st, 8, 0.1, prompt_id=f"p{i}"))
     return s
 
 
@@ -75,6 +74,32 @@ def test_tau_figures_come_from_the_heldout_probes_and_recovery_from_the_traffic(
     # bar: 90 % of the last 2 pre-shift traffic requests' tau 3.0 = 2.7; rolling-1 taus of the post-shift
     # traffic are 1, 1.5, 2.5, 3 -> the 4th request
     assert figures["recovery_requests"] == 4
+
+
+def test_flywheel_vs_static_is_paired_per_heldout_prompt_with_an_interval():
+    figures = rep.compute_figures(_series(), last_n=2, window=1)
+    before, after = figures["flywheel_vs_static_before_shift"], figures["flywheel_vs_static_after_shift"]
+    # before: F 2.5, 4.0 vs S 4.0, 4.0 -> ratios 0.625, 1.0; after: F 2.5, 1.0 vs S 1.0, 2.0 -> 2.5, 0.5
+    assert before["n"] == 2 and before["point"] == pytest.approx(0.625**0.5)
+    assert after["n"] == 2 and after["point"] == pytest.approx(1.25**0.5)
+    assert after["low"] < 1 < after["high"]  # two prompts that disagree: the t interval says so
+    assert rep.verdict(figures | {"tau_after_shift_static": 1.5})["flywheel_beats_static_paired"] is None
+
+    s = rep.DemoSeries()
+    for i in range(3):  # F accepts 3 of 3 drafts where S accepts 1: tau 4 vs 2 on every prompt
+        s.records.append(
+            rep.RequestRecord("flywheel", "B-heldout", "prose", i, [3], 4, 0.1, prompt_id=f"q{i}")
+        )
+        s.records.append(rep.RequestRecord("static", "B-heldout", "prose", i, [1], 2, 0.1, prompt_id=f"q{i}"))
+    s.records.append(rep.RequestRecord("static", "B-heldout", "prose", 3, [0], 1, 0.1, prompt_id="only-S"))
+    decisive = rep.paired_tau_ratio(s, "B-heldout")
+    assert decisive == {
+        "point": pytest.approx(2.0),
+        "low": pytest.approx(2.0),
+        "high": pytest.approx(2.0),
+        "n": 3,
+    }
+    assert rep.verdict({"flywheel_vs_static_after_shift": decisive})["flywheel_beats_static_paired"] is True
 
 
 def test_verdict_against_the_issue_targets():
