@@ -20,6 +20,8 @@ point at the exact data.
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -131,11 +133,20 @@ def log_drafter_model(drafter_dir: Path, window: dict[str, Any] | None = None, n
         }
         mlflow.log_input(window_dataset(window), context="training")
     signature = mlflow.models.infer_signature(_EXAMPLE_INPUT, _EXAMPLE_OUTPUT, params=_PARAMS)
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(Path(__file__).with_name("drafter_pyfunc.py")),  # models from code: nothing pickled
-        artifacts={ARTIFACT: str(drafter_dir)},
-        signature=signature,
-        pip_requirements=_requirements(),
-        metadata={k: v for k, v in metadata.items() if v is not None},
-    )
+    # MLflow keeps an artifact directory under its own base name (artifacts/<name>/), and every reader of a
+    # registered version looks in artifacts/drafter/ (core.drafter_artifacts.MODEL_DRAFTER_DIR): a drafter
+    # dir named otherwise (the demo's day0/, a user's head) is logged from a copy named drafter/
+    with tempfile.TemporaryDirectory(prefix="drafter-model-") as tmp:
+        source = Path(drafter_dir)
+        if source.name != ARTIFACT:
+            source = Path(shutil.copytree(source, Path(tmp) / ARTIFACT))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(
+                Path(__file__).with_name("drafter_pyfunc.py")
+            ),  # models from code: nothing pickled
+            artifacts={ARTIFACT: str(source)},
+            signature=signature,
+            pip_requirements=_requirements(),
+            metadata={k: v for k, v in metadata.items() if v is not None},
+        )

@@ -144,3 +144,28 @@ def test_the_first_cycle_trains_from_a_day0_champion_never_from_a_random_one(
     trained = registry.register(run_id, uri, d, {"window_key": "w0", "parent_version": day0}).version
     assert registry.training_parent("lineage").version == trained  # then the lineage, promoted or not
     assert registry.training_parent("champion").version == day0
+
+
+def test_a_drafter_dir_of_any_name_is_fetched_back_from_its_registered_version(
+    tmp_path, mlflow_settings, kafka_settings, topic_factory
+):
+    """MLflow keeps an artifact dir under its own base name: a head logged from ``day0/`` (the demo's copy
+    of the day-0 drafter) must still land where every reader looks, or the first cycle cannot download
+    its parent (found by the quick demo: "Directory not empty" renaming the download into the cache)."""
+    from flywheel.demo.services import register_drafter
+
+    kafka = KafkaSettings(
+        bootstrap_servers=kafka_settings.bootstrap_servers,
+        promotions_topic=topic_factory(prefix="promotions", cleanup_policy="compact"),
+    )
+    register_topics(kafka)
+    settings = mlflow_settings.model_copy(update={"artifact_cache_dir": tmp_path / "cache"})
+    registry = DrafterRegistry(f"target-{uuid.uuid4().hex[:6]}", settings, kafka)
+    day0 = tmp_path / "day0"
+    day0.mkdir()
+    (day0 / "config.json").write_text('{"architectures": ["LlamaForCausalLMEagle3"]}')
+    (day0 / "model.safetensors").write_bytes(b"\x07" * 64)
+    version = register_drafter(registry, settings, day0, "any-name", {"init": "day0"})
+    fetched = registry.download(version)
+    assert (fetched / "model.safetensors").read_bytes() == b"\x07" * 64
+    assert registry.download(version) == fetched  # cached

@@ -172,3 +172,12 @@ def test_stage_board_logs_plain_lines_without_a_terminal():
     assert lines[:2] == ["▶ phase A", "  phase A: 12/32 requests [x]"]
     assert lines[2].startswith("✓ phase A in ") and lines[3] == "▶ cycle A1"
     assert lines[4].startswith("✗ cycle A1 after ") and set(board.seconds) == {"phase A", "cycle A1"}
+
+
+def test_the_quick_demo_starts_from_the_day0_drafter_and_the_full_one_from_scratch():
+    from flywheel.demo.plan import sized
+
+    assert sized(True).start == "day0" and sized(False).start == "scratch"
+    assert sized(False, start="day0").start == "day0" and sized(True, start="scratch").start == "scratch"
+    with pytest.raises(ValueError, match="day0 or scratch"):
+        sized(True, start="warm")
