@@ -336,10 +336,16 @@ def explain(report: dict[str, Any], plan) -> list[str]:
             "is 1.0: one token per target forward) until a challenger clears the floor. "
             + off[0].get("gate", "")
         )
-    if report["promotions"] == 0 and plan.start == "day0":
+    if report["promotions"] == 0 and plan.start == "day0" and not off:
         notes.append(
             "No challenger passed the gate, so the flywheel server kept serving the day-0 drafter, as the "
             "static server does: F and S differ only by measurement noise."
+        )
+    elif report["promotions"] == 0 and off:
+        notes.append(
+            "F's tau after the switch is 1.0 by construction: the comparison of F and S in tau says how "
+            "many tokens each target forward gave, not which served faster; the gate measured the "
+            "drafters slower than no speculation on this CPU, which is why it switched F's off."
         )
     elif report["promotions"] == 0:
         notes.append(

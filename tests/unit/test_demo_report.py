@@ -181,3 +181,21 @@ def test_the_quick_demo_starts_from_the_day0_drafter_and_the_full_one_from_scrat
     assert sized(False, start="day0").start == "day0" and sized(True, start="scratch").start == "scratch"
     with pytest.raises(ValueError, match="day0 or scratch"):
         sized(True, start="warm")
+
+
+def test_the_notes_do_not_call_a_switched_off_flywheel_noise():
+    from flywheel.demo.plan import sized
+
+    report = {
+        "verdict": {"flywheel_beats_static": False},
+        "promotions": 0,
+        "cycles": [{"phase": "B", "run_id": "r", "speculation_off": True, "gate": "NO DRAFTER"}],
+        "recovery_requests": None,
+        "tau_before_shift": 1.3,
+        "speedup_champion": 0.9,
+    }
+    notes = " ".join(rep.explain(report, sized(True)))
+    assert "F stopped speculating" in notes and "tau after the switch is 1.0 by construction" in notes
+    assert "differ only by measurement noise" not in notes
+    on = report | {"cycles": []}
+    assert "differ only by measurement noise" in " ".join(rep.explain(on, sized(True)))
