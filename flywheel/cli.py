@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.settings import get_settings
+from flywheel.day0 import Day0Spec  # its defaults are the command's (the module imports nothing heavy)
 
 console = Console()
 app = typer.Typer(
@@ -55,11 +56,15 @@ def models_prepare(
 def models_prepare_drafter(
     domains: Annotated[
         str, typer.Option(help="comma-separated prompt domains to build the head on (`flywheel prompts`)")
-    ] = "docs",
-    prompts_per_domain: Annotated[int, typer.Option(help="train-split prompts served per domain")] = 200,
-    max_tokens: Annotated[int, typer.Option(help="output tokens per served prompt")] = 128,
-    steps: Annotated[int, typer.Option(help="optimizer steps of the scratch recipe")] = 240,
-    draft_vocab_size: Annotated[int, typer.Option(help="draft vocabulary (most frequent tokens)")] = 8192,
+    ] = ",".join(Day0Spec.domains),
+    prompts_per_domain: Annotated[
+        int, typer.Option(help="train-split prompts served per domain")
+    ] = Day0Spec.prompts_per_domain,
+    max_tokens: Annotated[int, typer.Option(help="output tokens per served prompt")] = Day0Spec.max_tokens,
+    steps: Annotated[int, typer.Option(help="optimizer steps of the scratch recipe")] = Day0Spec.steps,
+    draft_vocab_size: Annotated[
+        int, typer.Option(help="draft vocabulary (most frequent tokens)")
+    ] = Day0Spec.draft_vocab_size,
     force: Annotated[bool, typer.Option(help="build again even if a verified copy exists")] = False,
 ) -> None:
     """Build the day-0 drafter: a base EAGLE-3 head for the target, the off-the-shelf drafter a deployment
@@ -71,7 +76,7 @@ def models_prepare_drafter(
     About 11 min on 2 CPU cores with the defaults (serving 4, training 7), once per target.
     """
     from core.prompts import DOMAINS
-    from flywheel.day0 import Day0Mismatch, Day0Spec, prepare_day0
+    from flywheel.day0 import Day0Mismatch, prepare_day0
 
     chosen = tuple(d.strip() for d in domains.split(",") if d.strip())
     if not chosen or set(chosen) - set(DOMAINS):
