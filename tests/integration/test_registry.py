@@ -30,6 +30,16 @@ def _log_drafter(tmp_path, mlflow_settings, payload: bytes) -> tuple[str, str, o
     return run.info.run_id, uri, d
 
 
+def _registry(mlflow_settings, kafka_settings, topic_factory, target: str | None = None) -> DrafterRegistry:
+    """A registry of ``target`` (default a fresh name) whose promotions go to a fresh compacted topic."""
+    kafka = KafkaSettings(
+        bootstrap_servers=kafka_settings.bootstrap_servers,
+        promotions_topic=topic_factory(prefix="promotions", cleanup_policy="compact"),
+    )
+    register_topics(kafka)
+    return DrafterRegistry(target or f"target-{uuid.uuid4().hex[:6]}", mlflow_settings, kafka)
+
+
 def _promotions(kafka: KafkaSettings, n: int) -> list[dict]:
     consumer = Consumer(
         kafka.client_config() | {"group.id": uuid.uuid4().hex, "auto.offset.reset": "earliest"}
@@ -45,13 +55,9 @@ def _promotions(kafka: KafkaSettings, n: int) -> list[dict]:
 
 
 def test_register_promote_rollback(tmp_path, mlflow_settings, kafka_settings, topic_factory):
-    kafka = KafkaSettings(
-        bootstrap_servers=kafka_settings.bootstrap_servers,
-        promotions_topic=topic_factory(prefix="promotions", cleanup_policy="compact"),
-    )
-    register_topics(kafka)
     target = f"target-{uuid.uuid4().hex[:6]}"
-    registry = DrafterRegistry(target, mlflow_settings, kafka)
+    registry = _registry(mlflow_settings, kafka_settings, topic_factory, target)
+    kafka = registry.kafka
     versions = []
     for i in range(2):
         run_id, uri, d = _log_drafter(tmp_path, mlflow_settings, bytes([i]) * 64)
@@ -97,12 +103,7 @@ def test_register_promote_rollback(tmp_path, mlflow_settings, kafka_settings, to
 def test_lineage_head_is_the_newest_trained_version_not_rolled_back(
     tmp_path, mlflow_settings, kafka_settings, topic_factory
 ):
-    kafka = KafkaSettings(
-        bootstrap_servers=kafka_settings.bootstrap_servers,
-        promotions_topic=topic_factory(prefix="promotions", cleanup_policy="compact"),
-    )
-    register_topics(kafka)
-    registry = DrafterRegistry(f"target-{uuid.uuid4().hex[:6]}", mlflow_settings, kafka)
+    registry = _registry(mlflow_settings, kafka_settings, topic_factory)
     assert registry.lineage_head() is None  # nothing registered yet: the cycle trains from scratch
     trained = []
     for i in range(2):
@@ -121,12 +122,7 @@ def test_lineage_head_is_the_newest_trained_version_not_rolled_back(
 def test_the_first_cycle_trains_from_a_day0_champion_never_from_a_random_one(
     tmp_path, mlflow_settings, kafka_settings, topic_factory
 ):
-    kafka = KafkaSettings(
-        bootstrap_servers=kafka_settings.bootstrap_servers,
-        promotions_topic=topic_factory(prefix="promotions", cleanup_policy="compact"),
-    )
-    register_topics(kafka)
-    registry = DrafterRegistry(f"target-{uuid.uuid4().hex[:6]}", mlflow_settings, kafka)
+    registry = _registry(mlflow_settings, kafka_settings, topic_factory)
     assert registry.training_parent("lineage") is None and registry.training_parent("champion") is None
 
     run_id, uri, d = _log_drafter(tmp_path, mlflow_settings, b"r" * 64)
@@ -154,13 +150,8 @@ def test_a_drafter_dir_of_any_name_is_fetched_back_from_its_registered_version(
     its parent (found by the quick demo: "Directory not empty" renaming the download into the cache)."""
     from flywheel.demo.services import register_drafter
 
-    kafka = KafkaSettings(
-        bootstrap_servers=kafka_settings.bootstrap_servers,
-        promotions_topic=topic_factory(prefix="promotions", cleanup_policy="compact"),
-    )
-    register_topics(kafka)
     settings = mlflow_settings.model_copy(update={"artifact_cache_dir": tmp_path / "cache"})
-    registry = DrafterRegistry(f"target-{uuid.uuid4().hex[:6]}", settings, kafka)
+    registry = _registry(settings, kafka_settings, topic_factory)
     day0 = tmp_path / "day0"
     day0.mkdir()
     (day0 / "config.json").write_text('{"architectures": ["LlamaForCausalLMEagle3"]}')
