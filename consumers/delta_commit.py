@@ -30,6 +30,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction
 from consumers.dead_letters import DeadLetter, DeadLetterProducer
 from consumers.delta_log import OffsetMismatchError, offset_mismatches, txn_app_id
 from consumers.lake_files import write_data_files
+from consumers.table import refresh
 from schemas.arrow import PARTITION_COLUMNS
 
 log = logging.getLogger("flywheel.ingest.commit")
@@ -68,7 +69,7 @@ class DeltaCommitter:
 
     def commit(self, job: CommitJob) -> int:
         """Commit ``job`` exactly once or raise; returns the new table version."""
-        self.table.update_incremental()
+        refresh(self.table)
         mismatches = offset_mismatches(
             job.expected, lambda p: self.table.transaction_version(txn_app_id(self.app_id, p))
         )
@@ -95,7 +96,7 @@ class DeltaCommitter:
                 },
             ),
         )
-        self.table.update_incremental()
+        refresh(self.table)
         log.debug(
             "committed v%d: %d rows, %d dead letters; parquet %.2fs, commit %.2fs",
             self.table.version(),

@@ -41,7 +41,7 @@ from consumers.delta_log import OffsetMismatchError, last_offsets, seek_offset, 
 from consumers.flush_policy import FlushPolicy, FlushReason, should_flush
 from consumers.hour_compaction import HourCompactor
 from consumers.ingest_metrics import IngestMetrics
-from consumers.table import open_or_create, table_filesystem
+from consumers.table import open_or_create, refresh, table_filesystem
 from consumers.trace_batch import MessageBatch, TraceBatchDecoder
 from consumers.window_announcements import WindowAnnouncer
 from core.kafka_log import librdkafka_log
@@ -437,7 +437,7 @@ class TraceIngest:
         self.metrics.resets.inc()
         if self._failures:
             time.sleep(min(0.5 * 2**self._failures, 10.0))
-        self.table.update_incremental()
+        refresh(self.table)
         for p in sorted(self.assigned):
             version = self.table.transaction_version(txn_app_id(self.app_id, p))
             self.logged[p] = version
@@ -456,7 +456,7 @@ class TraceIngest:
     # --- rebalance callbacks (run inside consume()) ---------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.table.update_incremental()
+        refresh(self.table)
         for tp in partitions:
             version = self.table.transaction_version(txn_app_id(self.app_id, tp.partition))
             tp.offset = seek_offset(version)

@@ -187,13 +187,33 @@ def migrate_to_ingest_time(
         partition_by=PARTITION_COLUMNS,
         commit_properties=CommitProperties(custom_metadata={"flywheel.migration": TRUSTED_TIME_COLUMN}),
     )
-    dt.update_incremental()
+    refresh(dt)
     if is_legacy(dt):
         raise SchemaMismatchError(f"table {dt.table_uri}: the migration commit kept the old schema")
     stats = ",".join(STATS_COLUMNS)
     if dt.metadata().configuration.get("delta.dataSkippingStatsColumns") != stats:
         dt.alter.set_table_properties({"delta.dataSkippingStatsColumns": stats})
     return True
+
+
+def refresh(dt: DeltaTable, attempts: int = 4) -> DeltaTable:
+    """``dt.update_incremental()``, again when a log entry it listed was gone by the time it read it.
+
+    Log clean-up (after a checkpoint, entries older than ``delta.logRetentionDuration``) may delete a
+    commit file between a reader's listing and its read: the reader gets ``FileNotFoundError`` although
+    the table is fine, and the next listing starts from the newer checkpoint. Rare at the table's 7 days,
+    routine at the seconds tests use.
+    """
+    for attempt in range(attempts):
+        try:
+            dt.update_incremental()
+            return dt
+        except FileNotFoundError as e:
+            if attempt == attempts - 1:
+                raise
+            log.info("log entry gone while reading %s (%s); listing again", dt.table_uri, e)
+            time.sleep(0.05 * 2**attempt)
+    return dt
 
 
 def open_or_create(lake: LakeSettings, properties: dict[str, str] | None = None) -> DeltaTable:
