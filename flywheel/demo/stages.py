@@ -78,7 +78,8 @@ class Demo:
         self.background: svc.BackgroundStarts | None = None
         self.evals = None  # the Airflow evaluate task's two servers (evaluation.served.EvalServers)
         self.probe_steps: dict[str, dict[str, int]] = {}  # phase -> training steps behind F's and S's drafter
-        self.final_speedup: dict[str, Any] | None = None  # the champion's own paired run at the end
+        self.final_speedup: dict[str, Any] | None = None  # the final champion vs no speculation
+        self.evaluations: dict[str, dict[str, Any]] = {}  # run id -> its evaluate task's Evaluation
         self.serving = serving
         self.registry = registry(self.settings)
         self.day0: dict[str, Any] | None = None  # the day-0 drafter's provenance, when the plan starts there
@@ -281,16 +282,28 @@ class Demo:
         return max((c["lineage_steps"] or 0 for c in self.cycles), default=self.initial_steps)
 
     def _stage_champion_speedup(self) -> None:
-        """The final champion against no speculation in its own paired run: held-out prose prompts, the
-        evaluation servers with the cycles' flags, rounds until the interval is clear or the budget spent."""
+        """The final champion against no speculation: in its own paired run (held-out prose prompts, the
+        evaluation servers with the cycles' flags, rounds until the interval is clear or the budget spent),
+        or, when the plan says so, from the last post-shift cycle's evaluation that measured it."""
         from evaluation.heldout_traffic import from_builtin
         from evaluation.served import CHALLENGER, EvalServers, paired_benchmark
         from flywheel.cycle import eval_config
 
+        champion = self.registry.by_alias("champion")
+        if champion is None:
+            return
+        if not self.plan.final_own_run and (
+            reused := rep.measured_in_last_cycle(self.cycles, self.evaluations, champion.version, "B")
+        ):
+            with self.board.stage("final champion vs no speculation: the last cycle's paired run") as st:
+                self.final_speedup = reused
+                st.info(
+                    f"v{champion.version}: {reused['speedup']['point']:.3f} "
+                    f"[{reused['speedup']['low']:.3f}, {reused['speedup']['high']:.3f}] x no speculation "
+                    f"({reused['source']})"
+                )
+            return
         with self.board.stage("final champion vs no speculation: own paired run") as st:
-            champion = self.registry.by_alias("champion")
-            if champion is None:
-                return
             # F and S are done: their engines would only hold memory the evaluation servers need
             svc.stop_servers([s.spec for s in self.servers.values()])
             cycle = CycleSettings(**self.settings.cycle.model_dump() | self.plan.cycle_conf(1))
@@ -310,6 +323,7 @@ class Demo:
             measured = report.measurement(CHALLENGER)
             self.final_speedup = {
                 "version": champion.version,
+                "source": f"own paired run, {len(traffic.prompts)} held-out prose prompts",
                 "speedup": measured.speedup.model_dump(),
                 "tau": measured.tau,
                 "rounds": len({r["round"] for r in report.rounds}),
@@ -447,6 +461,7 @@ class Demo:
     def _cycle_result(self, run_id: str, phase: str, state: str, rows: int, seconds: float) -> dict[str, Any]:
         assert self.airflow is not None
         evaluation = self.airflow.xcom(DAG_ID, run_id, "evaluate") or {}
+        self.evaluations[run_id] = evaluation
         gate = self.airflow.xcom(DAG_ID, run_id, "gate") or {}
         challenger = evaluation.get("challenger") or {}
         version = gate.get("version") or evaluation.get("version")

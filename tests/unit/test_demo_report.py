@@ -199,3 +199,44 @@ def test_the_notes_do_not_call_a_switched_off_flywheel_noise():
     assert "differ only by measurement noise" not in notes
     on = report | {"cycles": []}
     assert "differ only by measurement noise" in " ".join(rep.explain(on, sized(True)))
+
+
+def test_the_final_champion_is_read_from_the_last_post_shift_cycle_that_measured_it():
+    def measured(point):
+        return {"speedup": {"point": point, "low": point - 0.1, "high": point + 0.1, "n": 7}, "tau": 1.2}
+
+    cycles = [{"phase": "A", "run_id": "a1"}, {"phase": "B", "run_id": "b1"}, {"phase": "B", "run_id": "b2"}]
+    evaluations = {
+        "a1": {
+            "version": "2",
+            "champion_version": "1",
+            "challenger": measured(1.3),
+            "champion": measured(0.9),
+        },
+        "b1": {
+            "version": "3",
+            "champion_version": "2",
+            "challenger": measured(0.8),
+            "champion": measured(1.1),
+        },
+        "b2": {
+            "version": "4",
+            "champion_version": "2",
+            "challenger": measured(0.95),
+            "champion": measured(1.05),
+            "domains": ["prose"],
+            "traffic": "lake",
+            "rounds": 2,
+            "requests_used": 28,
+        },
+    }
+    kept = rep.measured_in_last_cycle(cycles, evaluations, "2", "B")
+    assert (
+        kept["speedup"]["point"] == 1.05 and "cycle B2" in kept["source"] and "champion arm" in kept["source"]
+    )
+    promoted = rep.measured_in_last_cycle(cycles, evaluations, "4", "B")
+    assert promoted["speedup"]["point"] == 0.95 and "challenger arm" in promoted["source"]
+    # a version the last post-shift cycle did not run (v3, rejected in B1) needs its own run
+    assert rep.measured_in_last_cycle(cycles, evaluations, "3", "B") is None
+    assert rep.measured_in_last_cycle(cycles[:1], evaluations, "2", "B") is None
+    assert rep.measured_in_last_cycle(cycles, {"b2": {}}, "2", "B") is None
