@@ -250,11 +250,11 @@ class Demo:
             process.start(flywheel.spec, timeout_s=1500)
             if not self.ingest.alive():
                 raise RuntimeError(f"`flywheel ingest` exited; see {self.ingest.log}")
-            # the evaluate task's two servers (the DAG reuses them across evaluations) and S (its static
-            # drafter is loaded before the shift): started now, in the order they are needed
-            self.background = svc.BackgroundStarts(
-                [self.evals.base, self.evals.spec, self.servers["static"].spec]
-            )
+            # S (serves from the end of phase A on) and the evaluate task's two servers (the DAG reuses
+            # them across evaluations): started now, in the order they are needed; without a cycle before
+            # the shift S comes first (the quick demo waited 264 s for S behind the two evaluation engines)
+            static, evals = [self.servers["static"].spec], [self.evals.base, self.evals.spec]
+            self.background = svc.BackgroundStarts(evals + static if self.plan.cycles_a else static + evals)
             st.info(f"healthy, drafter {flywheel.weight_version()}; S + eval servers warming up")
 
     def _phase(self, phase: str, domain: str, segments: tuple[int, ...], window_start: datetime) -> None:
@@ -564,6 +564,9 @@ class Demo:
             "trace_bytes_per_token": lake["trace_bytes_per_token"],
             "hidden_state_bytes_per_token": 4 * hidden * 2,  # 3 aux layers + last, bf16 (bench/train.py)
             "promotions": decisions.count("promote"),
+            "promotions_after_shift": sum(
+                c["decision"] == "promote" for c in self.cycles if c["phase"] == "B"
+            ),
             "rejections": decisions.count("reject"),
             "stage_seconds": {k: round(v, 1) for k, v in self.board.seconds.items()},
         }

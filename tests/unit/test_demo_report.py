@@ -114,6 +114,10 @@ def test_verdict_against_the_issue_targets():
     assert v["flywheel_vs_static_ratio"] == pytest.approx(1.15)
     assert v["flywheel_vs_static_target_met"] is True
     assert v["recovery_target_met"] is False and v["speedup_target_met"] is True
+    # F never served a drafter adapted after the shift: a recovery figure is not judged
+    unadapted = rep.verdict(report | {"recovery_requests": 27, "promotions_after_shift": 0})
+    assert unadapted["recovery_target_met"] is None
+    assert rep.verdict(report | {"recovery_requests": 27, "promotions_after_shift": 1})["recovery_target_met"]
     missing = rep.verdict({"tau_after_shift_flywheel": None, "tau_after_shift_static": 1.2})
     assert set(missing.values()) == {None}
 
