@@ -132,7 +132,11 @@ def prompts(
 @app.command("demo")
 def demo(
     quick: Annotated[
-        bool, typer.Option(help="every stage, smaller: fewer requests and train steps, 1 cycle per phase")
+        bool,
+        typer.Option(
+            help="every stage, smaller (~15 min on 2 cores after set-up): fewer requests and steps, one "
+            "cycle, after the shift"
+        ),
     ] = False,
     out: Annotated[Path, typer.Option(help="report directory")] = Path("demo-report"),
     train_steps: Annotated[
