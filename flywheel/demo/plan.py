@@ -35,6 +35,10 @@ class DemoPlan:
     # cycle's paired evaluation when that measured the final champion (one arm or the other) against no
     # speculation on the window's held-out prose (False: the quick demo, ~4 min saved)
     final_own_run: bool = True
+    # F and S on the held-out prose right at the shift, before any post-shift cycle (the start of the
+    # recovery curve). The day-0 start skips it in the quick demo: F and S serve the same head until a
+    # promotion, so F's tau there is S's (greedy, the same prompts), measured at the end anyway
+    probe_at_shift: bool = True
     # skip vLLM's torch.compile warm-up (F started in 50-63 s instead of ~170 s on 2 cores; ~12 % fewer
     # tok/s for every arm alike, so measured speedups stay like for like)
     enforce_eager: bool = False
@@ -93,6 +97,7 @@ QUICK = DemoPlan(
     window=8,
     probe_prompts=16,
     final_own_run=False,
+    probe_at_shift=False,
     enforce_eager=True,
 )
 # one cycle before the shift (its 120-step head already clears the gate: 1.20x on code in the first timed

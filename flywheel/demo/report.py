@@ -121,6 +121,23 @@ def paired_tau_ratio(series: DemoSeries, phase: str, confidence: float = 0.95) -
     return {"point": interval.point, "low": interval.low, "high": interval.high, "n": interval.n}
 
 
+def heldout_tau_by_probe(series: DemoSeries, probes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """F's and S's tau on each held-out probe (``probes``: label, domain and the cycles run before it, in
+    order), with F ÷ S paired per prompt: held-out tau per cycle, before and after the shift."""
+    points = []
+    for p in probes:
+        phase = f"{p['probe']}-heldout"
+        points.append(
+            p
+            | {
+                "flywheel": served_tau(series.steps("flywheel", phase)),
+                "static": served_tau(series.steps("static", phase)),
+                "flywheel_vs_static": paired_tau_ratio(series, phase),
+            }
+        )
+    return points
+
+
 def measured_in_last_cycle(
     cycles: Sequence[dict[str, Any]], evaluations: dict[str, dict[str, Any]], version: str, phase: str
 ) -> dict[str, Any] | None:
@@ -242,23 +259,81 @@ def plot_tau(series: DemoSeries, window: int, promotions: list[dict[str, Any]], 
     plt.close(fig)
 
 
-def plot_speedups(evaluations: list[dict[str, Any]], path: Path) -> None:
-    """Measured batch-1 speedup of every evaluated challenger (and the champion it was measured against)."""
+def plot_speedups(cycles: list[dict[str, Any]], path: Path) -> None:
+    """Every cycle's challenger and the champion it was measured against, each ÷ no speculation on the
+    window's held-out traffic, with the 95 % intervals of the paired evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    labels = [f"v{e['version']}\n({e['decision']})" for e in evaluations]
-    values = [e.get("speedup") or 0.0 for e in evaluations]
-    colors = ["tab:green" if e["decision"] == "promote" else "tab:red" for e in evaluations]
-    ax.bar(labels, values, color=colors)
+    measured = [c for c in cycles if c.get("speedup") is not None]
+    for i, c in enumerate(measured):
+        for dx, key, label, color in (
+            (-0.15, "champion_speedup", "champion (its time)", "tab:gray"),
+            (0.15, "speedup", "challenger", "tab:green" if c["decision"] == "promote" else "tab:red"),
+        ):
+            iv = c.get(f"{key}_interval") if key == "champion_speedup" else c.get("speedup_interval")
+            point = c.get(key)
+            if point is None:
+                continue
+            err = [[point - iv["low"]], [iv["high"] - point]] if iv else None
+            ax.errorbar(
+                i + dx, point, yerr=err, fmt="o", color=color, capsize=4, label=label if i == 0 else None
+            )
+    ax.set_xlim(-0.6, max(len(measured), 1) - 0.4)
+    ax.set_xticks(
+        range(len(measured)),
+        [f"{c['phase']}: v{c['version']}\n{c['decision']}" for c in measured],
+    )
     ax.axhline(1.0, color="black", linewidth=0.8, label="no speculation")
     ax.axhline(TARGETS["speedup_champion"], color="gray", linestyle="--", label="target 1.3x")
-    ax.set_ylabel("measured speedup vs no speculation (batch 1)")
-    ax.set_title("Served evaluation of each challenger")
+    ax.set_ylabel("served speed ÷ no speculation (95 % interval)")
+    ax.set_title("Paired served evaluation of each cycle")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_heldout_tau(points: list[dict[str, Any]], cycles: list[dict[str, Any]], path: Path) -> None:
+    """F's and S's tau on the held-out probes against the cycles run before each; the shift and the
+    cycles that promoted marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    # S hollow and larger, F filled inside it: where they serve the same head the points coincide
+    for server, color, size, face in (
+        ("static", "tab:orange", 11, "none"),
+        ("flywheel", "tab:blue", 6, None),
+    ):
+        for domain, marker in (("code", "s"), ("prose", "o")):
+            here = [p for p in points if p["domain"] == domain and p.get(server) is not None]
+            if here:
+                ax.plot(
+                    [p["cycles"] for p in here],
+                    [p[server] for p in here],
+                    marker=marker,
+                    markersize=size,
+                    markerfacecolor=face or color,
+                    color=color,
+                    label=f"{server} server, held-out {domain}",
+                )
+    ax.axhline(1.0, color="gray", linewidth=0.8, label="no drafting (tau 1)")
+    cycles_a = sum(c["phase"] == "A" for c in cycles)
+    ax.axvline(cycles_a + 0.5, color="black", linestyle="--", label="domain shift (code -> prose)")
+    for i, n in enumerate([n for n, c in enumerate(cycles, 1) if c["decision"] == "promote"]):
+        ax.axvline(n, color="tab:green", linestyle=":", label="cycle that promoted" if i == 0 else None)
+    ax.set_xlabel("flywheel cycles run before the probe")
+    ax.set_ylabel("tau on the held-out prompts")
+    ax.set_xticks(range(len(cycles) + 1))
+    ax.set_title("Held-out tau per cycle: flywheel vs static drafter")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -338,6 +413,18 @@ def render_markdown(report: dict[str, Any], context: dict[str, Any]) -> str:
             else _fmt(v["recovery_target_met"])
         ),
         f"- Speedup target met: {_fmt(v['speedup_target_met'])}",
+        "",
+        "## Held-out tau per cycle",
+        "",
+        "| probe | domain | cycles before it | flywheel tau | static tau | flywheel ÷ static, paired |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {p['probe']} | {p['domain']} | {p['cycles']} | {_fmt(p['flywheel'])} | {_fmt(p['static'])} | "
+            f"{_paired(p.get('flywheel_vs_static'))} |"
+            for p in report.get("heldout_tau_by_probe", [])
+        ],
+        "",
+        "![held-out tau per cycle](heldout_tau.png)",
         "",
         "![rolling tau](tau_over_requests.png)",
         "",

@@ -78,6 +78,7 @@ class Demo:
         self.background: svc.BackgroundStarts | None = None
         self.evals = None  # the Airflow evaluate task's two servers (evaluation.served.EvalServers)
         self.probe_steps: dict[str, dict[str, int]] = {}  # phase -> training steps behind F's and S's drafter
+        self.probes: list[dict[str, Any]] = []  # held-out probes in order, with the cycles run before each
         self.final_speedup: dict[str, Any] | None = None  # the final champion vs no speculation
         self.evaluations: dict[str, dict[str, Any]] = {}  # run id -> its evaluate task's Evaluation
         self.serving = serving
@@ -258,11 +259,18 @@ class Demo:
             st.info(f"healthy, drafter {flywheel.weight_version()}; S + eval servers warming up")
 
     def _phase(self, phase: str, domain: str, segments: tuple[int, ...], window_start: datetime) -> None:
+        """Traffic segments with a cycle after each but the last. After the shift, F and S also serve the
+        held-out prose at the shift (``plan.probe_at_shift``) and after every cycle but the last (whose
+        probe is the phase's final one): held-out tau per cycle, the recovery curve."""
+        if phase == "B" and self.plan.probe_at_shift:
+            self._probe("B0", domain)
         for i, n in enumerate(segments):
             servers = ["flywheel"] + (["static"] if phase == "B" else [])
             self._traffic(phase, domain, n, servers, seed=(0 if phase == "A" else 100) + i)
             if i < len(segments) - 1:
                 self._cycle(phase, i + 1, window_start)
+                if phase == "B" and i + 1 < len(segments) - 1:
+                    self._probe(f"B{i + 1}", domain)
 
     def _probe(self, phase: str, domain: str) -> None:
         """F and S serve the same held-out prompts, a split that phase traffic never sends (so no drafter
@@ -276,6 +284,7 @@ class Demo:
             subset="heldout",
         )
         self.probe_steps[phase] = {"flywheel": self._lineage_steps(), "static": self.static_steps}
+        self.probes.append({"probe": phase, "domain": domain, "cycles": len(self.cycles)})
 
     def _lineage_steps(self) -> int:
         """Steps the flywheel has trained so far along its lineage (the newest trained head's)."""
@@ -485,6 +494,7 @@ class Demo:
             "vs_champion": challenger.get("vs_champion"),
             "tau": challenger.get("tau"),
             "champion_speedup": ((evaluation.get("champion") or {}).get("speedup") or {}).get("point"),
+            "champion_speedup_interval": (evaluation.get("champion") or {}).get("speedup"),
             "traffic": evaluation.get("traffic"),
             "decision": ("promote" if gate.get("promote") else "reject") if gate else None,
             "gate": gate.get("summary"),
@@ -563,6 +573,7 @@ class Demo:
             "probe_steps": self.probe_steps,
             "trace_bytes_per_token": lake["trace_bytes_per_token"],
             "hidden_state_bytes_per_token": 4 * hidden * 2,  # 3 aux layers + last, bf16 (bench/train.py)
+            "heldout_tau_by_probe": rep.heldout_tau_by_probe(self.series, self.probes),
             "promotions": decisions.count("promote"),
             "promotions_after_shift": sum(
                 c["decision"] == "promote" for c in self.cycles if c["phase"] == "B"
@@ -587,13 +598,8 @@ class Demo:
                 f.write(json.dumps(asdict(r)) + "\n")
         rep.write_json(self.out_dir / "report.json", report)
         rep.plot_tau(self.series, self.plan.window, self.swaps, self.out_dir / "tau_over_requests.png")
-        rep.plot_speedups(
-            [
-                {"version": c["version"], "decision": c["decision"], "speedup": c["speedup"]}
-                for c in self.cycles
-            ],
-            self.out_dir / "speedups.png",
-        )
+        rep.plot_speedups(self.cycles, self.out_dir / "speedups.png")
+        rep.plot_heldout_tau(report["heldout_tau_by_probe"], self.cycles, self.out_dir / "heldout_tau.png")
         context = {
             "mode": self.plan.mode,
             "target": self.serving.target_model,

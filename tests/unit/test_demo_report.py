@@ -134,13 +134,29 @@ def test_report_outputs(tmp_path):
         "promotions": 1,
         "rejections": 0,
         "stage_seconds": {"stack up": 3.0},
+        "heldout_tau_by_probe": rep.heldout_tau_by_probe(
+            series,
+            [{"probe": "A", "domain": "code", "cycles": 0}, {"probe": "B", "domain": "prose", "cycles": 1}],
+        ),
     }
     report["verdict"] = rep.verdict(report)
     rep.write_json(tmp_path / "report.json", report)
     assert set(rep.REPORT_KEYS) <= set(json.loads((tmp_path / "report.json").read_text()))
     rep.plot_tau(series, 2, [{"version": "1", "at_request": 2}], tmp_path / "tau.png")
-    rep.plot_speedups([{"version": "1", "decision": "promote", "speedup": 1.1}], tmp_path / "s.png")
-    assert (tmp_path / "tau.png").stat().st_size > 0 and (tmp_path / "s.png").stat().st_size > 0
+    cycles = [
+        {
+            "phase": "B",
+            "version": "2",
+            "decision": "promote",
+            "speedup": 1.1,
+            "speedup_interval": {"point": 1.1, "low": 1.0, "high": 1.2, "n": 8},
+            "champion_speedup": 0.9,
+            "champion_speedup_interval": None,  # an older run's cycle: points without intervals still plot
+        }
+    ]
+    rep.plot_speedups(cycles, tmp_path / "s.png")
+    rep.plot_heldout_tau(report["heldout_tau_by_probe"], cycles, tmp_path / "h.png")
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("tau.png", "s.png", "h.png"))
     context = {
         "mode": "quick",
         "target": "t",
@@ -155,6 +171,20 @@ def test_report_outputs(tmp_path):
     md = rep.render_markdown(report, context)
     assert "| promotions | 1 |" in md and "a note" in md and "n/a" in md
     assert "1.100 [1.020, 1.190] (95 %, n=8)" in md and "| 24 / 24 | equal |" in md
+    assert "| B | prose | 1 | 2.000 | 1.333 |" in md  # held-out tau per cycle
+
+
+def test_heldout_tau_per_probe_pairs_f_and_s_on_each_probe():
+    probes = [{"probe": "A", "domain": "code", "cycles": 1}, {"probe": "B", "domain": "prose", "cycles": 3}]
+    points = rep.heldout_tau_by_probe(_series(), probes)
+    assert [(p["probe"], p["cycles"]) for p in points] == [("A", 1), ("B", 3)]
+    assert points[0]["flywheel"] == pytest.approx(3.0) and points[0]["static"] == pytest.approx(4.0)
+    assert points[1]["flywheel"] == pytest.approx(2.0) and points[1]["static"] == pytest.approx(4 / 3)
+    paired = rep.compute_figures(_series(), last_n=2, window=1)["flywheel_vs_static_after_shift"]
+    assert points[1]["flywheel_vs_static"] == paired
+    # a probe nobody served (a run that stopped before it) has no figures, not zeros
+    missing = rep.heldout_tau_by_probe(_series(), [{"probe": "B1", "domain": "prose", "cycles": 1}])[0]
+    assert missing["flywheel"] is None and missing["flywheel_vs_static"] is None
 
 
 def test_stage_board_logs_plain_lines_without_a_terminal():
