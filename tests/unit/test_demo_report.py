@@ -274,3 +274,49 @@ def test_the_final_champion_is_read_from_the_last_post_shift_cycle_that_measured
     assert rep.measured_in_last_cycle(cycles, evaluations, "3", "B") is None
     assert rep.measured_in_last_cycle(cycles[:1], evaluations, "2", "B") is None
     assert rep.measured_in_last_cycle(cycles, {"b2": {}}, "2", "B") is None
+
+
+@pytest.mark.parametrize(
+    ("quick", "expected"),
+    [
+        # one segment before the shift, no cycle; after it one cycle, whose probe is the final one
+        (True, ["A:48", "B:48", "cycle B1", "B:16", "probe B (1 cycles)"]),
+        # the full run: a probe at the shift, one after B1, and the final one after B2 and the last segment
+        (
+            False,
+            [
+                "A:160",
+                "cycle A1",
+                "A:96",
+                "probe B0 (1 cycles)",
+                "B:128",
+                "cycle B1",
+                "probe B1 (2 cycles)",
+                "B:96",
+                "cycle B2",
+                "B:96",
+                "probe B (3 cycles)",
+            ],
+        ),
+    ],
+)
+def test_the_phases_probe_held_out_tau_at_the_shift_and_after_each_cycle(quick, expected):
+    from flywheel.demo.plan import sized
+    from flywheel.demo.stages import Demo
+
+    demo = object.__new__(Demo)  # the orchestration only: traffic, cycles and probes are recorded
+    demo.plan, demo.cycles, demo.probes, calls = sized(quick), [], [], []
+    demo._traffic = lambda phase, domain, n, servers, seed: calls.append(f"{phase}:{n}")
+
+    def cycle(phase, n, start):
+        calls.append(f"cycle {phase}{n}")
+        demo.cycles.append({"phase": phase})
+
+    def probe(label, domain):
+        calls.append(f"probe {label} ({len(demo.cycles)} cycles)")
+
+    demo._cycle, demo._probe = cycle, probe
+    demo._phase("A", "code", demo.plan.segments_a, None)
+    demo._phase("B", "prose", demo.plan.segments_b, None)
+    demo._probe("B", "prose")  # run() probes the phase's end itself
+    assert calls == expected
