@@ -155,25 +155,24 @@ def heldout_tau_by_probe(series: DemoSeries, probes: Sequence[dict[str, Any]]) -
 def measured_in_last_cycle(
     cycles: Sequence[dict[str, Any]], evaluations: dict[str, dict[str, Any]], version: str, phase: str
 ) -> dict[str, Any] | None:
-    """``version``'s speedup over no speculation as the last cycle of ``phase`` measured it, or None.
+    """``version``'s speedup over no speculation as the last cycle of ``phase`` measured it as the champion
+    it kept, or None.
 
     A cycle's evaluation (its evaluate task's ``Evaluation``, by run id in ``evaluations``) ran the
-    challenger and the champion of its time, each paired against no speculation on the window's held-out
-    traffic: whichever of the two ``version`` is, it was measured there.
+    champion of its time paired against no speculation on the window's held-out traffic. Only that arm is
+    reused: a challenger's figure is the measurement that won its promotion, and a figure selected for
+    clearing a bar overstates (the winner's curse): a promoted champion gets a run of its own.
     """
     ran = [c for c in cycles if c["phase"] == phase]
     evaluation = evaluations.get(ran[-1]["run_id"]) if ran else None
-    if not evaluation:
+    if not evaluation or evaluation.get("champion_version") != version:
         return None
-    arm = {evaluation.get("champion_version"): "champion", evaluation.get("version"): "challenger"}.get(
-        version
-    )
-    measured = evaluation.get(arm) if arm else None
+    measured = evaluation.get("champion")
     if not measured or not measured.get("speedup"):
         return None
     return {
         "version": version,
-        "source": f"cycle {phase}{len(ran)}'s paired evaluation, {arm} arm, "
+        "source": f"cycle {phase}{len(ran)}'s paired evaluation, the champion it kept, "
         f"{', '.join(evaluation.get('domains') or [])} held-out {evaluation.get('traffic')} traffic",
         "speedup": measured["speedup"],
         "tau": measured.get("tau"),

@@ -293,7 +293,8 @@ class Demo:
     def _stage_champion_speedup(self) -> None:
         """The final champion against no speculation: in its own paired run (held-out prose prompts, the
         evaluation servers with the cycles' flags, rounds until the interval is clear or the budget spent),
-        or, when the plan says so, from the last post-shift cycle's evaluation that measured it."""
+        or, when the plan says so and the last post-shift cycle kept it as champion, from that cycle's
+        paired evaluation (``report.measured_in_last_cycle``)."""
         from evaluation.heldout_traffic import from_builtin
         from evaluation.served import CHALLENGER, EvalServers, paired_benchmark
         from flywheel.cycle import eval_config
