@@ -102,12 +102,16 @@ def served_tau(requests: Sequence[Sequence[int]]) -> float | None:
     return pooled_tau(requests)
 
 
-def _paired_ratio(series: DemoSeries, phase: str, value, confidence: float) -> dict[str, Any] | None:
-    """F's ``value`` ÷ S's per prompt both served in ``phase``: geometric mean with its t interval."""
+def paired_tau_ratio(series: DemoSeries, phase: str, confidence: float = 0.95) -> dict[str, Any] | None:
+    """F's tau ÷ S's tau per prompt both served in ``phase`` (a held-out probe: the same prompts to each),
+    as the served evaluation pairs speeds: the geometric mean over prompts with its t interval
+    (``evaluation.paired``). None without a prompt both served."""
     from evaluation.paired import ratio_interval
 
     def per_prompt(server: str) -> dict[str, float | None]:
-        return {r.prompt_id: value(r) for r in series.of(server, phase) if r.prompt_id and r.ok}
+        return {
+            r.prompt_id: served_tau([r.per_step_accepted]) for r in series.of(server, phase) if r.prompt_id
+        }
 
     f, s = per_prompt("flywheel"), per_prompt("static")
     ratios = [f[k] / s[k] for k in sorted(f.keys() & s.keys()) if f[k] and s[k]]
@@ -115,23 +119,6 @@ def _paired_ratio(series: DemoSeries, phase: str, value, confidence: float) -> d
     if interval is None:
         return None
     return {"point": interval.point, "low": interval.low, "high": interval.high, "n": interval.n}
-
-
-def paired_tau_ratio(series: DemoSeries, phase: str, confidence: float = 0.95) -> dict[str, Any] | None:
-    """F's tau ÷ S's tau per prompt both served in ``phase`` (a held-out probe: the same prompts to each),
-    as the served evaluation pairs speeds: the geometric mean over prompts with its t interval
-    (``evaluation.paired``). None without a prompt both served."""
-    return _paired_ratio(series, phase, lambda r: served_tau([r.per_step_accepted]), confidence)
-
-
-def paired_speed_ratio(series: DemoSeries, phase: str, confidence: float = 0.95) -> dict[str, Any] | None:
-    """F's output tokens per second ÷ S's per prompt both served in ``phase``. F and S serve a probe side
-    by side, the same prompts in the same order at the same concurrency, each on its own core: where tau
-    cannot compare them (F's speculation switched off has tau 1.0 by construction, and may still serve
-    faster), this does. Indicative: the stack's other processes share both cores."""
-    return _paired_ratio(
-        series, phase, lambda r: r.output_tokens / r.latency_s if r.latency_s > 0 else None, confidence
-    )
 
 
 def heldout_tau_by_probe(series: DemoSeries, probes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -146,7 +133,6 @@ def heldout_tau_by_probe(series: DemoSeries, probes: Sequence[dict[str, Any]]) -
                 "flywheel": served_tau(series.steps("flywheel", phase)),
                 "static": served_tau(series.steps("static", phase)),
                 "flywheel_vs_static": paired_tau_ratio(series, phase),
-                "flywheel_vs_static_speed": paired_speed_ratio(series, phase),
             }
         )
     return points
@@ -197,8 +183,6 @@ def compute_figures(series: DemoSeries, last_n: int, window: int) -> dict[str, A
         # per held-out prompt, F ÷ S: the claims' intervals
         "flywheel_vs_static_before_shift": paired_tau_ratio(series, "A-heldout"),
         "flywheel_vs_static_after_shift": paired_tau_ratio(series, "B-heldout"),
-        # the same probes in served speed (tokens/s per prompt): the comparison when F stopped drafting
-        "flywheel_vs_static_speed_after_shift": paired_speed_ratio(series, "B-heldout"),
     }
 
 
@@ -401,8 +385,6 @@ def render_markdown(report: dict[str, Any], context: dict[str, Any]) -> str:
         f"{_paired(report.get('flywheel_vs_static_before_shift'))} | |",
         f"| flywheel ÷ static tau per held-out prompt, after the shift | "
         f"{_paired(report.get('flywheel_vs_static_after_shift'))} | > 1 |",
-        f"| flywheel ÷ static served tokens/s per held-out prompt, after the shift (side by side, one core "
-        f"each) | {_paired(report.get('flywheel_vs_static_speed_after_shift'))} | |",
         f"| training steps: static / flywheel lineage | {_fmt(report.get('static_steps'))} / "
         f"{_fmt(report.get('flywheel_trained_steps'))} | equal |",
         f"| recovery_requests (rolling {context['window']} of traffic, 90 % of the last "
@@ -433,12 +415,11 @@ def render_markdown(report: dict[str, Any], context: dict[str, Any]) -> str:
         "",
         "## Held-out tau per cycle",
         "",
-        "| probe | domain | cycles before it | flywheel tau | static tau | flywheel ÷ static tau, paired | "
-        "flywheel ÷ static tokens/s, paired |",
-        "|---|---|---|---|---|---|---|",
+        "| probe | domain | cycles before it | flywheel tau | static tau | flywheel ÷ static, paired |",
+        "|---|---|---|---|---|---|",
         *[
             f"| {p['probe']} | {p['domain']} | {p['cycles']} | {_fmt(p['flywheel'])} | {_fmt(p['static'])} | "
-            f"{_paired(p.get('flywheel_vs_static'))} | {_paired(p.get('flywheel_vs_static_speed'))} |"
+            f"{_paired(p.get('flywheel_vs_static'))} |"
             for p in report.get("heldout_tau_by_probe", [])
         ],
         "",
@@ -487,17 +468,10 @@ def explain(report: dict[str, Any], plan) -> list[str]:
             "static server does: F and S differ only by measurement noise."
         )
     elif report["promotions"] == 0 and off:
-        speed = report.get("flywheel_vs_static_speed_after_shift")
         notes.append(
             "F's tau after the switch is 1.0 by construction: the comparison of F and S in tau says how "
             "many tokens each target forward gave, not which served faster; the gate measured the "
-            "drafters slower than no speculation on this CPU, which is why it switched F's off. "
-            + (
-                f"On the held-out prose probe F served {_paired(speed)} of S's tokens/s (paired per prompt, "
-                "side by side)."
-                if speed
-                else ""
-            )
+            "drafters slower than no speculation on this CPU, which is why it switched F's off."
         )
     elif report["promotions"] == 0:
         notes.append(

@@ -319,23 +319,3 @@ def test_the_phases_probe_held_out_tau_at_the_shift_and_after_each_cycle(quick, 
     demo._phase("B", "prose", demo.plan.segments_b, None)
     demo._probe("B", "prose")  # run() probes the phase's end itself
     assert calls == expected
-
-
-def test_flywheel_vs_static_speed_is_paired_per_heldout_prompt():
-    s = rep.DemoSeries()
-    for i, (f_latency, s_latency) in enumerate([(0.5, 1.0), (1.0, 2.0), (0.25, 0.5)]):  # F twice as fast
-        s.records.append(
-            rep.RequestRecord("flywheel", "B-heldout", "prose", i, [], 8, f_latency, prompt_id=f"p{i}")
-        )
-        s.records.append(
-            rep.RequestRecord("static", "B-heldout", "prose", i, [1, 1], 8, s_latency, prompt_id=f"p{i}")
-        )
-    s.records.append(  # a failed request pairs nothing
-        rep.RequestRecord("flywheel", "B-heldout", "prose", 3, [], 0, 0.01, ok=False, prompt_id="p3")
-    )
-    s.records.append(rep.RequestRecord("static", "B-heldout", "prose", 3, [1], 8, 1.0, prompt_id="p3"))
-    speed = rep.paired_speed_ratio(s, "B-heldout")
-    assert speed["n"] == 3 and speed["point"] == pytest.approx(2.0)
-    # in tau F (speculation off: 1.0) trails S (2.0) on the same prompts
-    assert rep.paired_tau_ratio(s, "B-heldout")["point"] == pytest.approx(0.5)
-    assert rep.compute_figures(s, 1, 1)["flywheel_vs_static_speed_after_shift"] == speed
