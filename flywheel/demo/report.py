@@ -222,6 +222,17 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
+def _save(fig, ax, path: Path, grid: bool = True) -> None:
+    import matplotlib.pyplot as plt
+
+    if grid:
+        ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_tau(series: DemoSeries, window: int, promotions: list[dict[str, Any]], path: Path) -> None:
     """Rolling tau of the flywheel and the static server over their requests; shift and swaps marked."""
     import matplotlib
@@ -251,11 +262,7 @@ def plot_tau(series: DemoSeries, window: int, promotions: list[dict[str, Any]], 
     ax.set_xlabel("request (flywheel server's sequence)")
     ax.set_ylabel(f"tau, rolling over {window} requests")
     ax.set_title("Acceptance length tau per request: flywheel vs static drafter")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def plot_speedups(cycles: list[dict[str, Any]], path: Path) -> None:
@@ -290,10 +297,7 @@ def plot_speedups(cycles: list[dict[str, Any]], path: Path) -> None:
     ax.axhline(TARGETS["speedup_champion"], color="gray", linestyle="--", label="target 1.3x")
     ax.set_ylabel("served speed ÷ no speculation (95 % interval)")
     ax.set_title("Paired served evaluation of each cycle")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path, grid=False)
 
 
 def plot_heldout_tau(points: list[dict[str, Any]], cycles: list[dict[str, Any]], path: Path) -> None:
@@ -331,11 +335,7 @@ def plot_heldout_tau(points: list[dict[str, Any]], cycles: list[dict[str, Any]],
     ax.set_ylabel("tau on the held-out prompts")
     ax.set_xticks(range(len(cycles) + 1))
     ax.set_title("Held-out tau per cycle: flywheel vs static drafter")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
