@@ -141,7 +141,10 @@ def test_storage_stays_bounded_under_continuous_ingest(kafka_settings, schema_id
     assert max(data[1:]) <= 1.1 * min(data[1:])
     # the log is trimmed at each retention run: a few checkpoints and recent entries, however many days pass
     assert max(log_files) <= 15 and max(log[2:]) <= 2 * max(log[:3])
-    assert data[-1] + log[-1] <= 1.5 * (data[2] + log[2])
+    # bounded: the last day is no larger than the early full days. Against their largest, not one of them:
+    # the log swings between clean-ups (3 to 12 files here), and day 2 alone once sat at the bottom of a
+    # swing (22 kB of log) while day 5 sat at the top (74 kB): 117 kB against 1.5 x 66 kB failed in CI
+    assert data[-1] + log[-1] <= 1.5 * max(data[i] + log[i] for i in (1, 2))
     # and the consumer resumed from the offsets kept in checkpoints: every day ingested exactly once
     assert open_table(lake).to_pyarrow_table(columns=["event_id"]).num_rows == 2 * 150
 
