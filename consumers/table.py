@@ -204,15 +204,14 @@ def refresh(dt: DeltaTable, attempts: int = 4) -> DeltaTable:
     the table is fine, and the next listing starts from the newer checkpoint. Rare at the table's 7 days,
     routine at the seconds tests use.
     """
-    for attempt in range(attempts):
+    for attempt in range(attempts - 1):
         try:
             dt.update_incremental()
             return dt
         except FileNotFoundError as e:
-            if attempt == attempts - 1:
-                raise
             log.info("log entry gone while reading %s (%s); listing again", dt.table_uri, e)
             time.sleep(0.05 * 2**attempt)
+    dt.update_incremental()  # the last try: its error is the caller's
     return dt
 
 

@@ -280,8 +280,7 @@ def plot_speedups(cycles: list[dict[str, Any]], path: Path) -> None:
             (-0.15, "champion_speedup", "champion (its time)", "tab:gray"),
             (0.15, "speedup", "challenger", "tab:green" if c["decision"] == "promote" else "tab:red"),
         ):
-            iv = c.get(f"{key}_interval") if key == "champion_speedup" else c.get("speedup_interval")
-            point = c.get(key)
+            point, iv = c.get(key), c.get(f"{key}_interval")
             if point is None:
                 continue
             err = [[point - iv["low"]], [iv["high"] - point]] if iv else None
