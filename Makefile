@@ -24,8 +24,8 @@ stack-up: setup  ## start Kafka (KRaft) and MLflow on 127.0.0.1
 stack-down:  ## stop the local stack (data is kept under .flywheel/)
 	@if [ -x $(FLYWHEEL) ]; then $(FLYWHEEL) stack down; fi
 
-demo: stack-up  ## the whole flywheel end to end, with a report in demo-report/ (QUICK=1: under 15 min)
-	$(FLYWHEEL) demo $(if $(QUICK),--quick,)
+demo: stack-up  ## the whole flywheel end to end, with a report in demo-report/ (QUICK=1: under 15 min; START=scratch)
+	$(FLYWHEEL) demo $(if $(QUICK),--quick,) $(if $(START),--start $(START),)
 
 test: setup  ## the whole suite against real services the project starts itself
 	$(PY) -m pytest tests $(PYTEST_ARGS)

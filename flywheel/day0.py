@@ -49,10 +49,20 @@ class Day0Spec:
     steps: int = 240
     draft_vocab_size: int = 8192
     seed: int = 0
+    # a head to continue instead of a new one (its vocabulary kept, the warm-start recipe): the demo's
+    # in-domain reference is the day-0 head trained on the post-shift domain for the flywheel's steps
+    base: Day0Spec | None = None
 
     def key(self, target_revision: str) -> str:
-        blob = json.dumps({"revision": target_revision, "format": FORMAT, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if self.base is None:  # keys of heads built before ``base`` existed stay valid
+            del fields["base"]
+        blob = json.dumps({"revision": target_revision, "format": FORMAT, **fields}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+    @property
+    def recipe(self) -> str:
+        return "trainer/recipes/champion_refresh.yaml" if self.base else "trainer/recipes/scratch.yaml"
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,7 @@ def prepare_day0(
     out = day0_dir(models_dir, spec, revision)
     if not force and (provenance := verify(out)) is not None:
         return Day0Drafter(out / "drafter", provenance, reused=True)
+    base = prepare_day0(target_dir, models_dir, spec.base, on_stage=on_stage) if spec.base else None
 
     from bench.offline_traces import lake_rows, serve_to_records, write_traces
     from core.settings import LakeSettings
@@ -168,9 +179,9 @@ def prepare_day0(
     seconds["serve"] = round(time.monotonic() - started, 1)
 
     started = time.monotonic()
-    say(f"training the head: {spec.steps} steps of the scratch recipe on {len(records)} traces")
+    say(f"training the head: {spec.steps} steps of {spec.recipe} on {len(records)} traces")
     cfg = load_recipe(
-        Path(__file__).resolve().parents[1] / "trainer" / "recipes" / "scratch.yaml",
+        Path(__file__).resolve().parents[1] / spec.recipe,
         name=f"day0-{spec.key(revision)}",
         target=target_dir,
         output_dir=out / "train",
@@ -187,15 +198,30 @@ def prepare_day0(
             ),
         }
     )
-    init = general_vocab_head(target_dir, out / "init", records, spec.draft_vocab_size, spec.seed)
-    cfg = cfg.model_copy(update={"init": cfg.init.model_copy(update={"from_dir": init})})
+    if base is not None:
+        # served by n-gram lookup, not by a drafter: no rejected proposals to discard; the held-out replay
+        # as the scratch recipe does; no MLflow run (a cached build, like the scratch head's)
+        cfg = cfg.model_copy(
+            update={
+                "init": cfg.init.model_copy(update={"from_dir": base.path}),
+                "losses": {k: v for k, v in cfg.losses.items() if k != "discard"},
+                "serving_drafters": None,
+                "mlflow": cfg.mlflow.model_copy(update={"enabled": False}),
+                "eval": cfg.eval.model_copy(update={"replay_at_end": True}),
+            }
+        )
+        init = None
+    else:
+        init = general_vocab_head(target_dir, out / "init", records, spec.draft_vocab_size, spec.seed)
+        cfg = cfg.model_copy(update={"init": cfg.init.model_copy(update={"from_dir": init})})
     recipe = run_recipe(cfg)
     seconds["train"] = round(time.monotonic() - started, 1)
 
     drafter = out / "drafter"
     (out / "train" / "drafter").rename(drafter)
     shutil.rmtree(out / "train")  # checkpoints: the exported head is what is kept
-    shutil.rmtree(init)
+    if init is not None:
+        shutil.rmtree(init)
     replay = recipe.final_replay.as_dict() if getattr(recipe, "final_replay", None) is not None else None
     provenance = {
         "format": FORMAT,
@@ -210,7 +236,8 @@ def prepare_day0(
             "table_version": version,
             "served_with": NGRAM,
         },
-        "recipe": "trainer/recipes/scratch.yaml",
+        "recipe": spec.recipe,
+        "base": None if base is None else {"path": str(base.path), "steps": base.provenance["steps"]},
         "steps": spec.steps,
         "git_sha": git_sha(),
         "heldout_replay": replay,

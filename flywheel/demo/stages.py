@@ -1,22 +1,26 @@
 """`flywheel demo`: the whole flywheel end to end on the local stack, with a measured report.
 
 Storyline (every number in the report is measured here, none is assumed):
-1. stack up; the scratch drafter (a randomly initialised head) is registered and promoted like any other
-   drafter; the flywheel server F (capture on, follows promotions) serves it, and `flywheel ingest`
-   lands its traces in the lake continuously.
+0. set-up, built once and cached: the target, the day-0 drafter (a day-0 start), and the in-domain
+   reference: the head F starts from trained on the post-shift domain's train split for F's steps.
+1. stack up; the head F starts from (the day-0 drafter, or a randomly initialised one from scratch) is
+   registered and promoted like any other drafter; the flywheel server F (capture on, follows promotions)
+   serves it, and `flywheel ingest` lands its traces in the lake continuously.
 2. Phase A: code traffic to F in segments; after each segment but the last, one `drafter_flywheel` run
    through the Airflow scheduler (window start = the phase start, a DAG run parameter) trains, evaluates,
    gates and promotes; F hot-swaps every promoted drafter. Each cycle continues the newest trained head
    (promoted or not), so training accumulates across cycles while the gate decides what F serves.
-3. The static baseline S: a drafter trained once with `flywheel train` on phase A's code traces (same
-   recipe, as many steps as F's lineage will have trained when both are last measured), served with
-   capture off. Then F and S both serve the same held-out code prompts (a split no traffic ever uses).
+3. The static baseline S (capture off): the day-0 drafter, or from scratch a drafter trained once with
+   `flywheel train` on phase A's code traces (as many steps as F's lineage will have trained when both are
+   last measured). Then F and S both serve the same held-out code prompts (a split no traffic ever uses).
 4. Phase B (abrupt shift to prose): the same prose prompts to F and S; the flywheel keeps cycling on the
-   post-shift window; S stays as it is. At the end F and S serve the same held-out prose prompts.
+   post-shift window; S stays as it is. F and S serve the same held-out prose prompts at the shift (the
+   full run), after each post-shift cycle but the last, and at the end: the recovery curve. Then S swaps
+   to the in-domain reference and serves the final held-out prose prompts again: recovery's bar.
 5. The final champion against no speculation in its own paired run on held-out prose prompts (the
    evaluation servers, the gate's code path), with its interval.
-6. Report: tau before/after the shift on the held-out prompts, recovery, the champion's speedup,
-   bytes/token, promotions/rejections, stage times (flywheel/demo/report.py).
+6. Report: tau before/after the shift on the held-out prompts, recovery against the reference, the
+   champion's speedup, bytes/token, promotions/rejections, stage times (flywheel/demo/report.py).
 
 The demo is a client of the APIs a user has: the registry (register, promote, archive), the DAG and its
 run parameters over Airflow's REST API, the CLI's `ingest` and `train`. Its settings are built once by
@@ -84,6 +88,7 @@ class Demo:
         self.serving = serving
         self.registry = registry(self.settings)
         self.day0: dict[str, Any] | None = None  # the day-0 drafter's provenance, when the plan starts there
+        self.reference: dict[str, Any] | None = None  # the in-domain reference's (recovery's bar)
         self.initial_steps = 0  # training steps behind the head F starts from
         self.static_steps = plan.static_steps  # behind S's drafter (the day-0 head's, in that mode)
 
@@ -106,6 +111,8 @@ class Demo:
                 shift = svc.utc_now()
                 self._phase("B", "prose", self.plan.segments_b, shift)
                 self._probe("B", "prose")
+                if self.reference is not None:
+                    self._stage_reference_probe()
                 self._stage_champion_speedup()
                 with self.board.stage("report") as st:
                     st.info("registry, lake, plots")
@@ -138,18 +145,22 @@ class Demo:
             self.target_revision = prepared.revision
         if self.plan.start == "day0":
             self._stage_day0()
+        if self.plan.reference:
+            self._stage_reference()
+
+    def _day0_spec(self):
+        from flywheel.day0 import Day0Spec
+
+        return Day0Spec(draft_vocab_size=self.plan.draft_vocab_size)
 
     def _stage_day0(self) -> None:
         """The day-0 drafter F and S start from: built once (about 11 min on 2 cores, set-up, reported
         apart from the demo's own time), verified and reused after that."""
-        from flywheel.day0 import Day0Spec, prepare_day0
+        from flywheel.day0 import prepare_day0
 
         with self.board.stage("set-up: day-0 drafter (built once, checksummed)") as st:
             day0 = prepare_day0(
-                self.serving.target_dir,
-                self.serving.models_dir,
-                Day0Spec(draft_vocab_size=self.plan.draft_vocab_size),
-                on_stage=st.info,
+                self.serving.target_dir, self.serving.models_dir, self._day0_spec(), on_stage=st.info
             )
             p = day0.provenance
             self.day0 = {
@@ -165,6 +176,38 @@ class Demo:
             tau = f"{day0.heldout_tau:.2f}" if day0.heldout_tau is not None else "n/a"
             verb = "verified" if day0.reused else "built"
             st.info(f"{verb}: {p['steps']} steps on {p['data']['traces']} docs traces, held-out tau {tau}")
+
+    def _stage_reference(self) -> None:
+        """The in-domain reference of recovery (docs/architecture.md): the head F starts from (the day-0
+        drafter, or a new one from scratch) trained on the post-shift domain's train split for as many
+        steps as F's lineage has when last measured. Built once like the day-0 drafter (set-up); S serves
+        it on the final probe's held-out prompts after F and S have."""
+        from flywheel.day0 import Day0Spec, prepare_day0
+
+        spec = Day0Spec(
+            domains=("prose",),
+            steps=self.plan.reference_steps,
+            draft_vocab_size=self.plan.draft_vocab_size,
+            base=self._day0_spec() if self.plan.start == "day0" else None,
+        )
+        with self.board.stage("set-up: in-domain reference drafter (built once, checksummed)") as st:
+            built = prepare_day0(self.serving.target_dir, self.serving.models_dir, spec, on_stage=st.info)
+            p = built.provenance
+            self.reference = {
+                "path": str(built.path),
+                "reused": built.reused,
+                "domains": p["data"]["domains"],
+                "traces": p["data"]["traces"],
+                "start": self.plan.start,
+                "steps": p["steps"],
+                "recipe": p["recipe"],
+                "heldout_replay_tau": built.heldout_tau,
+                "build_seconds": p["seconds"],
+            }
+            verb = "verified" if built.reused else "built"
+            st.info(
+                f"{verb}: {self.plan.start} head + {p['steps']} steps on {p['data']['traces']} prose traces"
+            )
 
     def _stage_stack(self) -> None:
         from infra import stack
@@ -284,7 +327,30 @@ class Demo:
             subset="heldout",
         )
         self.probe_steps[phase] = {"flywheel": self._lineage_steps(), "static": self.static_steps}
-        self.probes.append({"probe": phase, "domain": domain, "cycles": len(self.cycles)})
+        after = len(self.series.of("flywheel", "B")) if phase.startswith("B") else None
+        self.probes.append(
+            {"probe": phase, "domain": domain, "cycles": len(self.cycles), "requests_after_shift": after}
+        )
+
+    def _stage_reference_probe(self) -> None:
+        """S, done as the static baseline, swaps to the in-domain reference and serves the final probe's
+        held-out prompts again (``R-heldout``): recovery's bar, on the same prompts as F's curve."""
+        server = self.servers["static"]
+        with self.board.stage("static server S: load the in-domain reference") as st:
+            head = svc.copy_head(
+                Path(self.reference["path"]),
+                self.state / "drafters" / "reference",
+                {"drafter_id": "reference", "drafter_version": "reference", "demo": self.demo_id},
+            )
+            server.load_drafter(head, "reference")
+            st.info(f"serving the reference ({server.weight_version()})")
+        self.servers["reference"] = server  # the same process, recorded under its own label
+        try:
+            self._traffic(
+                "R-heldout", "prose", self.plan.probe_prompts, ["reference"], seed=900, subset="heldout"
+            )
+        finally:
+            del self.servers["reference"]
 
     def _lineage_steps(self) -> int:
         """Steps the flywheel has trained so far along its lineage (the newest trained head's)."""
@@ -557,7 +623,7 @@ class Demo:
 
     def _report(self) -> dict[str, Any]:
         registry = self.registry
-        figures = rep.compute_figures(self.series, self.plan.last_n, self.plan.window)
+        figures = rep.compute_figures(self.series, self.probes)
         champion = registry.by_alias("champion")
         hidden = json.loads((self.serving.target_dir / "config.json").read_text())["hidden_size"]
         lake = svc.lake_bytes_per_token(self.settings.lake)
@@ -570,6 +636,7 @@ class Demo:
             "static_steps": self.static_steps,
             "start": self.plan.start,
             "day0": self.day0,
+            "reference": self.reference,
             "flywheel_trained_steps": self._lineage_steps(),
             "probe_steps": self.probe_steps,
             "trace_bytes_per_token": lake["trace_bytes_per_token"],
@@ -600,13 +667,17 @@ class Demo:
         rep.write_json(self.out_dir / "report.json", report)
         rep.plot_tau(self.series, self.plan.window, self.swaps, self.out_dir / "tau_over_requests.png")
         rep.plot_speedups(self.cycles, self.out_dir / "speedups.png")
-        rep.plot_heldout_tau(report["heldout_tau_by_probe"], self.cycles, self.out_dir / "heldout_tau.png")
+        rep.plot_heldout_tau(
+            report["heldout_tau_by_probe"],
+            self.cycles,
+            self.out_dir / "heldout_tau.png",
+            report["reference_tau"],
+        )
         context = {
             "mode": self.plan.mode,
             "target": self.serving.target_model,
             "k": self.plan.k,
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
-            "last_n": self.plan.last_n,
             "window": self.plan.window,
             "probe_prompts": self.plan.probe_prompts,
             "cycles": self.cycles,

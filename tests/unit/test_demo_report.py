@@ -24,19 +24,27 @@ def test_rolling_tau_uses_the_trailing_window_of_requests():
         rep.rolling_tau(requests, 0)
 
 
+def _point(probe: str, flywheel: float | None, after: int | None) -> dict:
+    return {"probe": probe, "flywheel": flywheel, "requests_after_shift": after}
+
+
 @pytest.mark.parametrize(
-    ("after", "before", "window", "expected"),
+    ("points", "reference", "expected"),
     [
-        ([[0], [0], [1], [1], [1]], 2.0, 2, 4),  # bar 1.8: window [1],[1] completes at request 4
-        ([[1], [0], [0]], 2.0, 1, 1),  # a full window of one request reaches the bar at once
-        ([[1], [1]], 2.0, 3, None),  # never a full window
-        ([[0], [0], [0]], 2.0, 1, None),  # never reaches 90 %
-        ([[1]], None, 1, None),  # no pre-shift tau: no recovery figure
-        ([[0, 1], [1, 1]], 1.8, 2, 2),  # bar 1.62; pooled 1 + 3/4 = 1.75 over the first full window
+        # bar 0.9 x 2.0 = 1.8: reached at the probe after 160 post-shift requests
+        (
+            [_point("A", 2.5, None), _point("B0", 1.2, 0), _point("B1", 1.6, 96), _point("B", 1.8, 160)],
+            2.0,
+            160,
+        ),
+        ([_point("B0", 1.9, 0), _point("B", 1.0, 96)], 2.0, 0),  # at the shift already: 0 requests
+        ([_point("A", 2.5, None), _point("B0", 1.2, 0), _point("B", 1.79, 96)], 2.0, None),  # never
+        ([_point("B", 3.0, 96)], None, None),  # no reference: no recovery figure
+        ([_point("B1", None, 48), _point("B", 1.9, 96)], 2.0, 96),  # a probe nobody served is skipped
     ],
 )
-def test_recovery_requests(after, before, window, expected):
-    assert rep.recovery_requests(after, before, window) == expected
+def test_recovery_requests_counts_post_shift_requests_until_the_reference_bar(points, reference, expected):
+    assert rep.recovery_requests(points, reference) == expected
 
 
 def _series() -> rep.DemoSeries:
@@ -53,6 +61,7 @@ def _series() -> rep.DemoSeries:
         ("A-heldout", "static", [[3, 3], [3]]),
         ("B-heldout", "flywheel", [[1, 2], [0]]),
         ("B-heldout", "static", [[0, 0], [1]]),
+        ("R-heldout", "reference", [[3, 2], [1]]),
     ):
         for i, st in enumerate(steps):
             domain = "code" if phase[0] == "A" else "prose"
@@ -65,19 +74,35 @@ def test_a_server_that_never_drafted_has_tau_one():
     assert rep.served_tau([]) is None and rep.served_tau([[1], []]) == 2.0
 
 
-def test_tau_figures_come_from_the_heldout_probes_and_recovery_from_the_traffic():
-    figures = rep.compute_figures(_series(), last_n=2, window=1)
+PROBES = [
+    {"probe": "A", "domain": "code", "cycles": 0, "requests_after_shift": None},
+    {"probe": "B", "domain": "prose", "cycles": 1, "requests_after_shift": 4},
+]
+
+
+def test_tau_figures_come_from_the_heldout_probes_and_recovery_from_the_reference():
+    figures = rep.compute_figures(_series(), PROBES)
     assert figures["tau_before_shift"] == pytest.approx(1 + 6 / 3)
     assert figures["tau_before_shift_static"] == pytest.approx(1 + 9 / 3)
     assert figures["tau_after_shift_flywheel"] == pytest.approx(1 + 3 / 3)
     assert figures["tau_after_shift_static"] == pytest.approx(1 + 1 / 3)
-    # bar: 90 % of the last 2 pre-shift traffic requests' tau 3.0 = 2.7; rolling-1 taus of the post-shift
-    # traffic are 1, 1.5, 2.5, 3 -> the 4th request
-    assert figures["recovery_requests"] == 4
+    assert figures["reference_tau"] == pytest.approx(1 + 6 / 3)
+    # F's held-out prose tau 2.0 < 0.9 x 3.0: not recovered; per prompt F 2.5, 1.0 vs reference 3.5, 2.0
+    assert figures["recovery_requests"] is None
+    paired = figures["flywheel_vs_reference_after_shift"]
+    assert paired["n"] == 2 and paired["point"] == pytest.approx((2.5 / 3.5 * 1.0 / 2.0) ** 0.5)
+    series = _series()
+    series.records = [r for r in series.records if r.server != "reference"]
+    series.records.append(
+        rep.RequestRecord("reference", "R-heldout", "prose", 0, [1, 1], 8, 0.1, prompt_id="p0")
+    )
+    recovered = rep.compute_figures(series, PROBES)  # reference tau 2.0: bar 1.8, F's 2.0 clears it
+    assert recovered["reference_tau"] == pytest.approx(2.0) and recovered["recovery_requests"] == 4
+    assert rep.compute_figures(series, PROBES[:1])["recovery_requests"] is None  # no post-shift probe
 
 
 def test_flywheel_vs_static_is_paired_per_heldout_prompt_with_an_interval():
-    figures = rep.compute_figures(_series(), last_n=2, window=1)
+    figures = rep.compute_figures(_series(), PROBES)
     before, after = figures["flywheel_vs_static_before_shift"], figures["flywheel_vs_static_after_shift"]
     # before: F 2.5, 4.0 vs S 4.0, 4.0 -> ratios 0.625, 1.0; after: F 2.5, 1.0 vs S 1.0, 2.0 -> 2.5, 0.5
     assert before["n"] == 2 and before["point"] == pytest.approx(0.625**0.5)
@@ -106,6 +131,7 @@ def test_verdict_against_the_issue_targets():
     report = {
         "tau_after_shift_flywheel": 2.3,
         "tau_after_shift_static": 2.0,
+        "reference_tau": 2.5,
         "recovery_requests": 2500,
         "speedup_champion": 1.31,
     }
@@ -114,17 +140,24 @@ def test_verdict_against_the_issue_targets():
     assert v["flywheel_vs_static_ratio"] == pytest.approx(1.15)
     assert v["flywheel_vs_static_target_met"] is True
     assert v["recovery_target_met"] is False and v["speedup_target_met"] is True
-    # F never served a drafter adapted after the shift: a recovery figure is not judged
-    unadapted = rep.verdict(report | {"recovery_requests": 27, "promotions_after_shift": 0})
-    assert unadapted["recovery_target_met"] is None
-    assert rep.verdict(report | {"recovery_requests": 27, "promotions_after_shift": 1})["recovery_target_met"]
+    assert rep.verdict(report | {"recovery_requests": 27})["recovery_target_met"] is True
+    # never reached the bar in the demo: not met
+    assert rep.verdict(report | {"recovery_requests": None})["recovery_target_met"] is False
+    # S, never adapted, already at 90 % of the reference (2.25 >= 0.9 x 2.5): nothing to recover from
+    assert rep.verdict(report | {"tau_after_shift_static": 2.25})["recovery_target_met"] is None
+    # a reference barely above tau 1: any served tau clears its 90 %, so never judged
+    assert (
+        rep.verdict(report | {"reference_tau": 1.1, "tau_after_shift_static": 1.0})["recovery_target_met"]
+        is None
+    )
+    assert rep.verdict(report | {"reference_tau": None})["recovery_target_met"] is None
     missing = rep.verdict({"tau_after_shift_flywheel": None, "tau_after_shift_static": 1.2})
     assert set(missing.values()) == {None}
 
 
 def test_report_outputs(tmp_path):
     series = _series()
-    report = rep.compute_figures(series, 2, 1) | {
+    report = rep.compute_figures(series, PROBES) | {
         "speedup_champion": 1.1,
         "speedup_champion_interval": {"point": 1.1, "low": 1.02, "high": 1.19, "n": 8},
         "static_steps": 24,
@@ -134,10 +167,8 @@ def test_report_outputs(tmp_path):
         "promotions": 1,
         "rejections": 0,
         "stage_seconds": {"stack up": 3.0},
-        "heldout_tau_by_probe": rep.heldout_tau_by_probe(
-            series,
-            [{"probe": "A", "domain": "code", "cycles": 0}, {"probe": "B", "domain": "prose", "cycles": 1}],
-        ),
+        "heldout_tau_by_probe": rep.heldout_tau_by_probe(series, PROBES),
+        "reference": {"steps": 24},
     }
     report["verdict"] = rep.verdict(report)
     rep.write_json(tmp_path / "report.json", report)
@@ -155,14 +186,13 @@ def test_report_outputs(tmp_path):
         }
     ]
     rep.plot_speedups(cycles, tmp_path / "s.png")
-    rep.plot_heldout_tau(report["heldout_tau_by_probe"], cycles, tmp_path / "h.png")
+    rep.plot_heldout_tau(report["heldout_tau_by_probe"], cycles, tmp_path / "h.png", report["reference_tau"])
     assert all((tmp_path / f).stat().st_size > 0 for f in ("tau.png", "s.png", "h.png"))
     context = {
         "mode": "quick",
         "target": "t",
         "k": 3,
         "finished_at": "now",
-        "last_n": 2,
         "window": 1,
         "cycles": [{"run_id": "r", "phase": "A", "state": "success", "version": "1", "decision": "promote"}],
         "notes": ["a note"],
@@ -171,7 +201,9 @@ def test_report_outputs(tmp_path):
     md = rep.render_markdown(report, context)
     assert "| promotions | 1 |" in md and "a note" in md and "n/a" in md
     assert "1.100 [1.020, 1.190] (95 %, n=8)" in md and "| 24 / 24 | equal |" in md
-    assert "| B | prose | 1 | 2.000 | 1.333 |" in md  # held-out tau per cycle
+    assert "| B | prose | 1 | 4 | 2.000 | 1.333 |" in md  # held-out tau per cycle
+    assert "| reference_tau (in-domain reference: the start head + 24 steps" in md
+    assert "Recovery target met: False" in md  # F's 2.0 < 0.9 x the reference's 3.0
 
 
 def test_heldout_tau_per_probe_pairs_f_and_s_on_each_probe():
@@ -180,7 +212,7 @@ def test_heldout_tau_per_probe_pairs_f_and_s_on_each_probe():
     assert [(p["probe"], p["cycles"]) for p in points] == [("A", 1), ("B", 3)]
     assert points[0]["flywheel"] == pytest.approx(3.0) and points[0]["static"] == pytest.approx(4.0)
     assert points[1]["flywheel"] == pytest.approx(2.0) and points[1]["static"] == pytest.approx(4 / 3)
-    paired = rep.compute_figures(_series(), last_n=2, window=1)["flywheel_vs_static_after_shift"]
+    paired = rep.compute_figures(_series(), PROBES)["flywheel_vs_static_after_shift"]
     assert points[1]["flywheel_vs_static"] == paired
     # a probe nobody served (a run that stopped before it) has no figures, not zeros
     missing = rep.heldout_tau_by_probe(_series(), [{"probe": "B1", "domain": "prose", "cycles": 1}])[0]
@@ -208,10 +240,13 @@ def test_stage_board_logs_plain_lines_without_a_terminal():
     assert lines[4].startswith("✗ cycle A1 after ") and set(board.seconds) == {"phase A", "cycle A1"}
 
 
-def test_the_quick_demo_starts_from_the_day0_drafter_and_the_full_one_from_scratch():
+def test_both_demos_start_from_the_day0_drafter_and_scratch_is_an_option():
     from flywheel.demo.plan import sized
 
-    assert sized(True).start == "day0" and sized(False).start == "scratch"
+    assert sized(True).start == "day0" and sized(False).start == "day0"
+    # the reference trains as many steps as F's lineage has after its cycles
+    assert sized(False).reference and sized(False).reference_steps == 240
+    assert not sized(True).reference  # the quick demo does not measure recovery
     assert sized(False, start="day0").start == "day0" and sized(True, start="scratch").start == "scratch"
     with pytest.raises(ValueError, match="day0 or scratch"):
         sized(True, start="warm")
@@ -284,17 +319,15 @@ def test_the_final_champion_is_read_from_the_last_post_shift_cycle_only_when_it_
         (
             False,
             [
-                "A:160",
-                "cycle A1",
-                "A:96",
-                "probe B0 (1 cycles)",
-                "B:128",
+                "A:128",
+                "probe B0 (0 cycles)",
+                "B:96",
                 "cycle B1",
-                "probe B1 (2 cycles)",
-                "B:96",
+                "probe B1 (1 cycles)",
+                "B:64",
                 "cycle B2",
-                "B:96",
-                "probe B (3 cycles)",
+                "B:64",
+                "probe B (2 cycles)",
             ],
         ),
     ],
