@@ -417,6 +417,9 @@ def render_markdown(report: dict[str, Any], context: dict[str, Any]) -> str:
         f"| speedup_champion ({(report.get('speedup_champion_run') or {}).get('source', 'own paired run')}) | "
         f"{_fmt(report['speedup_champion'])} "
         f"{_interval(report.get('speedup_champion_interval'))} | >= 1.3 |",
+        f"| flywheel champion ÷ static head, served speed per held-out prompt (arms of that paired run) | "
+        f"{_paired(report.get('flywheel_vs_static_speed'))} | > 1 |",
+        f"| static head ÷ no speculation (the same run) | {_paired(report.get('static_speedup'))} | |",
         f"| trace_bytes_per_token | {_fmt(report['trace_bytes_per_token'], 2)} | |",
         f"| hidden_state_bytes_per_token | {_fmt(report['hidden_state_bytes_per_token'], 0)} | |",
         f"| promotions | {report['promotions']} | |",

@@ -91,6 +91,7 @@ class Demo:
         self.reference: dict[str, Any] | None = None  # the in-domain reference's (recovery's bar)
         self.initial_steps = 0  # training steps behind the head F starts from
         self.static_steps = plan.static_steps  # behind S's drafter (the day-0 head's, in that mode)
+        self.static_head: Path | None = None  # S's drafter dir
 
     # --- stages ------------------------------------------------------------------------------------
 
@@ -360,9 +361,13 @@ class Demo:
         """The final champion against no speculation: in its own paired run (held-out prose prompts, the
         evaluation servers with the cycles' flags, rounds until the interval is clear or the budget spent),
         or, when the plan says so and the last post-shift cycle kept it as champion, from that cycle's
-        paired evaluation (``report.measured_in_last_cycle``)."""
+        paired evaluation (``report.measured_in_last_cycle``).
+
+        The own run has S's head as a third arm on the same servers: F's champion ÷ S's head by served
+        speed, paired per prompt (F and S side by side on their own servers are not comparable by speed:
+        placement and the stack's other processes set that ratio)."""
         from evaluation.heldout_traffic import from_builtin
-        from evaluation.served import CHALLENGER, EvalServers, paired_benchmark
+        from evaluation.served import CHALLENGER, CHAMPION, EvalServers, paired_benchmark
         from flywheel.cycle import eval_config
 
         champion = self.registry.by_alias("champion")
@@ -389,23 +394,31 @@ class Demo:
                 self.serving.target_dir, ["prose"], self.plan.eval_prompts, self.plan.max_tokens
             )
             servers = EvalServers.for_config(config, drafter, self.stack, self.serving)
-            st.info(f"v{champion.version} on {len(traffic.prompts)} held-out prose prompts")
+            st.info(f"v{champion.version} and S's head on {len(traffic.prompts)} held-out prose prompts")
+            policy = GatePolicy.from_settings(cycle)
             try:
                 report = paired_benchmark(
-                    servers, traffic.prompts, drafter, None, config, GatePolicy.from_settings(cycle), st.info
+                    servers, traffic.prompts, drafter, self.static_head, config, policy, st.info
                 )
             finally:
                 servers.stop()
-            measured = report.measurement(CHALLENGER)
+            measured, static = report.measurement(CHALLENGER), report.measurement(CHAMPION)
             self.final_speedup = {
                 "version": champion.version,
                 "source": f"own paired run, {len(traffic.prompts)} held-out prose prompts",
                 "speedup": measured.speedup.model_dump(),
                 "tau": measured.tau,
+                # S's head, the third arm: F's champion ÷ S by served speed, and S ÷ no speculation
+                "vs_static": measured.vs_champion.model_dump() if measured.vs_champion else None,
+                "static_speedup": static.speedup.model_dump(),
+                "static_tau": static.tau,
                 "rounds": len({r["round"] for r in report.rounds}),
                 "requests": report.requests_used,
             }
-            st.info(f"v{champion.version}: {measured.speedup} x no speculation, tau {measured.tau or 0:.2f}")
+            st.info(
+                f"v{champion.version}: {measured.speedup} x no speculation, tau {measured.tau or 0:.2f}; "
+                f"÷ S's head {measured.vs_champion}"
+            )
 
     def _traffic(
         self, phase: str, domain: str, n: int, servers: list[str], seed: int, subset: str = "train"
@@ -583,6 +596,7 @@ class Demo:
             server = self.servers["static"]
             st.info(f"waiting for vLLM on {server.spec.address} (capture off, no promotions)")
             self.background.wait(server.spec.name)
+            self.static_head = self.initial
             st.info(f"serving the day-0 drafter ({server.weight_version()})")
 
     def _stage_static(self, phase_a_start: datetime) -> None:
@@ -617,6 +631,7 @@ class Demo:
             st.info(f"waiting for vLLM on {server.spec.address} (capture off, no promotions)")
             self.background.wait(server.spec.name)
             server.load_drafter(out / "drafter", "static")
+            self.static_head = out / "drafter"
             st.info(f"serving the static drafter ({server.weight_version()})")
 
     # --- report ------------------------------------------------------------------------------------
@@ -633,6 +648,8 @@ class Demo:
             "speedup_champion": (self.final_speedup or {}).get("speedup", {}).get("point"),
             "speedup_champion_interval": (self.final_speedup or {}).get("speedup"),
             "speedup_champion_run": self.final_speedup,
+            "flywheel_vs_static_speed": (self.final_speedup or {}).get("vs_static"),
+            "static_speedup": (self.final_speedup or {}).get("static_speedup"),
             "static_steps": self.static_steps,
             "start": self.plan.start,
             "day0": self.day0,

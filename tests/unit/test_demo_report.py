@@ -160,6 +160,7 @@ def test_report_outputs(tmp_path):
     report = rep.compute_figures(series, PROBES) | {
         "speedup_champion": 1.1,
         "speedup_champion_interval": {"point": 1.1, "low": 1.02, "high": 1.19, "n": 8},
+        "flywheel_vs_static_speed": {"point": 1.05, "low": 0.97, "high": 1.14, "n": 8},
         "static_steps": 24,
         "flywheel_trained_steps": 24,
         "trace_bytes_per_token": 1.5,
@@ -203,6 +204,7 @@ def test_report_outputs(tmp_path):
     assert "1.100 [1.020, 1.190] (95 %, n=8)" in md and "| 24 / 24 | equal |" in md
     assert "| B | prose | 1 | 4 | 2.000 | 1.333 |" in md  # held-out tau per cycle
     assert "| reference_tau (in-domain reference: the start head + 24 steps" in md
+    assert "| 1.050 [0.970, 1.140] (95 %, n=8) | > 1 |" in md  # F ÷ S by served speed
     assert "Recovery target met: False" in md  # F's 2.0 < 0.9 x the reference's 3.0
 
 
