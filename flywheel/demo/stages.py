@@ -47,6 +47,7 @@ from rich.console import Console
 from core.settings import CycleSettings, Settings
 from evaluation.gate import GatePolicy
 from flywheel.cycle import eval_servers, registry
+from flywheel.day0 import Day0Spec, prepare_day0
 from flywheel.demo import report as rep
 from flywheel.demo import services as svc
 from flywheel.demo.plan import DemoPlan, sized
@@ -149,16 +150,13 @@ class Demo:
         if self.plan.reference:
             self._stage_reference()
 
-    def _day0_spec(self):
-        from flywheel.day0 import Day0Spec
-
+    def _day0_spec(self) -> Day0Spec:
+        """The day-0 drafter's sizes: the head a day-0 start serves and the reference continues."""
         return Day0Spec(draft_vocab_size=self.plan.draft_vocab_size)
 
     def _stage_day0(self) -> None:
         """The day-0 drafter F and S start from: built once (about 11 min on 2 cores, set-up, reported
         apart from the demo's own time), verified and reused after that."""
-        from flywheel.day0 import prepare_day0
-
         with self.board.stage("set-up: day-0 drafter (built once, checksummed)") as st:
             day0 = prepare_day0(
                 self.serving.target_dir, self.serving.models_dir, self._day0_spec(), on_stage=st.info
@@ -183,8 +181,6 @@ class Demo:
         drafter, or a new one from scratch) trained on the post-shift domain's train split for as many
         steps as F's lineage has when last measured. Built once like the day-0 drafter (set-up); S serves
         it on the final probe's held-out prompts after F and S have."""
-        from flywheel.day0 import Day0Spec, prepare_day0
-
         spec = Day0Spec(
             domains=("prose",),
             steps=self.plan.reference_steps,
