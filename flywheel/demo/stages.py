@@ -47,7 +47,7 @@ from rich.console import Console
 from core.settings import CycleSettings, Settings
 from evaluation.gate import GatePolicy
 from flywheel.cycle import eval_servers, registry
-from flywheel.day0 import Day0Spec, prepare_day0
+from flywheel.day0 import Day0Spec, prepare_day0_isolated
 from flywheel.demo import report as rep
 from flywheel.demo import services as svc
 from flywheel.demo.plan import DemoPlan, sized
@@ -158,9 +158,8 @@ class Demo:
         """The day-0 drafter F and S start from: built once (about 11 min on 2 cores, set-up, reported
         apart from the demo's own time), verified and reused after that."""
         with self.board.stage("set-up: day-0 drafter (built once, checksummed)") as st:
-            day0 = prepare_day0(
-                self.serving.target_dir, self.serving.models_dir, self._day0_spec(), on_stage=st.info
-            )
+            st.info("verified or built in a process of its own (about 11 min to build on 2 cores)")
+            day0 = prepare_day0_isolated(self.serving.target_dir, self.serving.models_dir, self._day0_spec())
             p = day0.provenance
             self.day0 = {
                 "path": str(day0.path),
@@ -188,7 +187,8 @@ class Demo:
             base=self._day0_spec() if self.plan.start == "day0" else None,
         )
         with self.board.stage("set-up: in-domain reference drafter (built once, checksummed)") as st:
-            built = prepare_day0(self.serving.target_dir, self.serving.models_dir, spec, on_stage=st.info)
+            st.info("verified or built in a process of its own (about 10 min to build on 2 cores)")
+            built = prepare_day0_isolated(self.serving.target_dir, self.serving.models_dir, spec)
             p = built.provenance
             self.reference = {
                 "path": str(built.path),
@@ -295,8 +295,12 @@ class Demo:
             # them across evaluations): started now, in the order they are needed; without a cycle before
             # the shift S comes first (the quick demo waited 264 s for S behind the two evaluation engines)
             static, evals = [self.servers["static"].spec], [self.evals.base, self.evals.spec]
+            if not self.plan.prestart_eval_servers:  # the first evaluate task starts them (memory)
+                evals = []
             self.background = svc.BackgroundStarts(evals + static if self.plan.cycles_a else static + evals)
-            st.info(f"healthy, drafter {flywheel.weight_version()}; S + eval servers warming up")
+            st.info(
+                f"healthy, drafter {flywheel.weight_version()}; S {'+ eval servers ' if evals else ''}warming up"
+            )
 
     def _phase(self, phase: str, domain: str, segments: tuple[int, ...], window_start: datetime) -> None:
         """Traffic segments with a cycle after each but the last. After the shift, F and S also serve the

@@ -13,7 +13,7 @@ import pytest
 from deltalake import DeltaTable
 
 from core.settings import LakeSettings
-from flywheel.day0 import Day0Mismatch, Day0Spec, day0_dir, prepare_day0
+from flywheel.day0 import Day0Mismatch, Day0Spec, day0_dir, prepare_day0, prepare_day0_isolated
 from trainer.eagle3_drafter import Eagle3Drafter
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
@@ -47,7 +47,7 @@ def test_a_day0_drafter_is_built_once_with_its_provenance_and_checked(target_mod
     assert window["heldout_fraction"] == LakeSettings().heldout_fraction > 0
     assert window["uri"] == p["data"]["table"]
 
-    again = prepare_day0(target_model.path, tmp_path / "models", SMALL)
+    again = prepare_day0_isolated(target_model.path, tmp_path / "models", SMALL)  # how the demo calls it
     assert again.reused and again.provenance == p
     other = replace(SMALL, steps=4)  # other sizes are another head, not this one
     assert day0_dir(tmp_path / "models", other, target_model.revision) != built.path.parent
