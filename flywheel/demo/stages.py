@@ -468,6 +468,9 @@ class Demo:
                             concurrency=self.plan.concurrency,
                             max_tokens=self.plan.max_tokens,
                             subset=subset,  # phases: train; probes: held-out prompts
+                            # a probe opts out of capture: no drafter may train on the prompts it is judged
+                            # on (the first full run's F trained on the probe at the shift, in B1's window)
+                            extra_xargs={"flywheel_opt_out": "true"} if subset == "heldout" else None,
                             seed=seed,
                             on_result=on_result(s),
                         )

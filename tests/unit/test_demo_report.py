@@ -354,3 +354,35 @@ def test_the_phases_probe_held_out_tau_at_the_shift_and_after_each_cycle(quick, 
     demo._phase("B", "prose", demo.plan.segments_b, None)
     demo._probe("B", "prose")  # run() probes the phase's end itself
     assert calls == expected
+
+
+def test_probe_requests_opt_out_of_capture_and_phase_traffic_does_not(monkeypatch):
+    """No drafter may train on the prompts it is judged on: the first full run's F captured the probe at
+    the shift into the next cycle's window and trained on it."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    import producers.traffic as traffic
+    from flywheel.demo.plan import sized
+    from flywheel.demo.stages import Demo
+    from flywheel.demo.ui import StageBoard
+
+    sent = []
+
+    async def replay(url, model, phases, **kwargs):
+        sent.append((kwargs["subset"], kwargs.get("extra_xargs")))
+        return SimpleNamespace(results=[])
+
+    monkeypatch.setattr(traffic, "replay", replay)
+    demo = object.__new__(Demo)
+    demo.plan, demo.series = sized(False), rep.DemoSeries()
+    demo.board = StageBoard(Console(file=io.StringIO(), force_terminal=False))
+    demo.serving = SimpleNamespace(target_model="t")
+    server = SimpleNamespace(url="http://f", weight_version=lambda: "1")
+    demo.servers = {"flywheel": server, "static": server}
+    demo._traffic("B", "prose", 4, ["flywheel", "static"], seed=1)
+    demo._traffic("B0-heldout", "prose", 4, ["flywheel", "static"], seed=900, subset="heldout")
+    assert sent[:2] == [("train", None)] * 2
+    assert sent[2:] == [("heldout", {"flywheel_opt_out": "true"})] * 2
