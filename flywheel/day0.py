@@ -75,6 +75,21 @@ class Day0Drafter:
     def heldout_tau(self) -> float | None:
         return (self.provenance.get("heldout_replay") or {}).get("all", {}).get("tau")
 
+    def summary(self) -> dict[str, Any]:
+        """What a report says about the head: where, reused or built, its data, steps, recipe, held-out
+        replay tau and build seconds."""
+        p = self.provenance
+        return {
+            "path": str(self.path),
+            "reused": self.reused,
+            "domains": p["data"]["domains"],
+            "traces": p["data"]["traces"],
+            "steps": p["steps"],
+            "recipe": p.get("recipe"),
+            "heldout_tau": self.heldout_tau,
+            "build_seconds": p["seconds"],
+        }
+
 
 class Day0Mismatch(RuntimeError):
     """A cached day-0 drafter whose files no longer match their recorded checksums."""

@@ -160,20 +160,9 @@ class Demo:
         with self.board.stage("set-up: day-0 drafter (built once, checksummed)") as st:
             st.info("verified or built in a process of its own (about 11 min to build on 2 cores)")
             day0 = prepare_day0_isolated(self.serving.target_dir, self.serving.models_dir, self._day0_spec())
-            p = day0.provenance
-            self.day0 = {
-                "path": str(day0.path),
-                "reused": day0.reused,
-                "domains": p["data"]["domains"],
-                "traces": p["data"]["traces"],
-                "steps": p["steps"],
-                "heldout_tau": day0.heldout_tau,
-                "build_seconds": p["seconds"],
-            }
-            self.initial_steps = self.static_steps = p["steps"]
-            tau = f"{day0.heldout_tau:.2f}" if day0.heldout_tau is not None else "n/a"
-            verb = "verified" if day0.reused else "built"
-            st.info(f"{verb}: {p['steps']} steps on {p['data']['traces']} docs traces, held-out tau {tau}")
+            self.day0 = day0.summary()
+            self.initial_steps = self.static_steps = self.day0["steps"]
+            st.info(self._built_line(self.day0))
 
     def _stage_reference(self) -> None:
         """The in-domain reference of recovery (docs/architecture.md): the head F starts from (the day-0
@@ -189,22 +178,16 @@ class Demo:
         with self.board.stage("set-up: in-domain reference drafter (built once, checksummed)") as st:
             st.info("verified or built in a process of its own (about 10 min to build on 2 cores)")
             built = prepare_day0_isolated(self.serving.target_dir, self.serving.models_dir, spec)
-            p = built.provenance
-            self.reference = {
-                "path": str(built.path),
-                "reused": built.reused,
-                "domains": p["data"]["domains"],
-                "traces": p["data"]["traces"],
-                "start": self.plan.start,
-                "steps": p["steps"],
-                "recipe": p["recipe"],
-                "heldout_replay_tau": built.heldout_tau,
-                "build_seconds": p["seconds"],
-            }
-            verb = "verified" if built.reused else "built"
-            st.info(
-                f"{verb}: {self.plan.start} head + {p['steps']} steps on {p['data']['traces']} prose traces"
-            )
+            self.reference = built.summary() | {"start": self.plan.start}
+            start = "continuing the day-0 head" if self.plan.start == "day0" else "from scratch"
+            st.info(f"{self._built_line(self.reference)} ({start})")
+
+    @staticmethod
+    def _built_line(head: dict[str, Any]) -> str:
+        tau = f"{head['heldout_tau']:.2f}" if head["heldout_tau"] is not None else "n/a"
+        verb = "verified" if head["reused"] else "built"
+        domains = "+".join(head["domains"])
+        return f"{verb}: {head['steps']} steps on {head['traces']} {domains} traces, held-out tau {tau}"
 
     def _stage_stack(self) -> None:
         from infra import stack

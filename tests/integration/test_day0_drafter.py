@@ -42,6 +42,8 @@ def test_a_day0_drafter_is_built_once_with_its_provenance_and_checked(target_mod
     assert built.heldout_tau is not None and 1.0 <= built.heldout_tau <= 1 + 3
     assert set(p["seconds"]) == {"serve", "train"}
     assert sorted(p["files"]) == sorted(f.name for f in built.path.iterdir() if f.is_file())
+    summary = built.summary()  # what the demo's report says about it
+    assert summary["traces"] == 10 and summary["steps"] == 3 and summary["heldout_tau"] == built.heldout_tau
     # the trainer read the lake's held-out prompts out of the window: evaluations replay them
     window = json.loads((built.path / "flywheel-drafter.json").read_text())["window"]
     assert window["heldout_fraction"] == LakeSettings().heldout_fraction > 0
