@@ -61,8 +61,8 @@ class DemoPlan:
     @property
     def reference_steps(self) -> int:
         """Steps of the in-domain reference (recovery's bar): the head F starts from, trained on the new
-        domain's train split for as many steps as F's lineage has when F is last measured."""
-        return self.train_steps * max(1, self.cycles_a + self.cycles_b)
+        domain's train split with the budget S gets, F's lineage steps when F is last measured."""
+        return self.static_steps
 
     @property
     def static_steps(self) -> int:

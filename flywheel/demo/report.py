@@ -51,18 +51,14 @@ def recovery_requests(
     """Post-shift requests F had served when its held-out tau first reached ``fraction`` x the in-domain
     reference's tau on the same held-out prompts (docs/architecture.md).
 
-    ``points``: ``heldout_tau_by_probe``, in order; the post-shift probes are labelled ``B...`` and carry
+    ``points``: ``heldout_tau_by_probe``, in order; only the post-shift probes carry
     ``requests_after_shift``. None without a reference, or when F never reached the bar in the demo.
     """
     if reference_tau is None:
         return None
     for p in points:
         after = p.get("requests_after_shift")
-        if (
-            p["probe"].startswith("B")
-            and after is not None
-            and (p.get("flywheel") or 0) >= fraction * reference_tau
-        ):
+        if after is not None and (p.get("flywheel") or 0) >= fraction * reference_tau:
             return after
     return None
 
@@ -178,15 +174,17 @@ def measured_in_last_cycle(
 def compute_figures(series: DemoSeries, probes: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The tau keys of report.json: F and S on the held-out probes before (``A-heldout``) and after
     (``B-heldout``) the shift; the in-domain reference (served as ``reference``, ``R-heldout``) on the
-    final probe's prompts; recovery from F's held-out tau per probe (``probes``) against the reference."""
+    final probe's prompts; F's and S's tau per probe (``probes``) and recovery from them against the reference."""
     reference = served_tau(series.steps("reference", "R-heldout"))
+    points = heldout_tau_by_probe(series, probes)
     return {
         "tau_before_shift": served_tau(series.steps("flywheel", "A-heldout")),
         "tau_before_shift_static": served_tau(series.steps("static", "A-heldout")),
         "tau_after_shift_static": served_tau(series.steps("static", "B-heldout")),
         "tau_after_shift_flywheel": served_tau(series.steps("flywheel", "B-heldout")),
         "reference_tau": reference,
-        "recovery_requests": recovery_requests(heldout_tau_by_probe(series, probes), reference),
+        "recovery_requests": recovery_requests(points, reference),
+        "heldout_tau_by_probe": points,
         # per held-out prompt, F ÷ S: the claims' intervals
         "flywheel_vs_static_before_shift": paired_tau_ratio(series, "A-heldout"),
         "flywheel_vs_static_after_shift": paired_tau_ratio(series, "B-heldout"),

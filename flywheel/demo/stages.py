@@ -644,7 +644,6 @@ class Demo:
             "probe_steps": self.probe_steps,
             "trace_bytes_per_token": lake["trace_bytes_per_token"],
             "hidden_state_bytes_per_token": 4 * hidden * 2,  # 3 aux layers + last, bf16 (bench/train.py)
-            "heldout_tau_by_probe": rep.heldout_tau_by_probe(self.series, self.probes),
             "promotions": decisions.count("promote"),
             "promotions_after_shift": sum(
                 c["decision"] == "promote" for c in self.cycles if c["phase"] == "B"
