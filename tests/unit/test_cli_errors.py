@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,14 +37,11 @@ def the_error(result: subprocess.CompletedProcess) -> str:
 
 def test_ingest_against_an_unreachable_broker_says_so_in_one_line(tmp_path):
     env = {"FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "FLYWHEEL_LAKE_ROOT": str(tmp_path / "lake")}
-    started = time.monotonic()
-    result = flywheel("ingest", "--no-progress", env=env, timeout_s=60)
-    elapsed = time.monotonic() - started
+    result = flywheel("ingest", "--no-progress", env=env, timeout_s=60)  # a hang fails here
     line = the_error(result)
     assert result.returncode == 1
     assert "Kafka at 127.0.0.1:1 is unreachable" in line and "Connection refused" in line
     assert "flywheel stack status" in line
-    assert elapsed < 30, f"took {elapsed:.0f} s"
     assert not (tmp_path / "lake").exists()  # nothing is created for a pipeline that cannot run
 
 
