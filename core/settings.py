@@ -432,7 +432,7 @@ class CycleSettings(BaseSettings):
     )
     gate_min_speedup: float = Field(
         1.0,
-        description="floor on the lower bound of challenger ÷ no speculation (waived when the champion is below it)",
+        description="floor on the lower bound of challenger ÷ no speculation, for a challenger with no champion serving",
     )
     gate_margin: float = Field(
         0.02, description="the lower bound of challenger ÷ champion must clear 1 + this"

@@ -436,7 +436,7 @@ def gate_challenger(settings: Settings, evaluation: Evaluation) -> GateResult:
 def promote_challenger(settings: Settings, decision: GateResult) -> Promoted:
     reg = registry(settings)
     event = reg.promote(decision.version, reason=decision.summary)
-    if decision.disable_speculation:  # the better drafter is champion, yet slower than none: stop drafting
+    if decision.disable_speculation:  # the new champion is slower than no speculation: stop drafting
         event = reg.disable(reason=decision.summary) | {"previous_version": event["previous_version"]}
     return Promoted(
         promoted=decision.version,
@@ -450,7 +450,7 @@ def reject_challenger(settings: Settings, decision: GateResult) -> Rejected:
     reg = registry(settings)
     reg.tag(decision.version, {"rejected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     champion = reg.by_alias("champion")
-    if decision.disable_speculation:  # every measured drafter is slower than none: the nodes stop drafting
+    if decision.disable_speculation:  # the champion, still serving, is slower than none: stop drafting
         reg.disable(reason=decision.summary)
     return Rejected(
         rejected=decision.version,

@@ -58,16 +58,24 @@ def test_inconclusive_is_a_rejection_that_says_so():
     assert any("inconclusive, the interval contains 1.020" in r for r in decision.reasons)
 
 
-def test_never_keeps_the_fleet_on_the_slower_of_two_drafters_below_the_floor():
-    """The champion serves at 0.79x of no speculation; a challenger at 0.93x that beats it with confidence
-    is promoted although it is below the floor, and one that does not clear the floor while the champion
-    does is not."""
+def test_a_challenger_faster_than_the_champion_is_promoted_wherever_the_floor_stands():
+    """With a champion serving, beating it with confidence is the test: the floor is not asked again.
+    The champion serves at 0.79x of no speculation; a challenger at 0.93x that beats it is promoted (and,
+    still slower than none, served with speculation off). A challenger that beats the champion but whose
+    interval against no speculation straddles 1.0 is promoted too: serving it cannot slow the fleet (cycle
+    B2 of the 2026-12-04 full demo: 1.046 [1.022, 1.072] over the champion, 1.140 [0.994, 1.306] over none,
+    rejected by the old rule that asked the floor as well)."""
     slow_champion = CHAMP.model_copy(update={"speedup": iv(0.79, 0.75, 0.83)})
     faster = arm(speedup=iv(0.93, 0.90, 0.96), vs=iv(1.17, 1.12, 1.22))
     decision = decide(faster, slow_champion, POLICY)
-    assert decision.promote and any("waived" in r for r in decision.reasons)
-    fast_champion = CHAMP.model_copy(update={"speedup": iv(1.02, 0.98, 1.06)})  # its upper bound clears 1.0
-    assert not decide(faster, fast_champion, POLICY).promote
+    assert decision.promote and decision.disable_speculation
+    assert not any(r.startswith("FAIL") for r in decision.reasons)
+    b2 = arm(speedup=iv(1.140, 0.994, 1.306), vs=iv(1.046, 1.022, 1.072))
+    decision = decide(b2, CHAMP.model_copy(update={"speedup": iv(1.089, 0.951, 1.247)}), POLICY)
+    assert decision.promote and not decision.disable_speculation, decision.reasons
+    assert any(
+        r.startswith("NOTE challenger ÷ no speculation 1.140 [0.994, 1.306]") for r in decision.reasons
+    )
 
 
 def test_domains_only_compared_where_both_were_measured():
@@ -116,29 +124,35 @@ SLOW_CHAMP = ArmMeasurement(speedup=iv(0.79, 0.75, 0.83), tau=1.1, tau_by_domain
 
 
 @pytest.mark.parametrize(
-    ("challenger_speedup", "off"),
+    ("challenger_speedup", "vs", "promote", "off"),
     [
-        # both confidently slower than no speculation: the better one is champion, and no drafter is served
-        (iv(0.85, 0.80, 0.90), True),
-        (iv(0.95, 0.90, 1.01), False),  # it might reach 1.0: served, it beats the slower champion
-        (iv(1.10, 1.05, 1.15), False),  # served: it beats the champion and clears the floor
+        # promoted, and slower than no speculation with confidence: served as champion, speculation off
+        (iv(0.85, 0.80, 0.90), iv(1.08, 1.04, 1.12), True, True),
+        (iv(0.95, 0.90, 1.01), iv(1.08, 1.04, 1.12), True, False),  # it might reach 1.0: it serves
+        (iv(1.10, 1.05, 1.15), iv(1.08, 1.04, 1.12), True, False),  # faster than none: it serves
+        # rejected: the champion keeps serving, and it is slower than none with confidence
+        (iv(0.95, 0.90, 1.01), iv(0.97, 0.94, 1.00), False, True),
+        (iv(1.00, 0.95, 1.05), iv(1.01, 0.99, 1.03), False, True),  # inconclusive is a rejection
     ],
 )
-def test_no_drafter_when_every_measured_drafter_is_slower_than_none(challenger_speedup, off):
-    challenger = arm(speedup=challenger_speedup, vs=iv(1.08, 1.04, 1.12), prose=1.2)
+def test_no_drafter_when_the_drafter_that_would_serve_is_slower_than_none(
+    challenger_speedup, vs, promote, off
+):
+    challenger = arm(speedup=challenger_speedup, vs=vs, prose=1.2)
     decision = decide(challenger, SLOW_CHAMP, POLICY)
-    assert decision.promote and decision.disable_speculation is off
-    if off:
+    assert decision.promote is promote and decision.disable_speculation is off, decision.reasons
+    if off and promote:
         assert decision.summary() == (
-            "PROMOTE, SPECULATION OFF: NO DRAFTER: slower than no speculation: "
-            "champion 0.790 [0.750, 0.830], n=24 and challenger 0.850 [0.800, 0.900], n=24"
+            "PROMOTE, SPECULATION OFF: NO DRAFTER: the challenger, which would serve, is slower than no "
+            "speculation: 0.850 [0.800, 0.900], n=24"
         )
-    behind = challenger.model_copy(update={"vs_champion": iv(0.97, 0.94, 1.0)})
-    decision = decide(behind, SLOW_CHAMP, POLICY)  # the champion stays, and is not served either
-    assert not decision.promote and decision.disable_speculation is off
+    if off and not promote:
+        assert decision.summary().startswith("REJECT, SPECULATION OFF") and decision.summary().endswith(
+            "NO DRAFTER: the champion, which would serve, is slower than no speculation: 0.790 [0.750, 0.830], n=24"
+        )
 
 
-def test_no_drafter_needs_a_champion_measured_below_one():
+def test_no_drafter_needs_a_champion():
     slow = arm(speedup=iv(0.85, 0.80, 0.90), vs=iv(0.7, 0.65, 0.75))
     assert decide(slow, None, POLICY).disable_speculation is False  # nothing served by the flywheel yet
     assert decide(slow, CHAMP, POLICY).disable_speculation is False  # the champion is faster than none
