@@ -118,14 +118,16 @@ QUICK = DemoPlan(
 # trained 240 steps on the prose train split). No cycle before the shift: the shift is what it measures,
 # and three cycles did not fit 45 minutes on 2 cores (each ~10 min: training, two evaluation engines
 # starting, the paired evaluation). The from-scratch case is `--start scratch` (S trained once on phase A).
-# Timed from a clean clone (2026-12-04, 2 cores): 55.4 min of stages after set-up; the paired evaluations
-# (7 and 12 min per cycle, 8.4 min for the final run) are most of it.
+# Timed from a clean clone (2026-12-04, 2 cores) with 96-token answers, 128 code requests and a last
+# segment of 64: 55.4 min of stages after set-up, the paired evaluations (7 and 12 min per cycle, 8.4 min
+# for the final run) most of it. Answers capped at 64 tokens (every served stage ~25 % shorter; the
+# measurement's method unchanged), 64 code requests (no cycle trains on them) and 32 after the last cycle.
 FULL = DemoPlan(
     "full",
     "day0",
-    segments_a=(128,),
-    segments_b=(96, 64, 64),
-    max_tokens=96,
+    segments_a=(64,),
+    segments_b=(96, 64, 32),
+    max_tokens=64,
     concurrency=4,
     train_steps=120,
     eval_prompts=12,

@@ -346,8 +346,19 @@ def plot_heldout_tau(
     if reference_tau is not None:
         ax.axhline(reference_tau, color="tab:purple", label="in-domain reference, held-out prose")
         ax.axhline(0.9 * reference_tau, color="tab:purple", linestyle="--", label="recovery bar (90 %)")
+    # the code probe and the first prose probe both follow the last pre-shift cycle: the shift is there
     cycles_a = sum(c["phase"] == "A" for c in cycles)
-    ax.axvline(cycles_a + 0.5, color="black", linestyle="--", label="domain shift (code -> prose)")
+    ax.axvline(cycles_a, color="black", linestyle="--", label="domain shift (code probe before, prose after)")
+    for p in points:
+        if p.get("flywheel") is not None and _speculation_off_after(cycles[: p["cycles"]]):
+            ax.annotate(
+                "speculation off\n(gate: no drafter)",
+                (p["cycles"], p["flywheel"]),
+                textcoords="offset points",
+                xytext=(8, 8),
+                fontsize=8,
+                color="tab:blue",
+            )
     for i, n in enumerate([n for n, c in enumerate(cycles, 1) if c["decision"] == "promote"]):
         ax.axvline(n, color="tab:green", linestyle=":", label="cycle that promoted" if i == 0 else None)
     ax.set_xlabel("flywheel cycles run before the probe")
@@ -355,6 +366,18 @@ def plot_heldout_tau(
     ax.set_xticks(range(len(cycles) + 1))
     ax.set_title("Held-out tau per cycle: flywheel vs static drafter")
     _save(fig, ax, path)
+
+
+def _speculation_off_after(cycles: list[dict[str, Any]]) -> bool:
+    """Whether F served without a drafter after these cycles: the last gate decision that changed what F
+    serves was a no-drafter one (a promotion switches speculation back on unless it says off itself)."""
+    off = False
+    for c in cycles:
+        if c.get("speculation_off"):
+            off = True
+        elif c.get("decision") == "promote":
+            off = False
+    return off
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -484,12 +507,24 @@ def explain(report: dict[str, Any], plan) -> list[str]:
     """Plain statements of what the numbers mean, derived from them (no targets are assumed met)."""
     notes = []
     v = report["verdict"]
-    off = [c for c in report.get("cycles", []) if c.get("speculation_off")]
+    cycles = report.get("cycles", [])
+    off = [c for c in cycles if c.get("speculation_off")]
     if off:
+        at = cycles.index(off[0])
+        label = f"{off[0]['phase']}{sum(c['phase'] == off[0]['phase'] for c in cycles[: at + 1])}"
+        # the first later cycle after which F served a drafter again (one rule with the plot's marks)
+        back = next(
+            (c for j, c in enumerate(cycles) if j > at and not _speculation_off_after(cycles[: j + 1])), None
+        )
         notes.append(
-            f"The gate's no-drafter decision in cycle {off[0]['phase']} (run {off[0]['run_id']}): the champion "
-            "and the challenger both served slower than no speculation, so F stopped speculating (its tau "
-            "is 1.0: one token per target forward) until a challenger clears the floor. "
+            f"The gate's no-drafter decision in cycle {label} (run {off[0]['run_id']}): the drafter "
+            "that would serve after it served slower than no speculation, so F stopped speculating (its tau "
+            "is 1.0: one token per target forward) "
+            + (
+                f"until v{back['version']} cleared the floor against no speculation and was promoted. "
+                if back
+                else "until a challenger clears the floor. "
+            )
             + off[0].get("gate", "")
         )
     if report["promotions"] == 0 and plan.start == "day0" and not off:

@@ -432,12 +432,7 @@ class Demo:
                     )
                     steps[server].extend(r.per_step_accepted)
                     st.advance()
-                    st.info(
-                        "  ".join(
-                            f"{s} tau {rep.pooled_tau([steps[s][-400:]]) or float('nan'):.2f}"
-                            for s in servers
-                        )
-                    )
+                    st.info("  ".join(f"{s} {_tau_text(steps[s][-400:])}" for s in servers))
 
                 return record
 
@@ -723,3 +718,10 @@ def main(
     and S start from, the mode's own by default)."""
     plan = sized(quick, train_steps, requests, start)
     return Demo(plan, out_dir, console or Console(), settings).run()
+
+
+def _tau_text(steps: list[int]) -> str:
+    """The rolling tau of a progress line; a server that drafted nothing in the phase (the gate's
+    no-drafter decision switched speculation off) says so instead of printing nan."""
+    tau = rep.pooled_tau([steps])
+    return "tau n/a (no draft steps: speculation off)" if tau is None else f"tau {tau:.2f}"

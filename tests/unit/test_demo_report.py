@@ -268,8 +268,22 @@ def test_the_notes_do_not_call_a_switched_off_flywheel_noise():
     notes = " ".join(rep.explain(report, sized(True)))
     assert "F stopped speculating" in notes and "tau after the switch is 1.0 by construction" in notes
     assert "differ only by measurement noise" not in notes
+    assert "in cycle B1 (run r)" in notes and "until a challenger clears the floor" in notes
     on = report | {"cycles": []}
     assert "differ only by measurement noise" in " ".join(rep.explain(on, sized(True)))
+    # the full run of 2026-12-05: off after B1, back on when B2's challenger cleared the floor
+    back = report | {
+        "promotions": 1,
+        "cycles": report["cycles"] + [{"phase": "B", "run_id": "r2", "decision": "promote", "version": "3"}],
+    }
+    notes = " ".join(rep.explain(back, sized(False)))
+    assert "in cycle B1 (run r)" in notes and "until v3 cleared the floor" in notes
+    # a promotion that itself switches speculation off does not end the no-drafter spell
+    still_off = {"phase": "B", "run_id": "r2", "decision": "promote", "version": "3", "speculation_off": True}
+    notes = " ".join(
+        rep.explain(report | {"promotions": 1, "cycles": report["cycles"] + [still_off]}, sized(False))
+    )
+    assert "until a challenger clears the floor" in notes and "until v3" not in notes
 
 
 def test_the_final_champion_is_read_from_the_last_post_shift_cycle_only_when_it_kept_it():
@@ -321,14 +335,14 @@ def test_the_final_champion_is_read_from_the_last_post_shift_cycle_only_when_it_
         (
             False,
             [
-                "A:128",
+                "A:64",
                 "probe B0 (0 cycles)",
                 "B:96",
                 "cycle B1",
                 "probe B1 (1 cycles)",
                 "B:64",
                 "cycle B2",
-                "B:64",
+                "B:32",
                 "probe B (2 cycles)",
             ],
         ),
@@ -386,3 +400,12 @@ def test_probe_requests_opt_out_of_capture_and_phase_traffic_does_not(monkeypatc
     demo._traffic("B0-heldout", "prose", 4, ["flywheel", "static"], seed=900, subset="heldout")
     assert sent[:2] == [("train", None)] * 2
     assert sent[2:] == [("heldout", {"flywheel_opt_out": "true"})] * 2
+
+
+def test_speculation_off_is_what_the_last_deciding_cycle_left():
+    off = {"phase": "B", "decision": "reject", "speculation_off": True}
+    on = {"phase": "B", "decision": "promote", "speculation_off": False}
+    kept = {"phase": "B", "decision": "reject", "speculation_off": False}
+    assert rep._speculation_off_after([off]) and rep._speculation_off_after([off, kept])
+    assert not rep._speculation_off_after([off, on]) and not rep._speculation_off_after([])
+    assert rep._speculation_off_after([on, {"phase": "B", "decision": "promote", "speculation_off": True}])
