@@ -63,6 +63,15 @@ def _submits_without_waiting(emitter: TraceEmitter, records: list[dict], bound_s
     assert not thread.is_alive(), "submit waited for something: it must only enqueue or drop"
 
 
+def _stop_and_wait_until_noticed(emitter: TraceEmitter, broker) -> None:
+    """Stop the broker and wait until the emitter knows (librdkafka reported every broker down): what is
+    submitted then goes to the spill. Before that moment a record is handed to librdkafka, which holds it
+    in memory until the broker returns (never lost, never spilled), so a test of the spill that submitted
+    at once would depend on which came first."""
+    process.stop(broker)
+    _wait(lambda: emitter.stats()["down"] == 1)
+
+
 def _wait(pred, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not pred():
@@ -95,10 +104,10 @@ def test_broker_outage_spills_then_replays_exactly_once_in_order(
         emitter.submit({"key": "k", "value": v})
     _wait(lambda: emitter.counts["sent"] == len(before))
 
-    process.stop(broker)
     try:
+        _stop_and_wait_until_noticed(emitter, broker)
         _submits_without_waiting(emitter, [{"key": "k", "value": v} for v in during])
-        _wait(lambda: emitter.counts["spilled"] > 0 and emitter.stats()["queued"] == 0)
+        _wait(lambda: emitter.counts["spilled"] == len(during) and emitter.stats()["queued"] == 0)
         assert SpillDir(tmp_path / "spill").pending()
     finally:
         process.start(broker, local_stack.start_timeout_s)
@@ -179,8 +188,10 @@ def test_full_disk_during_an_outage_costs_events_not_capture(
     broker = stack.service("kafka", local_stack)
     during = [f"during-{i:03d}-" + "x" * 500 for i in range(200)]  # ~100 KiB: most cannot be spilled
     freed = [f"freed-{i:03d}-" + "y" * 500 for i in range(20)]
-    process.stop(broker)
+    emitter.submit({"key": "k", "value": "connected"})  # the emitter's producer is up before the outage
+    _wait(lambda: emitter.counts["sent"] == 1)
     try:
+        _stop_and_wait_until_noticed(emitter, broker)
         _submits_without_waiting(emitter, [{"key": "k", "value": v} for v in during])
         _wait(lambda: emitter.counts["spill_dropped"] > 0 and emitter.stats()["queued"] == 0)
         dropped = emitter.counts["spill_dropped"]
@@ -198,10 +209,10 @@ def test_full_disk_during_an_outage_costs_events_not_capture(
 
     _wait(lambda: not SpillDir(spill_dir).pending(), timeout_s=60)
     counts = emitter.close()
-    got = _drain(kafka_settings, topic, len(during) - dropped + len(freed))
+    got = _drain(kafka_settings, topic, 1 + len(during) - dropped + len(freed))
     # same-sized records: once the disk refused one it refused every later one until it freed, so what
-    # was kept is the head of `during` (librdkafka's few held records first, then the spill, in order)
-    assert got == during[: len(during) - dropped] + freed
+    # was kept is the head of `during`, spilled and replayed in order
+    assert got == ["connected"] + during[: len(during) - dropped] + freed
     print(json.dumps({"full_disk": counts, "delivered": len(got)}))
     assert counts["failed"] == counts["dropped"] == 0
     assert counts["sent"] + counts["replayed"] == len(got)
