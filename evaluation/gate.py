@@ -100,8 +100,13 @@ class GateResult(_Frozen):
 
 
 def _check(ok: bool, text: str) -> str:
-    """A check's line: PASS or FAIL, then why (a NOTE line reports a figure no check asks of)."""
+    """A check's line: PASS or FAIL, then why."""
     return f"{'PASS' if ok else 'FAIL'} {text}"
+
+
+def _decision(reasons: list[str]) -> GateDecision:
+    """Promote unless a check failed (a NOTE line reports a figure no check asks of)."""
+    return GateDecision(promote=not any(r.startswith("FAIL") for r in reasons), reasons=tuple(reasons))
 
 
 def _bound(name: str, interval: RatioInterval, threshold: float) -> str:
@@ -153,7 +158,7 @@ def _decide(
                 else "no champion yet: margin and per-domain checks do not apply",
             )
         )
-        return GateDecision(promote=not any(r.startswith("FAIL") for r in reasons), reasons=tuple(reasons))
+        return _decision(reasons)
     if challenger.vs_champion is None:
         reasons.append(_check(False, "beats champion: no paired measurement against the champion"))
     else:
@@ -178,4 +183,4 @@ def _decide(
                 f"tau[{domain}]: {new:.3f} >= {old:.3f} - {policy.domain_tau_tolerance:.0%} = {tolerated:.3f}",
             )
         )
-    return GateDecision(promote=not any(r.startswith("FAIL") for r in reasons), reasons=tuple(reasons))
+    return _decision(reasons)

@@ -162,7 +162,7 @@ def measured_in_last_cycle(
         return None
     return {
         "version": version,
-        "source": f"cycle {phase}{len(ran)}'s paired evaluation, the champion it kept, "
+        "source": f"cycle {cycle_name(cycles, cycles.index(ran[-1]))}'s paired evaluation, the champion it kept, "
         f"{', '.join(evaluation.get('domains') or [])} held-out {evaluation.get('traffic')} traffic",
         "speedup": measured["speedup"],
         "tau": measured.get("tau"),
@@ -368,6 +368,12 @@ def plot_heldout_tau(
     _save(fig, ax, path)
 
 
+def cycle_name(cycles: list[dict[str, Any]], i: int) -> str:
+    """Cycle ``i``'s name as the demo's stages print it: its phase and its ordinal within the phase (B1)."""
+    phase = cycles[i]["phase"]
+    return f"{phase}{sum(c['phase'] == phase for c in cycles[: i + 1])}"
+
+
 def _speculation_off_after(cycles: list[dict[str, Any]]) -> bool:
     """Whether F served without a drafter after these cycles: the last gate decision that changed what F
     serves was a no-drafter one (a promotion switches speculation back on unless it says off itself)."""
@@ -511,13 +517,12 @@ def explain(report: dict[str, Any], plan) -> list[str]:
     off = [c for c in cycles if c.get("speculation_off")]
     if off:
         at = cycles.index(off[0])
-        label = f"{off[0]['phase']}{sum(c['phase'] == off[0]['phase'] for c in cycles[: at + 1])}"
         # the first later cycle after which F served a drafter again (one rule with the plot's marks)
         back = next(
             (c for j, c in enumerate(cycles) if j > at and not _speculation_off_after(cycles[: j + 1])), None
         )
         notes.append(
-            f"The gate's no-drafter decision in cycle {label} (run {off[0]['run_id']}): the drafter "
+            f"The gate's no-drafter decision in cycle {cycle_name(cycles, at)} (run {off[0]['run_id']}): the drafter "
             "that would serve after it served slower than no speculation, so F stopped speculating (its tau "
             "is 1.0: one token per target forward) "
             + (
